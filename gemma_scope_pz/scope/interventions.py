@@ -1,0 +1,265 @@
+"""Capture, splice, steer, clamp and ablate: layers that attach at sites, and jitted runners.
+
+Every intervention is an ordinary Penzai layer inserted with ``sites.attach``; the returned model is
+still a ``Gemma3LM`` and runs through ``models.gemma3.forward`` or ``models.sampling.generate``
+(KV cache included). Position 0 (BOS) is never modified: the layers read the "token_positions" side
+input, which the forward pass and the KV-caching sampler both provide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+from gemma_scope_pz.models.gemma3 import Gemma3LM, token_positions
+from gemma_scope_pz.scope.sites import Site, attach, truncate_after_block
+
+
+def _not_bos(x: pz.nx.NamedArray, side_inputs: dict) -> pz.nx.NamedArray:
+    """Boolean named array, False at position 0 (BOS) and at padding (position -1)."""
+    positions = side_inputs["token_positions"]
+    return positions > 0
+
+
+def _keep_bos(new: pz.nx.NamedArray, old: pz.nx.NamedArray, side_inputs: dict) -> pz.nx.NamedArray:
+    keep_new = _not_bos(old, side_inputs)
+    return pz.nx.nmap(jnp.where)(keep_new, new.astype(old.dtype), old)
+
+
+@pz.pytree_dataclass
+class SaveActivation(pz.nn.Layer):
+    """Identity layer that records its input in a state variable.
+
+    Attributes:
+      store: Receives the activation on each call.
+    """
+
+    store: pz.StateVariable
+
+    def __call__(self, x: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
+        self.store.value = x
+        return x
+
+
+@pz.pytree_dataclass
+class SpliceSAE(pz.nn.Layer):
+    """Replaces an activation by an SAE's reconstruction (BOS left untouched).
+
+    With ``include_error`` the SAE's error term ``x - sae(x)`` is added back, so the output equals the
+    input exactly unless latents are edited. Latent edits set ``latents[edit_ids] = edit_values``
+    before decoding (clamping; a value of 0 ablates).
+
+    Attributes:
+      sae: An ``AutoEncoder`` (anything with ``encode``/``decode`` on "embedding"/"latents").
+      include_error: Whether to add back the reconstruction error.
+      edit_ids: Int array of latent indices to overwrite, or None.
+      edit_values: Float array of the values written there.
+    """
+
+    sae: pz.nn.Layer
+    include_error: bool = dataclasses.field(default=False, metadata={"pytree_node": False})
+    edit_ids: jax.Array | None = None
+    edit_values: jax.Array | None = None
+
+    def reconstruct(self, x: pz.nx.NamedArray) -> pz.nx.NamedArray:
+        latents = self.sae.encode(x)
+        x_hat = self.sae.decode(latents)
+        if self.edit_ids is None:
+            return x_hat + (x - x_hat) if self.include_error else x_hat
+        edited = pz.nx.nmap(lambda f: f.at[self.edit_ids].set(self.edit_values.astype(f.dtype)))(
+            latents.untag("latents")
+        ).tag("latents")
+        x_edit = self.sae.decode(edited)
+        return x_edit + (x - x_hat) if self.include_error else x_edit
+
+    def __call__(self, x: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
+        compute_x = x.astype(jnp.float32)
+        return _keep_bos(self.reconstruct(compute_x), x, side_inputs)
+
+
+@pz.pytree_dataclass
+class ReplaceMLP(pz.nn.Layer):
+    """Replaces a block's MLP (+ post-FFN norm) by a transcoder mapping mlp_in → mlp_out.
+
+    Attributes:
+      transcoder: ``AutoEncoderSkip`` (or ``AutoEncoder``) taking mlp_in and predicting mlp_out.
+      original: The replaced ``[TransformerFeedForward, post_ffw_norm]`` sequence, used for the error.
+      include_error: Add back ``original(x) - transcoder(x)``.
+      edit_ids: Latent indices to overwrite, or None.
+      edit_values: Values written there.
+    """
+
+    transcoder: pz.nn.Layer
+    original: pz.nn.Layer
+    include_error: bool = dataclasses.field(default=False, metadata={"pytree_node": False})
+    edit_ids: jax.Array | None = None
+    edit_values: jax.Array | None = None
+
+    def __call__(self, x: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
+        exact = self.original(x, **side_inputs)
+        splice = SpliceSAE(self.transcoder, False, self.edit_ids, self.edit_values)
+        out = splice.reconstruct(x.astype(jnp.float32))
+        if self.include_error:
+            out = out + (exact.astype(jnp.float32) - self.transcoder(x.astype(jnp.float32)))
+        return _keep_bos(out, exact, side_inputs)
+
+
+@pz.pytree_dataclass
+class AddVector(pz.nn.Layer):
+    """Steering: adds ``coeff * d`` (or ``coeff * ||x|| * d`` when norm-scaled) after BOS.
+
+    Attributes:
+      direction: Unit vector over "embedding".
+      coeff: Steering strength (a traced scalar, so sweeping it does not recompile).
+      norm_scaled: Scale by the per-token norm of the activation, as in the Gemma Scope 2 tutorial.
+    """
+
+    direction: pz.nx.NamedArray
+    coeff: jax.Array
+    norm_scaled: bool = dataclasses.field(default=True, metadata={"pytree_node": False})
+
+    def __call__(self, x: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
+        xf = x.astype(jnp.float32)
+        scale = self.coeff
+        if self.norm_scaled:
+            scale = scale * pz.nx.nmap(jnp.linalg.norm)(xf.untag("embedding"))
+        return _keep_bos(xf + scale * self.direction, x, side_inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model transformations
+
+
+def splice(
+    model: Gemma3LM,
+    sae: pz.nn.Layer,
+    site: str | None = None,
+    *,
+    include_error: bool = False,
+    clamp: dict[int, float] | None = None,
+) -> Gemma3LM:
+    """A copy of ``model`` whose activation at ``site`` goes through ``sae``.
+
+    ``site`` defaults to ``sae.meta.site_in``. For a transcoder (``site_in`` an ``mlp_in`` site and
+    ``site_out`` the matching ``mlp_out``) the block's MLP is replaced. ``clamp`` maps latent index →
+    value (0 ablates); with ``include_error`` everything not edited stays exact.
+    """
+    meta = getattr(sae, "meta", None)
+    site = Site.parse(site or (meta.site_in if meta else None) or _missing_site())
+    ids = vals = None
+    if clamp:
+        ids = jnp.asarray(list(clamp.keys()), dtype=jnp.int32)
+        vals = jnp.asarray(list(clamp.values()), dtype=jnp.float32)
+    _check_width(model, sae, site)
+    site_out = getattr(meta, "site_out", None) if meta else None
+    if site.kind == "mlp_in" and site_out and Site.parse(site_out).kind == "mlp_out":
+        return _replace_mlp(model, sae, site.layer, include_error, ids, vals)
+    return attach(model, site, SpliceSAE(sae, include_error, ids, vals))
+
+
+def _missing_site():
+    raise ValueError("No site given and the SAE's meta names none; pass site='blocks.L.kind'")
+
+
+def _check_width(model: Gemma3LM, sae: pz.nn.Layer, site: Site) -> None:
+    meta = getattr(sae, "meta", None)
+    config = getattr(model, "config", None)
+    if meta is not None and config is not None and meta.d_in != site.width(config):
+        raise ValueError(
+            f"SAE d_in={meta.d_in} does not match site {site.name} of width {site.width(config)}"
+        )
+
+
+def _replace_mlp(model, transcoder, layer, include_error, ids, vals) -> Gemma3LM:
+    from penzai.models.transformer.model_parts import TransformerBlock, TransformerFeedForward
+
+    def rewrite(branch: pz.nn.Sequential) -> pz.nn.Sequential:
+        pre, ffw, post = branch.sublayers
+        original = pz.nn.Sequential([ffw, post])
+        return pz.nn.Sequential([pre, ReplaceMLP(transcoder, original, include_error, ids, vals)])
+
+    return (
+        pz.select(model)
+        .at_instances_of(TransformerBlock)
+        .pick_nth_selected(layer)
+        .at_instances_of(pz.nn.Sequential)
+        .where(lambda s: any(isinstance(x, TransformerFeedForward) for x in s.sublayers))
+        .apply(rewrite)
+    )
+
+
+def steer(
+    model: Gemma3LM,
+    site: str,
+    direction,
+    coeff: float,
+    *,
+    norm_scaled: bool = True,
+) -> Gemma3LM:
+    """A copy of ``model`` that adds a steering vector at ``site`` (BOS untouched).
+
+    ``direction`` is normalised to unit length. ``coeff = 0`` returns an exactly equivalent model.
+    """
+    d = jnp.asarray(direction, dtype=jnp.float32)
+    norm = jnp.linalg.norm(d)
+    if d.ndim != 1 or not bool(norm > 0):
+        raise ValueError(f"Steering direction must be a nonzero vector, got shape {d.shape}")
+    layer = AddVector(pz.nx.wrap(d / norm).tag("embedding"), jnp.asarray(coeff, jnp.float32), norm_scaled)
+    return attach(model, site, layer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture
+
+
+@functools.partial(jax.jit, static_argnames=("site_names", "stop_early"))
+def _capture(model, tokens, positions, site_names: tuple[str, ...], stop_early: bool):
+    sites = [Site.parse(s) for s in site_names]
+    body = model.body
+    if stop_early:
+        body = truncate_after_block(body, max(s.last_block for s in sites))
+    stores = {}
+    for site in sites:
+        stores[site.name] = pz.StateVariable(value=None, label=f"capture/{site.name}")
+        body = attach(body, site, SaveActivation(stores[site.name]))
+    named_tokens = pz.nx.wrap(tokens).tag("batch", "seq")
+    body(named_tokens, token_positions=pz.nx.wrap(positions).tag("batch", "seq"))
+    return {name: var.value.unwrap("batch", "seq", "embedding") for name, var in stores.items()}
+
+
+def capture(
+    model: Gemma3LM,
+    tokens,
+    sites: str | Sequence[str],
+    *,
+    pad_id: int | None = None,
+    stop_early: bool = True,
+) -> dict[str, jax.Array]:
+    """Activations [batch, seq, width] at one or many sites from ONE jitted forward pass.
+
+    The forward stops after the last block any site needs unless ``stop_early=False``. ``pad_id``
+    as in ``models.gemma3.forward`` (left padding masked out).
+    """
+    names = (sites,) if isinstance(sites, str) else tuple(sites)
+    if not names:
+        raise ValueError("capture needs at least one site")
+    parsed = [Site.parse(s) for s in names]
+    config = getattr(model, "config", None)
+    if config is not None:
+        for s in parsed:
+            s.check(config)
+    tokens = jnp.asarray(tokens, dtype=jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    if pad_id is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    else:
+        positions = token_positions(tokens, pad_id)
+    unique = tuple(dict.fromkeys(s.name for s in parsed))
+    out = _capture(pz.freeze_params(model), tokens, positions, unique, stop_early)
+    return {name: out[Site.parse(name).name] for name in names}

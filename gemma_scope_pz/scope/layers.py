@@ -1,0 +1,375 @@
+"""Sparse autoencoders and transcoders as Penzai layers on named axes.
+
+An autoencoder reads activations with an ``"embedding"`` axis, encodes them into
+sparse ``"latents"`` and decodes them back to ``"embedding"``::
+
+    f = act(x @ W_enc + b_enc)          # encoder: Linear, AddBias, activation
+    x_hat = f @ W_dec + b_dec           # decoder: Linear, AddBias
+    y_hat = x_hat + x @ W_skip          # transcoders with an affine skip only
+
+Every other axis (``"batch"``, ``"seq"``, ...) is carried along untouched. The
+same computation on plain ``[..., d]`` arrays is available as
+`encode_arrays` / `decode_arrays` / `reconstruct_arrays` for training loops and
+benchmarks that do not want named-axis bookkeeping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+Activation = Literal["jumprelu", "relu", "topk"]
+ACTIVATIONS: tuple[str, ...] = ("jumprelu", "relu", "topk")
+
+# Direction of the affine skip connection of Gemma Scope 2 transcoders.
+#
+# The release stores ``affine_skip_connection`` with shape [d_in, d_out] and the
+# skip term is ``x @ W_skip`` (no transpose). Evidence: the Gemma Scope 2
+# tutorial's reference JumpReLUSAE returns ``recon + x @ self.affine_skip_connection``;
+# circuit-tracer's Gemma Scope 2 cross-layer-transcoder path multiplies the layer
+# input by the stored matrix untransposed; and a public numerical check on a
+# 4B-IT layer-45 transcoder found ``x @ W`` explains ~0.69 of the target energy
+# against ~0.38 for ``x @ W.T``. For square matrices the shape cannot tell the
+# two apart, so this constant is the single place to flip if a real-activation
+# check ever disagrees.
+SKIP_TRANSPOSED = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SaeMeta:
+    """Static description of an autoencoder: sizes, activation, sites and provenance.
+
+    Attributes:
+      d_in: Width of the input activations.
+      d_sae: Number of latents.
+      d_out: Width of the reconstruction (``d_in`` for SAEs, may differ for transcoders).
+      activation: "jumprelu", "relu" or "topk".
+      k: Number of latents kept per token for "topk", else None.
+      site_in: Site the autoencoder reads, e.g. "blocks.9.resid_post" ("" if unknown).
+      site_out: Site it reconstructs (equal to ``site_in`` for SAEs).
+      source: Where the weights came from (a local path or "repo:folder"), "" if built in memory.
+      extra: Free-form metadata, e.g. the release's config.json, "l0", "width_label".
+    """
+
+    d_in: int
+    d_sae: int
+    d_out: int
+    activation: str = "jumprelu"
+    k: int | None = None
+    site_in: str = ""
+    site_out: str = ""
+    source: str = ""
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.activation == "topk" and (self.k is None or not 0 < self.k <= self.d_sae):
+            raise ValueError(f"topk needs 0 < k <= d_sae={self.d_sae}, got k={self.k}")
+
+    # The dataclass is a static pytree field, so JAX hashes it; ``extra`` is a dict.
+    def __hash__(self) -> int:
+        extra = json.dumps(dict(self.extra), sort_keys=True, default=str)
+        return hash((self.d_in, self.d_sae, self.d_out, self.activation, self.k,
+                     self.site_in, self.site_out, self.source, extra))  # fmt: skip
+
+
+def _activation_fn(x: jax.Array, activation: str, k: int | None, threshold) -> jax.Array:
+    """Applies an activation along the last axis of a plain array."""
+    if activation == "jumprelu":
+        return x * (x > threshold).astype(x.dtype)
+    if activation == "relu":
+        return jax.nn.relu(x)
+    if activation == "topk":
+        if k is None:
+            raise ValueError("activation 'topk' needs k")
+        values, indices = jax.lax.top_k(x, k)
+        kept = jax.nn.relu(values)
+        out = jnp.zeros_like(x)
+        if x.ndim == 1:
+            return out.at[indices].set(kept)
+        flat_out = out.reshape(-1, x.shape[-1])
+        rows = jnp.arange(flat_out.shape[0])[:, None]
+        flat_out = flat_out.at[rows, indices.reshape(-1, k)].set(kept.reshape(-1, k))
+        return flat_out.reshape(x.shape)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+@pz.pytree_dataclass
+class JumpReLU(pz.nn.Layer):
+    """JumpReLU activation: ``z * H(z - threshold)`` with a strict ``z > threshold``.
+
+    Attributes:
+      threshold: Per-latent threshold, a parameter holding a NamedArray over "latents".
+    """
+
+    threshold: pz.nn.ParameterLike[pz.nx.NamedArray]
+
+    def __call__(self, z: pz.nx.NamedArray, **_unused_side_inputs) -> pz.nx.NamedArray:
+        return z * (z > self.threshold.value).astype(z.dtype)
+
+
+@pz.pytree_dataclass
+class ReLU(pz.nn.Layer):
+    """ReLU activation of the latents (no attributes)."""
+
+    def __call__(self, z: pz.nx.NamedArray, **_unused_side_inputs) -> pz.nx.NamedArray:
+        return pz.nx.nmap(jax.nn.relu)(z)
+
+
+@pz.pytree_dataclass
+class TopK(pz.nn.Layer):
+    """Keeps the ``k`` largest pre-activations of each token along "latents", ReLU'd.
+
+    All other latents are zero. Exactly ``k`` latents are kept per token (ties are
+    broken by ``jax.lax.top_k``'s order).
+
+    Attributes:
+      k: Number of latents kept per token (static).
+    """
+
+    k: int = dataclasses.field(metadata={"pytree_node": False})
+
+    def __call__(self, z: pz.nx.NamedArray, **_unused_side_inputs) -> pz.nx.NamedArray:
+        keep = lambda v: _activation_fn(v, "topk", self.k, None)  # noqa: E731
+        return pz.nx.nmap(keep)(z.untag("latents")).tag("latents")
+
+
+def _named(x: Any, axis: str) -> tuple[pz.nx.NamedArray, tuple[str, ...] | None]:
+    """Wraps a plain ``[..., d]`` array with its last axis named ``axis``.
+
+    Penzai layers refuse positional axes, so the leading axes get temporary names
+    that `_plain` removes again. NamedArrays pass through (names ``None``).
+    """
+    if isinstance(x, pz.nx.NamedArrayBase):
+        return x, None
+    x = jnp.asarray(x)
+    names = tuple(f"_axis{i}" for i in range(x.ndim - 1))
+    return pz.nx.wrap(x, *names, axis), names
+
+
+def _plain(x: pz.nx.NamedArray, names: tuple[str, ...] | None, axis: str):
+    """Inverse of `_named`: back to a plain array when the input was plain."""
+    return x if names is None else x.unwrap(*names, axis)
+
+
+def _param(value: np.ndarray | jax.Array, label: str, names: tuple[str, ...], dtype):
+    return pz.Parameter(value=pz.nx.wrap(jnp.asarray(value, dtype=dtype), *names), label=label)
+
+
+@pz.pytree_dataclass
+class AutoEncoder(pz.nn.Layer):
+    """A sparse autoencoder: "embedding" -> "latents" -> "embedding".
+
+    Build one with `AutoEncoder.from_arrays` (or a loader in
+    `gemma_scope_pz.scope.checkpoints`). Methods accept NamedArrays with an
+    "embedding" (resp. "latents") axis, or plain arrays whose last axis is that axis.
+
+    Attributes:
+      encoder: ``Sequential([Linear W_enc, AddBias b_enc, activation])``.
+      decoder: ``Sequential([Linear W_dec, AddBias b_dec])``.
+      meta: Static `SaeMeta` (sizes, activation, sites, provenance).
+    """
+
+    encoder: pz.nn.Sequential
+    decoder: pz.nn.Sequential
+    meta: SaeMeta = dataclasses.field(metadata={"pytree_node": False})
+
+    def encode(self, x):
+        """Latent activations ``act(x @ W_enc + b_enc)``, "embedding" -> "latents"."""
+        named, names = _named(x, "embedding")
+        return _plain(self.encoder(named), names, "latents")
+
+    def decode(self, f):
+        """Reconstruction ``f @ W_dec + b_dec``, "latents" -> "embedding"."""
+        named, names = _named(f, "latents")
+        return _plain(self.decoder(named), names, "embedding")
+
+    def __call__(self, x, **_unused_side_inputs):
+        """Reconstruction of ``x``: ``decode(encode(x))``."""
+        return self.decode(self.encode(x))
+
+    def error(self, x):
+        """Reconstruction error ``x - self(x)`` (meaningful when d_in == d_out)."""
+        return x - self(x)
+
+    @property
+    def activation_layer(self) -> pz.nn.Layer:
+        return self.encoder.sublayers[-1]
+
+    @classmethod
+    def from_arrays(
+        cls,
+        w_enc,
+        b_enc,
+        w_dec,
+        b_dec,
+        threshold=None,
+        *,
+        activation: str = "jumprelu",
+        k: int | None = None,
+        w_skip=None,
+        dtype: jax.typing.DTypeLike = jnp.float32,
+        meta: SaeMeta | None = None,
+        name: str = "sae",
+    ) -> AutoEncoder:
+        """Builds an autoencoder (an `AutoEncoderSkip` when ``w_skip`` is given).
+
+        Args:
+          w_enc: Encoder matrix [d_in, d_sae].
+          b_enc: Encoder bias [d_sae].
+          w_dec: Decoder matrix [d_sae, d_out].
+          b_dec: Decoder bias [d_out].
+          threshold: JumpReLU thresholds [d_sae]; required for "jumprelu" only.
+          activation: "jumprelu", "relu" or "topk".
+          k: Latents kept per token for "topk".
+          w_skip: Optional affine skip matrix [d_in, d_out] (``y += x @ w_skip``).
+          dtype: Parameter dtype.
+          meta: Metadata; sizes/activation/k are filled in (and checked) from the arrays.
+          name: Prefix of the parameter labels ("sae/w_enc", ...); make it unique when
+            several autoencoders share one model.
+
+        Returns:
+          An `AutoEncoder`, or `AutoEncoderSkip` if ``w_skip`` is not None.
+        """
+        shapes = {n: tuple(np.shape(a)) for n, a in
+                  dict(w_enc=w_enc, b_enc=b_enc, w_dec=w_dec, b_dec=b_dec).items()}  # fmt: skip
+        if len(shapes["w_enc"]) != 2 or len(shapes["w_dec"]) != 2:
+            raise ValueError(f"w_enc and w_dec must be 2-D, got shapes {shapes}")
+        d_in, d_sae = shapes["w_enc"]
+        d_out = shapes["w_dec"][1]
+        expected = {"w_enc": (d_in, d_sae), "b_enc": (d_sae,), "w_dec": (d_sae, d_out),
+                    "b_dec": (d_out,)}  # fmt: skip
+        if activation == "jumprelu":
+            if threshold is None:
+                raise ValueError("activation 'jumprelu' needs a threshold array [d_sae]")
+            shapes["threshold"] = tuple(np.shape(threshold))
+            expected["threshold"] = (d_sae,)
+        if w_skip is not None:
+            shapes["w_skip"] = tuple(np.shape(w_skip))
+            expected["w_skip"] = (d_in, d_out)
+        bad = {n: (shapes[n], expected[n]) for n in expected if shapes[n] != expected[n]}
+        if bad:
+            detail = ", ".join(f"{n} has shape {got}, expected {want}" for n, (got, want) in bad.items())
+            raise ValueError(f"inconsistent autoencoder arrays: {detail}")
+
+        base = meta if meta is not None else SaeMeta(d_in=d_in, d_sae=d_sae, d_out=d_out)
+        meta = dataclasses.replace(base, d_in=d_in, d_sae=d_sae, d_out=d_out,
+                                   activation=activation, k=k)  # fmt: skip
+
+        if activation == "jumprelu":
+            act_layer = JumpReLU(_param(threshold, f"{name}/threshold", ("latents",), dtype))
+        elif activation == "relu":
+            act_layer = ReLU()
+        else:
+            act_layer = TopK(k=int(k))
+        encoder = pz.nn.Sequential([
+            pz.nn.Linear(
+                weights=_param(w_enc, f"{name}/w_enc", ("embedding", "latents"), dtype),
+                in_axis_names=("embedding",),
+                out_axis_names=("latents",),
+            ),
+            pz.nn.AddBias(_param(b_enc, f"{name}/b_enc", ("latents",), dtype), new_axis_names=()),
+            act_layer,
+        ])
+        decoder = pz.nn.Sequential([
+            pz.nn.Linear(
+                weights=_param(w_dec, f"{name}/w_dec", ("latents", "embedding"), dtype),
+                in_axis_names=("latents",),
+                out_axis_names=("embedding",),
+            ),
+            pz.nn.AddBias(_param(b_dec, f"{name}/b_dec", ("embedding",), dtype), new_axis_names=()),
+        ])
+        if w_skip is None:
+            return AutoEncoder(encoder=encoder, decoder=decoder, meta=meta)
+        skip_matrix = jnp.asarray(w_skip).T if SKIP_TRANSPOSED else w_skip
+        skip = pz.nn.Sequential([
+            pz.nn.Linear(
+                weights=_param(skip_matrix, f"{name}/w_skip", ("embedding", "embedding_out"), dtype),
+                in_axis_names=("embedding",),
+                out_axis_names=("embedding_out",),
+            ),
+            pz.nn.RenameAxes(old="embedding_out", new="embedding"),
+        ])
+        return AutoEncoderSkip(encoder=encoder, decoder=decoder, meta=meta, skip=skip)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The parameters as numpy arrays, keyed like `from_arrays`' arguments.
+
+        Keys: w_enc [d_in, d_sae], b_enc, w_dec [d_sae, d_out], b_dec, plus threshold
+        (JumpReLU) and w_skip [d_in, d_out] (skip transcoders).
+        """
+        enc_linear, enc_bias = self.encoder.sublayers[0], self.encoder.sublayers[1]
+        dec_linear, dec_bias = self.decoder.sublayers
+        out = {
+            "w_enc": enc_linear.weights.value.unwrap("embedding", "latents"),
+            "b_enc": enc_bias.bias.value.unwrap("latents"),
+            "w_dec": dec_linear.weights.value.unwrap("latents", "embedding"),
+            "b_dec": dec_bias.bias.value.unwrap("embedding"),
+        }
+        if isinstance(self.activation_layer, JumpReLU):
+            out["threshold"] = self.activation_layer.threshold.value.unwrap("latents")
+        return {key: np.asarray(value) for key, value in out.items()}
+
+
+@pz.pytree_dataclass(has_implicitly_inherited_fields=True)
+class AutoEncoderSkip(AutoEncoder):
+    """A transcoder with an affine skip connection: ``decode(encode(x)) + x @ W_skip``.
+
+    The skip matrix is stored [d_in, d_out] (see `SKIP_TRANSPOSED` for the evidence
+    on its direction). Its Linear maps "embedding" to a temporary "embedding_out"
+    axis that a RenameAxes turns back into "embedding".
+
+    Attributes:
+      skip: ``Sequential([Linear W_skip, RenameAxes("embedding_out" -> "embedding")])``.
+    """
+
+    skip: pz.nn.Sequential
+
+    def skip_connection(self, x):
+        """The affine skip term ``x @ W_skip`` alone."""
+        named, names = _named(x, "embedding")
+        return _plain(self.skip(named), names, "embedding")
+
+    def __call__(self, x, **_unused_side_inputs):
+        """Transcoder output: ``decode(encode(x)) + x @ W_skip``."""
+        return self.decode(self.encode(x)) + self.skip_connection(x)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = super().to_arrays()
+        w = np.asarray(self.skip.sublayers[0].weights.value.unwrap("embedding", "embedding_out"))
+        out["w_skip"] = w.T if SKIP_TRANSPOSED else w
+        return out
+
+
+def encode_arrays(
+    params: Mapping[str, jax.Array], x: jax.Array, activation: str, k: int | None = None
+) -> jax.Array:
+    """Plain-array encoder: ``act(x @ w_enc + b_enc)`` for ``x`` of shape [..., d_in].
+
+    ``params`` holds w_enc, b_enc and (for "jumprelu") threshold. Returns [..., d_sae].
+    """
+    pre = x @ params["w_enc"] + params["b_enc"]
+    return _activation_fn(pre, activation, k, params.get("threshold"))
+
+
+def decode_arrays(params: Mapping[str, jax.Array], f: jax.Array) -> jax.Array:
+    """Plain-array decoder: ``f @ w_dec + b_dec`` for ``f`` of shape [..., d_sae]."""
+    return f @ params["w_dec"] + params["b_dec"]
+
+
+def reconstruct_arrays(
+    params: Mapping[str, jax.Array], x: jax.Array, activation: str, k: int | None = None
+) -> jax.Array:
+    """Plain-array forward pass, including ``x @ w_skip`` when params has "w_skip"."""
+    out = decode_arrays(params, encode_arrays(params, x, activation, k))
+    if params.get("w_skip") is not None:
+        out = out + x @ params["w_skip"]
+    return out

@@ -1,0 +1,284 @@
+"""Training objectives of sparse autoencoders and transcoders, on plain JAX arrays.
+
+Parameters are a dict with the Gemma Scope names ``w_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
+``w_dec [d_sae, d_out]``, ``b_dec [d_out]``, plus ``threshold [d_sae]`` (JumpReLU) and
+``w_skip [d_in, d_out]`` (transcoders with an affine skip). The model is::
+
+    z     = x_in @ w_enc + b_enc                      (pre-activations)
+    f     = activation(z)                             (sparse latents)
+    y_hat = f @ w_dec + b_dec (+ x_in @ w_skip)       (reconstruction of x_out)
+
+The reconstruction loss is the squared error summed over the output coordinates and averaged
+over the batch. Architectures:
+
+* ``relu``: ``f = relu(z)``; penalty ``l1_coeff * sum_j f_j ||w_dec_j||`` (L1 weighted by
+  decoder row norms, so shrinking the encoder while growing the decoder cannot cheat it).
+* ``jumprelu`` (Rajamanoharan et al. 2024): ``f = z * H(z - θ)``; penalty ``l0_coeff * L0`` and
+  optionally ``target_l0_coeff * (L0 - target_l0)**2``. The Heaviside step has no useful
+  gradient, so both :func:`jumprelu` and :func:`step` use a straight-through estimator: the
+  derivative with respect to θ is the rectangle-kernel pseudo-derivative
+  ``d/dθ JumpReLU = -(θ/ε) K((z-θ)/ε)`` and ``d/dθ H = -(1/ε) K((z-θ)/ε)`` with
+  ``K(u) = 1[|u| < 1/2]``; the derivative with respect to z is the ordinary one
+  (``H(z-θ)`` for JumpReLU, 0 for the step).
+* ``topk``: per token, the k largest pre-activations (after ReLU) are kept.
+* ``batchtopk``: the ``k * batch`` largest over the whole batch are kept; the smallest kept
+  value is returned so the trainer can keep a running inference threshold (BatchTopK SAEs are
+  exported as JumpReLU SAEs with that global threshold).
+* AuxK (Gao et al. 2024, TopK-style only): the ``aux_k`` largest pre-activations among *dead*
+  latents reconstruct the (stop-gradient) residual ``x_out - y_hat``; the loss is normalised by
+  the residual's total variance and is exactly 0 when no latent is dead.
+* ``matryoshka``: the reconstruction loss is summed over nested prefixes of the latents
+  (``f[:, :m] @ w_dec[:m]`` for each prefix size m), computed with one matmul per group.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from gemma_scope_pz.train.config import TrainConfig
+
+Params = dict[str, jax.Array]
+
+
+# --------------------------------------------------------------------------- activations
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(z: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
+    """JumpReLU ``z * H(z - threshold)`` with the rectangle-kernel STE for the threshold."""
+    return jnp.where(z > threshold, z, 0.0).astype(z.dtype)
+
+
+def _jumprelu_fwd(z, threshold, bandwidth):
+    return jumprelu(z, threshold, bandwidth), (z, threshold)
+
+
+def _jumprelu_bwd(bandwidth, residuals, g):
+    z, threshold = residuals
+    kernel = (jnp.abs(z - threshold) < bandwidth / 2).astype(z.dtype) / bandwidth
+    d_threshold = _sum_to_shape(-threshold * kernel * g, threshold.shape)
+    return jnp.where(z > threshold, g, 0.0), d_threshold
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step(z: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
+    """Heaviside ``H(z - threshold)`` (as 0./1.) with the rectangle-kernel STE for the threshold."""
+    return (z > threshold).astype(z.dtype)
+
+
+def _step_fwd(z, threshold, bandwidth):
+    return step(z, threshold, bandwidth), (z, threshold)
+
+
+def _step_bwd(bandwidth, residuals, g):
+    z, threshold = residuals
+    kernel = (jnp.abs(z - threshold) < bandwidth / 2).astype(z.dtype) / bandwidth
+    return jnp.zeros_like(z), _sum_to_shape(-kernel * g, threshold.shape)
+
+
+step.defvjp(_step_fwd, _step_bwd)
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    lead = x.ndim - len(shape)
+    return jnp.sum(x, axis=tuple(range(lead))) if lead else x
+
+
+def topk_activation(z: jax.Array, k: int) -> jax.Array:
+    """Keeps the k largest entries of each row of ``z`` (then ReLU); zeros elsewhere."""
+    kth = jax.lax.top_k(z, k)[0][..., -1:]
+    return jnp.where(z >= kth, jax.nn.relu(z), 0.0)
+
+
+def batchtopk_activation(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Keeps the ``k * rows`` largest positive entries of the whole batch.
+
+    Returns:
+      The sparse activations and the smallest kept value (the batch's implied threshold).
+    """
+    positive = jax.nn.relu(z)
+    n_keep = min(k * z.shape[0], z.size)
+    kth = jax.lax.top_k(positive.reshape(-1), n_keep)[0][-1]
+    keep = (positive >= kth) & (positive > 0)
+    return jnp.where(keep, positive, 0.0), kth
+
+
+# --------------------------------------------------------------------------- forward pieces
+def matmul(a: jax.Array, b: jax.Array, dtype: str = "float32") -> jax.Array:
+    """``a @ b`` in float32, or with bfloat16 operands and float32 accumulation."""
+    if dtype == "bfloat16":
+        return jnp.matmul(
+            a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32
+        )
+    return jnp.matmul(a, b)
+
+
+def pre_activations(params: Params, x_in: jax.Array, dtype: str = "float32") -> jax.Array:
+    """``z = x_in @ w_enc + b_enc``."""
+    return matmul(x_in, params["w_enc"], dtype) + params["b_enc"]
+
+
+def activate(params: Params, z: jax.Array, config: TrainConfig) -> tuple[jax.Array, jax.Array]:
+    """Applies the configured activation; also returns the BatchTopK threshold (else 0)."""
+    kind = config.activation
+    if kind == "relu":
+        return jax.nn.relu(z), jnp.zeros((), z.dtype)
+    if kind == "jumprelu":
+        return jumprelu(z, params["threshold"], config.jumprelu_bandwidth), jnp.zeros((), z.dtype)
+    if kind == "topk":
+        return topk_activation(z, config.k), jnp.zeros((), z.dtype)
+    return batchtopk_activation(z, config.k)
+
+
+def decode(
+    params: Params, f: jax.Array, x_in: jax.Array | None = None, dtype: str = "float32"
+) -> jax.Array:
+    """``f @ w_dec + b_dec`` (+ ``x_in @ w_skip`` when the params have a skip)."""
+    out = matmul(f, params["w_dec"], dtype) + params["b_dec"]
+    if "w_skip" in params:
+        out = out + matmul(x_in, params["w_skip"], dtype)
+    return out
+
+
+def sum_sq(x: jax.Array) -> jax.Array:
+    """Squared norm over the last axis, averaged over the batch."""
+    return jnp.mean(jnp.sum(jnp.square(x), axis=-1))
+
+
+def weighted_l1(f: jax.Array, w_dec: jax.Array) -> jax.Array:
+    """``mean_batch sum_j |f_j| * ||w_dec_j||``."""
+    return jnp.mean(jnp.abs(f) @ jnp.linalg.norm(w_dec, axis=-1))
+
+
+def auxk_loss(
+    z: jax.Array, residual: jax.Array, w_dec: jax.Array, dead: jax.Array, aux_k: int, dtype: str
+) -> jax.Array:
+    """AuxK loss: dead latents' top-``aux_k`` reconstruct the (stop-gradient) residual.
+
+    Returns ``||e - e_hat||^2 / ||e - mean(e)||^2`` over the batch, or 0 if nothing is dead.
+    """
+    residual = jax.lax.stop_gradient(residual)
+    masked = jnp.where(dead, z, -1e30)
+    f_aux = topk_activation(masked, aux_k)
+    f_aux = jnp.where(dead, f_aux, 0.0)
+    err = residual - matmul(f_aux, w_dec, dtype)
+    variance = jnp.sum(jnp.square(residual - jnp.mean(residual, axis=0)))
+    loss = jnp.sum(jnp.square(err)) / jnp.maximum(variance, 1e-12)
+    return jnp.where(jnp.any(dead), loss, 0.0)
+
+
+def matryoshka_reconstructions(
+    params: Params, f: jax.Array, x_in: jax.Array, prefixes: tuple[int, ...], dtype: str
+) -> list[jax.Array]:
+    """Reconstructions from each nested prefix ``f[:, :m]`` (the last is the full one)."""
+    out = params["b_dec"] + (matmul(x_in, params["w_skip"], dtype) if "w_skip" in params else 0.0)
+    recons, start = [], 0
+    for end in prefixes:
+        out = out + matmul(f[:, start:end], params["w_dec"][start:end], dtype)
+        recons.append(out)
+        start = end
+    return recons
+
+
+# --------------------------------------------------------------------------- the loss
+def loss_fn(
+    params: Params,
+    x_in: jax.Array,
+    x_out: jax.Array,
+    dead: jax.Array,
+    sparsity_scale: jax.Array,
+    config: TrainConfig,
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array, jax.Array]]:
+    """Total training loss of one batch.
+
+    Args:
+      params: Parameter dict (normalised-activation space).
+      x_in: Inputs ``[batch, d_in]`` (normalised).
+      x_out: Targets ``[batch, d_out]`` (normalised); ``x_in`` for autoencoders.
+      dead: ``[d_sae]`` bool, latents counted as dead (used by AuxK).
+      sparsity_scale: Warm-up factor in [0, 1] multiplying the L1 / L0 coefficients.
+      config: The run configuration (static).
+
+    Returns:
+      ``(loss, (metrics, fired, batch_threshold))``: scalar metrics, a ``[d_sae]`` bool of
+      latents active in this batch, and the BatchTopK implied threshold (0 otherwise).
+    """
+    dtype = config.dtype
+    z = pre_activations(params, x_in, dtype)
+    f, batch_threshold = activate(params, z, config)
+    if config.architecture == "matryoshka":
+        recons = matryoshka_reconstructions(params, f, x_in, config.matryoshka_prefixes, dtype)
+        recon = recons[-1]
+        recon_loss = sum(sum_sq(r - x_out) for r in recons)
+    else:
+        recon = decode(params, f, x_in, dtype)
+        recon_loss = sum_sq(recon - x_out)
+    full_sq_err = sum_sq(recon - x_out)
+    l0 = jnp.mean(jnp.sum(f != 0, axis=-1).astype(jnp.float32))
+
+    sparsity = jnp.zeros((), jnp.float32)
+    if config.activation == "relu":
+        sparsity = sparsity_scale * config.l1_coeff * weighted_l1(f, params["w_dec"])
+    elif config.activation == "jumprelu":
+        gates = step(z, params["threshold"], config.jumprelu_bandwidth)
+        l0_ste = jnp.mean(jnp.sum(gates, axis=-1))
+        sparsity = sparsity_scale * config.l0_coeff * l0_ste
+        if config.target_l0 is not None:
+            sparsity = sparsity + sparsity_scale * config.target_l0_coeff * jnp.square(
+                l0_ste - config.target_l0
+            )
+    aux = jnp.zeros((), jnp.float32)
+    if config.effective_aux_k > 0 and config.aux_k_coeff > 0:
+        aux = config.aux_k_coeff * auxk_loss(
+            z, x_out - recon, params["w_dec"], dead, config.effective_aux_k, dtype
+        )
+    loss = recon_loss + sparsity + aux
+    variance = jnp.sum(jnp.square(x_out - jnp.mean(x_out, axis=0)))
+    metrics = {
+        "loss": loss,
+        "mse": full_sq_err / x_out.shape[-1],
+        "fvu": full_sq_err * x_out.shape[0] / jnp.maximum(variance, 1e-12),
+        "l0": l0,
+        "sparsity_loss": sparsity,
+        "aux_loss": aux,
+    }
+    fired = jnp.any(f != 0, axis=0)
+    return loss, (metrics, fired, batch_threshold)
+
+
+# --------------------------------------------------------------------------- init
+def init_params(config: TrainConfig, key: jax.Array, b_dec: jax.Array | None = None) -> Params:
+    """Initial parameters.
+
+    Decoder rows are random Gaussian directions scaled to norm 1 (``unit_norm_decoder``) or
+    ``decoder_init_norm``. For autoencoders the encoder is the transpose of the *unit* decoder
+    directions, so initial pre-activations are the projections ``x · d_j`` (about unit variance
+    on normalised data, the scale of the default JumpReLU threshold); transcoders get
+    independent random unit encoder columns. ``b_enc`` and ``w_skip`` start at 0, thresholds at
+    ``jumprelu_init_threshold``, ``b_dec`` at the given estimate (zeros if ``None``).
+    """
+    d_in, d_sae, d_out = config.d_in, config.d_sae, config.out_dim
+    key_dec, key_enc = jax.random.split(key)
+    directions = jax.random.normal(key_dec, (d_sae, d_out), jnp.float32)
+    directions = directions / jnp.linalg.norm(directions, axis=-1, keepdims=True)
+    row_norm = 1.0 if config.unit_norm_decoder else config.decoder_init_norm
+    if config.is_transcoder:
+        w_enc = jax.random.normal(key_enc, (d_in, d_sae), jnp.float32)
+        w_enc = w_enc / jnp.linalg.norm(w_enc, axis=0, keepdims=True)
+    else:
+        w_enc = directions.T
+    params = {
+        "w_enc": jnp.asarray(w_enc),
+        "b_enc": jnp.zeros((d_sae,), jnp.float32),
+        "w_dec": directions * row_norm,
+        "b_dec": jnp.zeros((d_out,), jnp.float32) if b_dec is None else jnp.asarray(b_dec),
+    }
+    if config.activation == "jumprelu":
+        params["threshold"] = jnp.full((d_sae,), config.jumprelu_init_threshold, jnp.float32)
+    if config.affine_skip:
+        params["w_skip"] = jnp.zeros((d_in, d_out), jnp.float32)
+    return params

@@ -1,0 +1,307 @@
+"""Activation stores: random-access batches by step, an on-disk shard cache, a shuffle buffer.
+
+The trainer reads data through one interface, ``batch_at(step) -> x`` or ``(x_in, x_out)``,
+so that resuming at step ``s`` replays exactly the batches an uninterrupted run would have
+seen. Batches of epoch ``e`` follow a permutation of all rows drawn from
+``np.random.default_rng([seed, e])``; a batch that crosses an epoch boundary takes the tail of
+one permutation and the head of the next.
+
+On-disk cache layout (``ActivationCache``)::
+
+    cache_dir/manifest.json            header + list of complete shards (atomically rewritten)
+    cache_dir/shard_000000.s0.npy      rows of site 0 (written to a temp name, then os.replace)
+    cache_dir/shard_000000.s1.npy      rows of site 1 (transcoder targets), if any
+
+A shard is complete once it is listed in the manifest; after a crash, temp files and shard
+files missing from the manifest are removed, and appending continues at row ``n_rows`` (so a
+harvester that restarts from ``cache.n_rows`` leaves no duplicates or gaps).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = "gemma_scope_pz.activation_cache"
+_HEADER_KEYS = ("model_name", "sites", "widths", "dtype", "normalization", "corpus", "context_length")
+
+
+# --------------------------------------------------------------------------- permutations
+@functools.lru_cache(maxsize=2)
+def _permutation(n_rows: int, seed: int, epoch: int) -> np.ndarray:
+    perm = np.random.default_rng([seed, epoch]).permutation(n_rows)
+    perm.flags.writeable = False
+    return perm
+
+
+def batch_indices(step: int, batch_size: int, n_rows: int, seed: int) -> np.ndarray:
+    """Row indices of batch ``step`` under per-epoch permutations seeded by ``(seed, epoch)``."""
+    if n_rows <= 0:
+        raise ValueError("batch_indices: the data set has no rows")
+    start = step * batch_size
+    parts, need = [], batch_size
+    while need > 0:
+        epoch, offset = divmod(start, n_rows)
+        perm = _permutation(n_rows, seed, epoch)
+        take = perm[offset : offset + need]
+        parts.append(take)
+        need -= take.size
+        start += take.size
+    return np.concatenate(parts)
+
+
+class ArrayBatches:
+    """In-memory arrays served as ``batch_at(step)`` with per-epoch shuffling.
+
+    Attributes:
+      x_in: ``[n, d_in]`` inputs.
+      x_out: ``[n, d_out]`` targets, or ``None`` (autoencoder).
+      batch_size: Rows per batch.
+      seed: Shuffle seed.
+    """
+
+    def __init__(self, x_in, x_out=None, *, batch_size: int, seed: int = 0):
+        self.x_in = np.asarray(x_in)
+        self.x_out = None if x_out is None else np.asarray(x_out)
+        if self.x_in.ndim != 2:
+            raise ValueError(f"ArrayBatches: x_in must be [n, d], got shape {self.x_in.shape}")
+        if self.x_out is not None and self.x_out.shape[0] != self.x_in.shape[0]:
+            raise ValueError(
+                f"ArrayBatches: x_in has {self.x_in.shape[0]} rows but x_out {self.x_out.shape[0]}"
+            )
+        self.batch_size, self.seed = int(batch_size), int(seed)
+
+    @property
+    def n_rows(self) -> int:
+        return self.x_in.shape[0]
+
+    def batch_at(self, step: int):
+        """Batch ``step``: an array, or ``(x_in, x_out)`` for transcoders."""
+        idx = batch_indices(step, self.batch_size, self.n_rows, self.seed)
+        if self.x_out is None:
+            return self.x_in[idx]
+        return self.x_in[idx], self.x_out[idx]
+
+
+# --------------------------------------------------------------------------- shuffle buffer
+class ShuffleBuffer:
+    """Mixes a stream of activation batches through an in-memory buffer of ``capacity`` rows.
+
+    Each output batch takes ``batch_size`` uniformly random rows of the buffer and refills
+    their slots with the next incoming rows, so tokens of one document are spread over many
+    batches. Deterministic given the seed and the input stream (but not random-access: use
+    :class:`ActivationCache` for exactly resumable training).
+    """
+
+    def __init__(self, source: Iterator[np.ndarray], *, capacity: int, batch_size: int, seed: int = 0):
+        if capacity < batch_size:
+            raise ValueError(f"ShuffleBuffer: capacity {capacity} < batch_size {batch_size}")
+        self.source, self.capacity, self.batch_size = iter(source), capacity, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.buffer: np.ndarray | None = None
+        self.pending = np.zeros((0, 0), np.float32)
+        self.filled = 0
+
+    def _take(self, n: int) -> np.ndarray | None:
+        while self.pending.shape[0] < n:
+            try:
+                nxt = np.asarray(next(self.source))
+            except StopIteration:
+                return None
+            self.pending = nxt if self.pending.size == 0 else np.concatenate([self.pending, nxt])
+        rows, self.pending = self.pending[:n], self.pending[n:]
+        return rows
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        first = self._take(self.capacity)
+        if first is None:
+            raise ValueError(f"ShuffleBuffer: the source has fewer than {self.capacity} rows")
+        self.buffer = first.copy()
+        while True:
+            slots = self.rng.choice(self.capacity, self.batch_size, replace=False)
+            batch = self.buffer[slots].copy()
+            refill = self._take(self.batch_size)
+            yield batch
+            if refill is None:
+                return
+            self.buffer[slots] = refill
+
+
+# --------------------------------------------------------------------------- on-disk cache
+def _atomic_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+class ActivationCache:
+    """A directory of ``.npy`` activation shards plus a manifest (see the module docstring).
+
+    Attributes:
+      path: The cache directory.
+      header: ``model_name``, ``sites`` (list), ``widths`` (list, one per site), ``dtype``,
+        ``normalization``, ``corpus``, ``context_length``.
+      shards: List of ``{"name": str, "rows": int}`` of complete shards.
+    """
+
+    def __init__(self, path: str | os.PathLike, header: dict[str, Any], shards: list[dict]):
+        self.path, self.header, self.shards = os.fspath(path), header, shards
+        self._mmaps: dict[tuple[int, int], np.ndarray] = {}
+
+    # ------------------------------------------------------------ create / open / resume
+    @classmethod
+    def create_or_resume(
+        cls,
+        path: str | os.PathLike,
+        *,
+        model_name: str,
+        sites: Sequence[str],
+        widths: Sequence[int],
+        dtype: str = "float32",
+        normalization: str = "none",
+        corpus: str = "",
+        context_length: int = 0,
+    ) -> ActivationCache:
+        """Opens a cache for appending, creating it or resuming after a crash.
+
+        Raises:
+          ValueError: if an existing cache was written for another model, site(s) or shape
+            (the message names both).
+        """
+        path = os.fspath(path)
+        header = {
+            "model_name": model_name,
+            "sites": list(sites),
+            "widths": [int(w) for w in widths],
+            "dtype": str(np.dtype(dtype)),
+            "normalization": normalization,
+            "corpus": corpus,
+            "context_length": int(context_length),
+        }
+        if len(header["sites"]) != len(header["widths"]):
+            raise ValueError(f"ActivationCache {path}: {len(sites)} sites but {len(widths)} widths")
+        os.makedirs(path, exist_ok=True)
+        if not os.path.exists(os.path.join(path, MANIFEST)):
+            cache = cls(path, header, [])
+            cache._write_manifest()
+        else:
+            cache = cls.open(path)
+            for key in _HEADER_KEYS:
+                if cache.header.get(key) != header[key]:
+                    raise ValueError(
+                        f"ActivationCache {path}: existing cache has {key}={cache.header.get(key)!r} "
+                        f"(model {cache.header.get('model_name')!r}, sites {cache.header.get('sites')}) "
+                        f"but {key}={header[key]!r} was requested (model {model_name!r}, "
+                        f"sites {list(sites)})"
+                    )
+        cache._remove_strays()
+        return cache
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> ActivationCache:
+        """Opens an existing cache for reading."""
+        path = os.fspath(path)
+        manifest_path = os.path.join(path, MANIFEST)
+        if not os.path.exists(manifest_path):
+            raise FileNotFoundError(f"ActivationCache: no {MANIFEST} in {path}")
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"ActivationCache: {manifest_path} is not a {FORMAT} manifest")
+        return cls(path, manifest["header"], list(manifest["shards"]))
+
+    def _write_manifest(self) -> None:
+        _atomic_json(
+            os.path.join(self.path, MANIFEST),
+            {"format": FORMAT, "version": 1, "header": self.header, "shards": self.shards},
+        )
+
+    def _remove_strays(self) -> None:
+        listed = {self._file(i, s) for i in range(len(self.shards)) for s in range(self.n_sites)}
+        for name in os.listdir(self.path):
+            if name == MANIFEST:
+                continue
+            if ".tmp" in name or (name.startswith("shard_") and name not in listed):
+                os.remove(os.path.join(self.path, name))
+
+    # ------------------------------------------------------------ writing
+    @property
+    def n_sites(self) -> int:
+        return len(self.header["sites"])
+
+    @property
+    def n_rows(self) -> int:
+        """Rows in complete shards (where a restarted harvester should resume)."""
+        return sum(int(s["rows"]) for s in self.shards)
+
+    def _file(self, shard: int, site: int) -> str:
+        return f"shard_{shard:06d}.s{site}.npy"
+
+    def append(self, *arrays: np.ndarray) -> None:
+        """Writes one shard (one ``[n, width]`` array per site) and records it in the manifest."""
+        if len(arrays) != self.n_sites:
+            raise ValueError(f"ActivationCache.append: expected {self.n_sites} arrays, got {len(arrays)}")
+        n = arrays[0].shape[0]
+        index = len(self.shards)
+        for site, (array, width) in enumerate(zip(arrays, self.header["widths"])):
+            array = np.ascontiguousarray(array, dtype=self.header["dtype"])
+            if array.shape != (n, width):
+                raise ValueError(
+                    f"ActivationCache.append: site {self.header['sites'][site]!r} array has shape "
+                    f"{array.shape}, expected ({n}, {width})"
+                )
+            final = os.path.join(self.path, self._file(index, site))
+            tmp = f"{final}.tmp.{os.getpid()}.npy"
+            np.save(tmp, array, allow_pickle=False)
+            os.replace(tmp, final)
+        self.shards.append({"name": f"shard_{index:06d}", "rows": int(n)})
+        self._write_manifest()
+
+    # ------------------------------------------------------------ reading
+    def _mmap(self, shard: int, site: int) -> np.ndarray:
+        key = (shard, site)
+        if key not in self._mmaps:
+            self._mmaps[key] = np.load(
+                os.path.join(self.path, self._file(shard, site)), mmap_mode="r", allow_pickle=False
+            )
+        return self._mmaps[key]
+
+    def read_rows(self, indices: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Rows at global ``indices`` (any order), one float32 array per site."""
+        indices = np.asarray(indices, np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.n_rows):
+            raise IndexError(f"ActivationCache {self.path}: row index out of range [0, {self.n_rows})")
+        bounds = np.cumsum([0] + [int(s["rows"]) for s in self.shards])
+        shard_of = np.searchsorted(bounds, indices, side="right") - 1
+        out = [np.empty((indices.size, w), np.float32) for w in self.header["widths"]]
+        for shard in np.unique(shard_of):
+            where = np.nonzero(shard_of == shard)[0]
+            local = indices[where] - bounds[shard]
+            order = np.argsort(local, kind="stable")
+            for site in range(self.n_sites):
+                out[site][where[order]] = self._mmap(int(shard), site)[local[order]]
+        return tuple(out)
+
+    def batches(self, batch_size: int, seed: int = 0) -> CacheBatches:
+        """Random-access batches for the trainer."""
+        return CacheBatches(self, batch_size, seed)
+
+
+class CacheBatches:
+    """``batch_at(step)`` over an :class:`ActivationCache` (arrays, or pairs for 2 sites)."""
+
+    def __init__(self, cache: ActivationCache, batch_size: int, seed: int = 0):
+        self.cache, self.batch_size, self.seed = cache, int(batch_size), int(seed)
+
+    def batch_at(self, step: int):
+        rows = self.cache.read_rows(
+            batch_indices(step, self.batch_size, self.cache.n_rows, self.seed)
+        )
+        return rows[0] if len(rows) == 1 else rows
