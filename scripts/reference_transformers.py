@@ -105,6 +105,7 @@ def write_json(path: Path, data: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -199,7 +200,10 @@ def gguf_to_canonical(path: Path):
     config = Gemma3Config.preset("270m")
     c = config
     tensors = {t.name: dequantize(t.data, t.tensor_type).astype(np.float32) for t in reader.tensors}
-    params = {"embedding": tensors["token_embd.weight"], "final_norm": tensors["output_norm.weight"]}
+    params = {
+        "embedding": tensors["token_embd.weight"],
+        "final_norm": tensors["output_norm.weight"],
+    }
     norms = {
         "attn_norm": "pre_attention_norm",
         "post_attention_norm": "post_attention_norm",
@@ -212,10 +216,18 @@ def gguf_to_canonical(path: Path):
         g, p = f"blk.{layer}.", f"blocks.{layer}."
         for src, dst in norms.items():
             params[p + dst] = tensors[g + src + ".weight"]
-        params[p + "attn.query"] = tensors[g + "attn_q.weight"].T.reshape(c.d_model, c.n_heads, c.head_dim)
-        params[p + "attn.key"] = tensors[g + "attn_k.weight"].T.reshape(c.d_model, c.n_kv_heads, c.head_dim)
-        params[p + "attn.value"] = tensors[g + "attn_v.weight"].T.reshape(c.d_model, c.n_kv_heads, c.head_dim)
-        params[p + "attn.output"] = tensors[g + "attn_output.weight"].T.reshape(c.n_heads, c.head_dim, c.d_model)
+        params[p + "attn.query"] = tensors[g + "attn_q.weight"].T.reshape(
+            c.d_model, c.n_heads, c.head_dim
+        )
+        params[p + "attn.key"] = tensors[g + "attn_k.weight"].T.reshape(
+            c.d_model, c.n_kv_heads, c.head_dim
+        )
+        params[p + "attn.value"] = tensors[g + "attn_v.weight"].T.reshape(
+            c.d_model, c.n_kv_heads, c.head_dim
+        )
+        params[p + "attn.output"] = tensors[g + "attn_output.weight"].T.reshape(
+            c.n_heads, c.head_dim, c.d_model
+        )
         params[p + "mlp.gate"] = tensors[g + "ffn_gate.weight"].T
         params[p + "mlp.up"] = tensors[g + "ffn_up.weight"].T
         params[p + "mlp.down"] = tensors[g + "ffn_down.weight"].T
@@ -232,8 +244,8 @@ def greedy_numpy(config, params, ids: list[int], n_new: int, forward) -> list[in
 
 
 def check(reference: Path, gguf_path: Path, loader: str) -> dict:
-    sys.path.insert(0, str(REPO / "tests"))
-    from reference_gemma3 import forward_with_sites
+    sys.path.insert(0, str(REPO))
+    from tests.reference_gemma3 import forward_with_sites
 
     if loader == "package":
         from gemma_scope_pz.models.checkpoints import load_params
@@ -268,7 +280,9 @@ def check(reference: Path, gguf_path: Path, loader: str) -> dict:
                 np.all(np.argmax(logits, -1) == np.array(entry["top_ids"])[:, 0])
             ),
             "top10_ids_equal_all_positions": bool(
-                np.all(np.argsort(-logits, -1, kind="stable")[:, :TOP_K] == np.array(entry["top_ids"]))
+                np.all(
+                    np.argsort(-logits, -1, kind="stable")[:, :TOP_K] == np.array(entry["top_ids"])
+                )
             ),
         }
         hidden_rel = {}
@@ -276,7 +290,9 @@ def check(reference: Path, gguf_path: Path, loader: str) -> dict:
             h = sites[f"blocks.{layer}.resid_post"][0]
             ref_norm = np.array(summary["norm_per_position"])
             hidden_rel[layer] = {
-                "rel_dnorm": float(np.max(np.abs(np.linalg.norm(h, axis=-1) - ref_norm) / ref_norm)),
+                "rel_dnorm": float(
+                    np.max(np.abs(np.linalg.norm(h, axis=-1) - ref_norm) / ref_norm)
+                ),
                 "dmean": float(h.mean() - summary["mean"]),
                 "rel_dstd": float((h.std() - summary["std"]) / summary["std"]),
                 "max_dfirst8_over_norm": float(
@@ -297,7 +313,9 @@ def check(reference: Path, gguf_path: Path, loader: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["record", "check"])
     parser.add_argument("--gguf-dir", type=Path, default=GGUF_DIR)
     parser.add_argument("--output", type=Path, default=OUTPUT)

@@ -131,7 +131,9 @@ def attention(
     return attn_out, attn_out @ w_out
 
 
-def mlp(config: Gemma3Config, params: dict[str, np.ndarray], layer: int, x: np.ndarray) -> np.ndarray:
+def mlp(
+    config: Gemma3Config, params: dict[str, np.ndarray], layer: int, x: np.ndarray
+) -> np.ndarray:
     """Gated GELU feed-forward: ``down(gelu_tanh(gate(x)) * up(x))``."""
     p = f"blocks.{layer}.mlp."
     hidden = gelu_tanh(x @ params[p + "gate"]) * (x @ params[p + "up"])
@@ -179,9 +181,13 @@ def forward_with_sites(
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"tokens must be an integer array [batch, seq], got {tokens.dtype}{tokens.shape}")
+        raise ValueError(
+            f"tokens must be an integer array [batch, seq], got {tokens.dtype}{tokens.shape}"
+        )
     if tokens.size and (tokens.min() < 0 or tokens.max() >= config.vocab_size):
-        raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got {tokens.min()}..{tokens.max()}")
+        raise ValueError(
+            f"token ids must lie in [0, {config.vocab_size}), got {tokens.min()}..{tokens.max()}"
+        )
     check_params(config, params)
     c = config
     params = {name: np.asarray(value, dtype=dtype) for name, value in params.items()}

@@ -47,7 +47,7 @@ h1{font-size:22px;margin:0 0 8px}h2{font-size:17px;margin:0}h3{font-size:12px;ma
 .fc-val{font:12px ui-monospace,monospace;color:#57606a;min-width:56px;text-align:right}
 .fc-text{font:13px/1.7 ui-monospace,SFMono-Regular,Menlo,monospace;white-space:pre-wrap;word-break:break-word;flex:1}
 .fc-src{font-size:11px;color:#8c959f;white-space:nowrap}
-.fc-tok{border-radius:2px}.fc-peak{outline:2px solid #bc4c00;font-weight:700}
+.fc-tok{border-radius:2px;-webkit-box-decoration-break:clone;box-decoration-break:clone}.fc-peak{outline:2px solid #bc4c00;font-weight:700}
 .fc-none{font-size:13px;color:#8c959f;font-style:italic}
 .fc-lens{border-collapse:collapse;font:12px ui-monospace,monospace;width:100%}.fc-lens td{padding:1px 4px}
 .fc-lens td:last-child{text-align:right}.fc-pos{background:#dafbe1}.fc-neg{background:#ffebe9}
@@ -64,287 +64,296 @@ q.addEventListener('input',run);run();})();
 
 
 def _esc(value: Any) -> str:
-  return html.escape(str(value), quote=True)
+    return html.escape(str(value), quote=True)
 
 
 def _fmt(value: float | None, spec: str = ".3g") -> str:
-  if value is None or (isinstance(value, float) and not math.isfinite(value)):
-    return "–"
-  return format(value, spec)
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return format(value, spec)
 
 
 def _display(token: str) -> str:
-  """Makes invisible characters visible (newline, tab, carriage return)."""
-  return token.replace("\r", "␍").replace("\n", "↵").replace("\t", "⇥")
+    """Makes invisible characters visible (newline, tab, carriage return)."""
+    return token.replace("\r", "␍").replace("\n", "↵").replace("\t", "⇥")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # holds numpy arrays
 class FeatureReport:
-  """Everything shown on one feature card, on the host.
+    """Everything shown on one feature card, on the host.
 
-  Attributes:
-    feature: latent index.
-    stats: per-feature statistics (`FeatureStats.feature`), or None.
-    examples: max-activating contexts, best first.
-    example_strings: decoded token strings, one tuple per example.
-    logit_top: logit-lens tokens with the largest values, ``(string, value)``.
-    logit_bottom: logit-lens tokens with the smallest values.
-  """
+    Attributes:
+      feature: latent index.
+      stats: per-feature statistics (`FeatureStats.feature`), or None.
+      examples: max-activating contexts, best first.
+      example_strings: decoded token strings, one tuple per example.
+      logit_top: logit-lens tokens with the largest values, ``(string, value)``.
+      logit_bottom: logit-lens tokens with the smallest values.
+    """
 
-  feature: int
-  stats: dict[str, Any] | None
-  examples: tuple[Example, ...]
-  example_strings: tuple[tuple[str, ...], ...]
-  logit_top: tuple[tuple[str, float], ...] = ()
-  logit_bottom: tuple[tuple[str, float], ...] = ()
+    feature: int
+    stats: dict[str, Any] | None
+    examples: tuple[Example, ...]
+    example_strings: tuple[tuple[str, ...], ...]
+    logit_top: tuple[tuple[str, float], ...] = ()
+    logit_bottom: tuple[tuple[str, float], ...] = ()
 
-  @classmethod
-  def build(
-    cls,
+    @classmethod
+    def build(
+        cls,
+        feature: int,
+        examples: Any,
+        stats: FeatureStats | None,
+        token_strings: TokenStrings,
+        logit_lens: LogitLens | None = None,
+        n_examples: int | None = None,
+    ) -> FeatureReport:
+        """Collects one feature's data.
+
+        Args:
+          feature: latent index.
+          examples: a `MaxActivatingExamples` state or a list of `Example`.
+          stats: `FeatureStats` or None.
+          token_strings: maps a list of token ids to one display string per token.
+          logit_lens: optional ``{feature: (top, bottom)}`` lists of ``(string, value)``.
+          n_examples: show at most this many contexts.
+        """
+        chosen = examples.top(feature) if hasattr(examples, "top") else list(examples)
+        chosen = tuple(chosen[:n_examples] if n_examples is not None else chosen)
+        strings = []
+        for ex in chosen:
+            decoded = [str(s) for s in token_strings([int(t) for t in ex.window_tokens])]
+            if len(decoded) != len(ex.window_tokens):
+                raise ValueError(
+                    f"token_strings returned {len(decoded)} strings for {len(ex.window_tokens)} tokens "
+                    f"(feature {feature}, row {ex.row})"
+                )
+            strings.append(tuple(decoded))
+        top, bottom = (logit_lens or {}).get(feature, ((), ()))
+        return cls(
+            feature=int(feature),
+            stats=stats.feature(feature) if stats is not None else None,
+            examples=chosen,
+            example_strings=tuple(strings),
+            logit_top=tuple((str(s), float(v)) for s, v in top),
+            logit_bottom=tuple((str(s), float(v)) for s, v in bottom),
+        )
+
+    def to_html(self) -> str:
+        """The card as an HTML fragment (classes styled by `CSS`)."""
+        st = self.stats or {}
+        badges = ""
+        if st.get("dead"):
+            badges += '<span class="fc-badge fc-dead">dead</span>'
+        if st.get("dense"):
+            badges += '<span class="fc-badge fc-dense">dense</span>'
+        stat_line = ""
+        if st:
+            stat_line = (
+                f'<span class="fc-stats">density <b>{_fmt(st["density"], ".3e")}</b> '
+                f"({st['fire_count']} tokens) · mean act <b>{_fmt(st['mean_activation'])}</b> · "
+                f"max act <b>{_fmt(st['max_activation'])}</b></span>"
+            )
+        parts = [
+            f'<article class="fc-card" id="feature-{self.feature}" data-feature="{self.feature}">',
+            f'<div class="fc-head"><h2>Feature {self.feature}</h2>{badges}{stat_line}</div>',
+            '<div class="fc-body"><div class="fc-contexts"><h3>Top activating contexts</h3>',
+        ]
+        scale = max((ex.value for ex in self.examples), default=0.0)
+        for ex, strings in zip(self.examples, self.example_strings, strict=True):
+            parts.append(_context_html(ex, strings, scale))
+        if not self.examples:
+            parts.append('<div class="fc-none">no activating context</div>')
+        parts.append("</div>")
+        if self.logit_top or self.logit_bottom:
+            parts.append('<div class="fc-logits">')
+            parts.append(_lens_html("Logit lens: top", self.logit_top, "fc-pos"))
+            parts.append(_lens_html("Logit lens: bottom", self.logit_bottom, "fc-neg"))
+            parts.append("</div>")
+        parts.append("</div></article>")
+        return "".join(parts)
+
+    def _repr_html_(self) -> str:
+        return f"<style>{CSS}</style>{self.to_html()}"
+
+
+def _context_html(ex: Example, strings: Sequence[str], scale: float) -> str:
+    spans = []
+    for i, (token, value) in enumerate(zip(strings, ex.window_values, strict=True)):
+        alpha = float(np.clip(value / scale, 0.0, 1.0)) if scale > 0 else 0.0
+        cls = "fc-tok fc-peak" if i == ex.peak_index else "fc-tok"
+        style = f' style="background:rgba(255,140,0,{alpha:.2f})"' if alpha > 0.005 else ""
+        tip = _esc(f"{token!r}: {float(value):.4g}")
+        spans.append(f'<span class="{cls}"{style} title="{tip}">{_esc(_display(token))}</span>')
+    return (
+        f'<div class="fc-ctx"><span class="fc-val">{_fmt(ex.value, ".3f")}</span>'
+        f'<span class="fc-text">{"".join(spans)}</span>'
+        f'<span class="fc-src">row {ex.row} · pos {ex.position}</span></div>'
+    )
+
+
+def _lens_html(title: str, rows: Sequence[tuple[str, float]], cls: str) -> str:
+    body = "".join(
+        f'<tr class="{cls}"><td>{_esc(_display(s))}</td><td>{v:+.3f}</td></tr>' for s, v in rows
+    )
+    return f'<h3>{_esc(title)}</h3><table class="fc-lens">{body}</table>'
+
+
+def feature_card_html(
     feature: int,
     examples: Any,
     stats: FeatureStats | None,
     token_strings: TokenStrings,
     logit_lens: LogitLens | None = None,
+    *,
     n_examples: int | None = None,
-  ) -> FeatureReport:
-    """Collects one feature's data.
-
-    Args:
-      feature: latent index.
-      examples: a `MaxActivatingExamples` state or a list of `Example`.
-      stats: `FeatureStats` or None.
-      token_strings: maps a list of token ids to one display string per token.
-      logit_lens: optional ``{feature: (top, bottom)}`` lists of ``(string, value)``.
-      n_examples: show at most this many contexts.
-    """
-    chosen = examples.top(feature) if hasattr(examples, "top") else list(examples)
-    chosen = tuple(chosen[:n_examples] if n_examples is not None else chosen)
-    strings = []
-    for ex in chosen:
-      decoded = [str(s) for s in token_strings([int(t) for t in ex.window_tokens])]
-      if len(decoded) != len(ex.window_tokens):
-        raise ValueError(
-          f"token_strings returned {len(decoded)} strings for {len(ex.window_tokens)} tokens "
-          f"(feature {feature}, row {ex.row})"
-        )
-      strings.append(tuple(decoded))
-    top, bottom = (logit_lens or {}).get(feature, ((), ()))
-    return cls(
-      feature=int(feature),
-      stats=stats.feature(feature) if stats is not None else None,
-      examples=chosen,
-      example_strings=tuple(strings),
-      logit_top=tuple((str(s), float(v)) for s, v in top),
-      logit_bottom=tuple((str(s), float(v)) for s, v in bottom),
-    )
-
-  def to_html(self) -> str:
-    """The card as an HTML fragment (classes styled by `CSS`)."""
-    st = self.stats or {}
-    badges = ""
-    if st.get("dead"):
-      badges += '<span class="fc-badge fc-dead">dead</span>'
-    if st.get("dense"):
-      badges += '<span class="fc-badge fc-dense">dense</span>'
-    stat_line = ""
-    if st:
-      stat_line = (
-        f'<span class="fc-stats">density <b>{_fmt(st["density"], ".3e")}</b> '
-        f"({st['fire_count']} tokens) · mean act <b>{_fmt(st['mean_activation'])}</b> · "
-        f"max act <b>{_fmt(st['max_activation'])}</b></span>"
-      )
-    parts = [
-      f'<article class="fc-card" id="feature-{self.feature}" data-feature="{self.feature}">',
-      f'<div class="fc-head"><h2>Feature {self.feature}</h2>{badges}{stat_line}</div>',
-      '<div class="fc-body"><div class="fc-contexts"><h3>Top activating contexts</h3>',
-    ]
-    scale = max((ex.value for ex in self.examples), default=0.0)
-    for ex, strings in zip(self.examples, self.example_strings, strict=True):
-      parts.append(_context_html(ex, strings, scale))
-    if not self.examples:
-      parts.append('<div class="fc-none">no activating context</div>')
-    parts.append("</div>")
-    if self.logit_top or self.logit_bottom:
-      parts.append('<div class="fc-logits">')
-      parts.append(_lens_html("Logit lens: top", self.logit_top, "fc-pos"))
-      parts.append(_lens_html("Logit lens: bottom", self.logit_bottom, "fc-neg"))
-      parts.append("</div>")
-    parts.append("</div></article>")
-    return "".join(parts)
-
-  def _repr_html_(self) -> str:
-    return f"<style>{CSS}</style>{self.to_html()}"
-
-
-def _context_html(ex: Example, strings: Sequence[str], scale: float) -> str:
-  spans = []
-  for i, (token, value) in enumerate(zip(strings, ex.window_values, strict=True)):
-    alpha = float(np.clip(value / scale, 0.0, 1.0)) if scale > 0 else 0.0
-    cls = "fc-tok fc-peak" if i == ex.peak_index else "fc-tok"
-    style = f' style="background:rgba(255,140,0,{alpha:.2f})"' if alpha > 0.005 else ""
-    tip = _esc(f"{token!r}: {float(value):.4g}")
-    spans.append(f'<span class="{cls}"{style} title="{tip}">{_esc(_display(token))}</span>')
-  return (
-    f'<div class="fc-ctx"><span class="fc-val">{_fmt(ex.value, ".3f")}</span>'
-    f'<span class="fc-text">{"".join(spans)}</span>'
-    f'<span class="fc-src">row {ex.row} · pos {ex.position}</span></div>'
-  )
-
-
-def _lens_html(title: str, rows: Sequence[tuple[str, float]], cls: str) -> str:
-  body = "".join(
-    f'<tr class="{cls}"><td>{_esc(_display(s))}</td><td>{v:+.3f}</td></tr>' for s, v in rows
-  )
-  return f'<h3>{_esc(title)}</h3><table class="fc-lens">{body}</table>'
-
-
-def feature_card_html(
-  feature: int,
-  examples: Any,
-  stats: FeatureStats | None,
-  token_strings: TokenStrings,
-  logit_lens: LogitLens | None = None,
-  *,
-  n_examples: int | None = None,
-  standalone: bool = True,
+    standalone: bool = True,
 ) -> str:
-  """HTML of a single feature card (with its CSS when ``standalone``), e.g. for a notebook.
+    """HTML of a single feature card (with its CSS when ``standalone``), e.g. for a notebook.
 
-  Arguments as in `FeatureReport.build`.
-  """
-  report = FeatureReport.build(feature, examples, stats, token_strings, logit_lens, n_examples)
-  return report._repr_html_() if standalone else report.to_html()
+    Arguments as in `FeatureReport.build`.
+    """
+    report = FeatureReport.build(feature, examples, stats, token_strings, logit_lens, n_examples)
+    return report._repr_html_() if standalone else report.to_html()
 
 
-def density_histogram_svg(stats: FeatureStats, bins: int = 40, width: int = 560, height: int = 170) -> str:
-  """Inline SVG of the log10-density histogram; a grey bar counts dead latents and a
-  red dashed line marks the dense threshold (bins above it drawn red)."""
-  counts, edges = stats.log10_density_histogram(bins)
-  n_dead = int(stats.dead.sum())
-  left, right, top, bottom = 46, 10, 14, 34
-  dead_w = 26
-  plot_x0 = left + dead_w + 12
-  plot_w = width - plot_x0 - right
-  plot_h = height - top - bottom
-  peak = max(int(counts.max()) if counts.size else 0, n_dead, 1)
-  lo, hi = float(edges[0]), float(edges[-1])
+def density_histogram_svg(
+    stats: FeatureStats, bins: int = 40, width: int = 560, height: int = 170
+) -> str:
+    """Inline SVG of the log10-density histogram; a grey bar counts dead latents and a
+    red dashed line marks the dense threshold (bins above it drawn red)."""
+    counts, edges = stats.log10_density_histogram(bins)
+    n_dead = int(stats.dead.sum())
+    left, right, top, bottom = 46, 10, 14, 34
+    dead_w = 26
+    plot_x0 = left + dead_w + 26
+    plot_w = width - plot_x0 - right
+    plot_h = height - top - bottom
+    peak = max(int(counts.max()) if counts.size else 0, n_dead, 1)
+    lo, hi = float(edges[0]), float(edges[-1])
 
-  def x_of(v: float) -> float:
-    return plot_x0 + (v - lo) / (hi - lo) * plot_w
+    def x_of(v: float) -> float:
+        return plot_x0 + (v - lo) / (hi - lo) * plot_w
 
-  def bar_h(c: int) -> float:
-    return plot_h * c / peak
+    def bar_h(c: int) -> float:
+        return plot_h * c / peak
 
-  threshold = math.log10(stats.dense_threshold) if stats.dense_threshold > 0 else lo
-  out = [
-    f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-    f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="10" role="img">',
-    "<title>Histogram of log10 feature density</title>",
-    f'<line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}" stroke="#57606a"/>',
-    f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{peak}</text>',
-    f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end">0</text>',
-  ]
-  dh = bar_h(n_dead)
-  out.append(
-    f'<rect x="{left + 4}" y="{top + plot_h - dh:.1f}" width="{dead_w - 4}" height="{dh:.1f}" '
-    f'fill="#8c959f"><title>dead: {n_dead}</title></rect>'
-    f'<text x="{left + dead_w / 2 + 2}" y="{top + plot_h + 12}" text-anchor="middle">dead</text>'
-  )
-  for c, a, b in zip(counts, edges[:-1], edges[1:], strict=True):
-    h = bar_h(int(c))
-    color = "#cf222e" if a >= threshold else "#0969da"
+    threshold = math.log10(stats.dense_threshold) if stats.dense_threshold > 0 else lo
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="10" role="img">',
+        "<title>Histogram of log10 feature density</title>",
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}" stroke="#57606a"/>',
+        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{peak}</text>',
+        f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end">0</text>',
+    ]
+    dh = bar_h(n_dead)
     out.append(
-      f'<rect x="{x_of(a) + 0.5:.1f}" y="{top + plot_h - h:.1f}" width="{max(x_of(b) - x_of(a) - 1, 0.5):.1f}" '
-      f'height="{h:.1f}" fill="{color}"><title>[{a:.2f}, {b:.2f}): {int(c)}</title></rect>'
+        f'<rect x="{left + 4}" y="{top + plot_h - dh:.1f}" width="{dead_w - 4}" height="{dh:.1f}" '
+        f'fill="#8c959f"><title>dead: {n_dead}</title></rect>'
+        f'<text x="{left + dead_w / 2 + 2}" y="{top + plot_h + 12}" text-anchor="middle">dead</text>'
     )
-  for tick in range(math.ceil(lo), math.floor(hi) + 1):
+    for c, a, b in zip(counts, edges[:-1], edges[1:], strict=True):
+        h = bar_h(int(c))
+        color = "#cf222e" if a >= threshold else "#0969da"
+        out.append(
+            f'<rect x="{x_of(a) + 0.5:.1f}" y="{top + plot_h - h:.1f}" width="{max(x_of(b) - x_of(a) - 1, 0.5):.1f}" '
+            f'height="{h:.1f}" fill="{color}"><title>[{a:.2f}, {b:.2f}): {int(c)}</title></rect>'
+        )
+    for tick in range(math.ceil(lo), math.floor(hi) + 1):
+        out.append(
+            f'<text x="{x_of(tick):.1f}" y="{top + plot_h + 12}" text-anchor="middle">1e{tick}</text>'
+        )
+    if lo <= threshold <= hi:
+        tx = x_of(threshold)
+        out.append(
+            f'<line x1="{tx:.1f}" y1="{top}" x2="{tx:.1f}" y2="{top + plot_h}" stroke="#cf222e" '
+            f'stroke-dasharray="4,3"/><text x="{tx - 3:.1f}" y="{top + 8}" text-anchor="end" '
+            f'fill="#cf222e">dense &gt; {_esc(_fmt(stats.dense_threshold))}</text>'
+        )
     out.append(
-      f'<text x="{x_of(tick):.1f}" y="{top + plot_h + 12}" text-anchor="middle">1e{tick}</text>'
+        f'<text x="{plot_x0 + plot_w / 2:.1f}" y="{height - 4}" text-anchor="middle">'
+        "feature density (fraction of tokens, log scale)</text></svg>"
     )
-  if lo <= threshold <= hi:
-    tx = x_of(threshold)
-    out.append(
-      f'<line x1="{tx:.1f}" y1="{top}" x2="{tx:.1f}" y2="{top + plot_h}" stroke="#cf222e" '
-      f'stroke-dasharray="4,3"/><text x="{tx - 3:.1f}" y="{top + 8}" text-anchor="end" '
-      f'fill="#cf222e">dense &gt; {_esc(_fmt(stats.dense_threshold))}</text>'
-    )
-  out.append(
-    f'<text x="{plot_x0 + plot_w / 2:.1f}" y="{height - 4}" text-anchor="middle">'
-    "feature density (fraction of tokens, log scale)</text></svg>"
-  )
-  return "".join(out)
+    return "".join(out)
 
 
 def write_feature_cards(
-  path: str | os.PathLike,
-  features: Sequence[int],
-  examples: Any,
-  stats: FeatureStats | None,
-  token_strings: TokenStrings,
-  logit_lens: LogitLens | None = None,
-  title: str = "Feature cards",
-  meta: Mapping[str, Any] | None = None,
-  *,
-  n_examples: int | None = None,
+    path: str | os.PathLike,
+    features: Sequence[int],
+    examples: Any,
+    stats: FeatureStats | None,
+    token_strings: TokenStrings,
+    logit_lens: LogitLens | None = None,
+    title: str = "Feature cards",
+    meta: Mapping[str, Any] | None = None,
+    *,
+    n_examples: int | None = None,
 ) -> Path:
-  """Writes a self-contained HTML page of feature cards, atomically.
+    """Writes a self-contained HTML page of feature cards, atomically.
 
-  Args:
-    path: output .html file.
-    features: latent indices to show, in order.
-    examples: `MaxActivatingExamples` state (anything with ``top(feature)``).
-    stats: `FeatureStats` for the whole SAE (density histogram and per-card
-      numbers); if None and ``examples`` has counters, computed from them.
-    token_strings: maps a list of token ids to one display string per token.
-    logit_lens: optional ``{feature: (top, bottom)}`` lists of ``(string, value)``.
-    title: page title.
-    meta: extra key/value pairs shown in a table under the title (SAE id, site, ...).
-    n_examples: contexts shown per feature (default: all kept).
+    Args:
+      path: output .html file.
+      features: latent indices to show, in order.
+      examples: `MaxActivatingExamples` state (anything with ``top(feature)``).
+      stats: `FeatureStats` for the whole SAE (density histogram and per-card
+        numbers); if None and ``examples`` has counters, computed from them.
+      token_strings: maps a list of token ids to one display string per token.
+      logit_lens: optional ``{feature: (top, bottom)}`` lists of ``(string, value)``.
+      title: page title.
+      meta: extra key/value pairs shown in a table under the title (SAE id, site, ...).
+      n_examples: contexts shown per feature (default: all kept).
 
-  Returns:
-    The written path.
-  """
-  if stats is None and hasattr(examples, "fire_counts"):
-    stats = FeatureStats.from_examples(examples)
-  n_features = stats.n_features if stats is not None else getattr(examples, "n_features", None)
-  for f in features:
-    if n_features is not None and not 0 <= int(f) < n_features:
-      raise IndexError(f"write_feature_cards: feature {f} out of range [0, {n_features})")
-  cards = [
-    FeatureReport.build(int(f), examples, stats, token_strings, logit_lens, n_examples).to_html()
-    for f in features
-  ]
-  meta_rows = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in (meta or {}).items())
-  overview = ""
-  if stats is not None:
-    s = stats.summary()
-    overview = (
-      f'<section class="overview">{density_histogram_svg(stats)}<div class="summary">'
-      f"<b>{s['n_features']}</b> features · <b>{s['n_tokens']}</b> tokens<br>"
-      f"dead (never fired): <b>{s['n_dead']}</b><br>"
-      f"dense (density &gt; {_esc(_fmt(s['dense_threshold']))}): <b>{s['n_dense']}</b><br>"
-      f"median density of live features: <b>{_esc(_fmt(s['median_live_density'], '.3e'))}</b>"
-      "</div></section>"
+    Returns:
+      The written path.
+    """
+    if stats is None and hasattr(examples, "fire_counts"):
+        stats = FeatureStats.from_examples(examples)
+    n_features = stats.n_features if stats is not None else getattr(examples, "n_features", None)
+    for f in features:
+        if n_features is not None and not 0 <= int(f) < n_features:
+            raise IndexError(f"write_feature_cards: feature {f} out of range [0, {n_features})")
+    cards = [
+        FeatureReport.build(
+            int(f), examples, stats, token_strings, logit_lens, n_examples
+        ).to_html()
+        for f in features
+    ]
+    meta_rows = "".join(
+        f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in (meta or {}).items()
     )
-  page = (
-    '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-    f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>"
-    f"<h1>{_esc(title)}</h1><table class=\"meta\">{meta_rows}</table>{overview}"
-    '<div class="controls"><input id="fc-filter" type="search" '
-    'placeholder="filter: feature id or text" aria-label="filter cards"> '
-    f'<span id="fc-count">{len(cards)} shown</span></div>'
-    f'<main id="fc-cards">{"".join(cards)}</main><script>{FILTER_JS}</script></body></html>\n'
-  )
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-      fh.write(page)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
+    overview = ""
+    if stats is not None:
+        s = stats.summary()
+        overview = (
+            f'<section class="overview">{density_histogram_svg(stats)}<div class="summary">'
+            f"<b>{s['n_features']}</b> features · <b>{s['n_tokens']}</b> tokens<br>"
+            f"dead (never fired): <b>{s['n_dead']}</b><br>"
+            f"dense (density &gt; {_esc(_fmt(s['dense_threshold']))}): <b>{s['n_dense']}</b><br>"
+            f"median density of live features: <b>{_esc(_fmt(s['median_live_density'], '.3e'))}</b>"
+            "</div></section>"
+        )
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>"
+        f'<h1>{_esc(title)}</h1><table class="meta">{meta_rows}</table>{overview}'
+        '<div class="controls"><input id="fc-filter" type="search" '
+        'placeholder="filter: feature id or text" aria-label="filter cards"> '
+        f'<span id="fc-count">{len(cards)} cards</span></div>'
+        f'<main id="fc-cards">{"".join(cards)}</main><script>{FILTER_JS}</script></body></html>\n'
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(page)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; use the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

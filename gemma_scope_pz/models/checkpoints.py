@@ -218,7 +218,9 @@ def check_shape(file: Any, tensor: str, got: tuple[int, ...], expected: tuple[in
         )
 
 
-def materialize(view: np.ndarray, dtype: np.dtype, *, owned: bool, shift: float = 0.0) -> np.ndarray:
+def materialize(
+    view: np.ndarray, dtype: np.dtype, *, owned: bool, shift: float = 0.0
+) -> np.ndarray:
     """A C-contiguous ``dtype`` array equal to ``view`` (+ ``shift``), copying at most once.
 
     Args:
@@ -228,7 +230,8 @@ def materialize(view: np.ndarray, dtype: np.dtype, *, owned: bool, shift: float 
       shift: Added in float32 before the cast (``1.0`` turns a stored ``w`` into ``1 + w``).
     """
     if shift:
-        return (np.asarray(view, dtype=np.float32) + np.float32(shift)).astype(dtype)
+        shifted = np.asarray(view, dtype=np.float32) + np.float32(shift)
+        return shifted.astype(dtype, copy=False)
     if owned and view.dtype == dtype and view.flags.c_contiguous:
         return view
     out = np.empty(view.shape, dtype=dtype)
@@ -247,10 +250,11 @@ def canonical_kind(key: str) -> str:
 
 def out_in_stored_shape(key: str, config: Gemma3Config) -> tuple[int, ...]:
     """Stored shape of canonical ``key`` in the PyTorch ``[out, in]`` convention (HF, GGUF)."""
-    kind = canonical_kind(key)
-    if kind in ("embedding", "norm"):
-        return param_shapes_of(key, config)
-    c = config
+    kind, c = canonical_kind(key), config
+    if kind == "embedding":
+        return (c.vocab_size, c.d_model)
+    if kind == "norm":
+        return (c.head_dim,) if key.endswith(("query_norm", "key_norm")) else (c.d_model,)
     return {
         "query": (c.n_heads * c.head_dim, c.d_model),
         "kv": (c.n_kv_heads * c.head_dim, c.d_model),
@@ -272,18 +276,6 @@ def out_in_to_canonical(kind: str, stored: np.ndarray, config: Gemma3Config) -> 
     if kind in ("ffw_in", "ffw_out"):
         return stored.T
     return stored
-
-
-def param_shapes_of(key: str, config: Gemma3Config) -> tuple[int, ...]:
-    """Canonical shape of one key (without building the whole ``param_shapes`` dict)."""
-    c = config
-    if key == "embedding":
-        return (c.vocab_size, c.d_model)
-    if key.endswith(("query_norm", "key_norm")):
-        return (c.head_dim,)
-    if key.endswith("norm"):
-        return (c.d_model,)
-    raise KeyError(key)
 
 
 def validate_params(params: dict[str, np.ndarray], config: Gemma3Config, file: Any) -> None:

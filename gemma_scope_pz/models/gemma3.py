@@ -350,8 +350,11 @@ def forward(model: Gemma3LM, tokens, *, pad_id: int | None = None) -> jax.Array:
     tokens = jnp.asarray(tokens, dtype=jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    return _forward(pz.freeze_params(model), tokens, positions_for(tokens, pad_id))
+
+
+def positions_for(tokens: jax.Array, pad_id: int | None) -> jax.Array:
+    """0..seq-1 per row, or pad-aware positions (pads at -1) when ``pad_id`` is given."""
     if pad_id is None:
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    else:
-        positions = token_positions(tokens, pad_id)
-    return _forward(pz.freeze_params(model), tokens, positions)
+        return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return token_positions(tokens, pad_id)

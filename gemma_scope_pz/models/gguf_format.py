@@ -30,7 +30,19 @@ from gemma_scope_pz.models.config import Gemma3Config
 __all__ = ["GGUFFile", "TensorInfo", "config_from_gguf", "load_gguf", "read_gguf"]
 
 # GGUF metadata value types: struct format of the scalar ones.
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_SCALAR_FORMATS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
 _STRING, _ARRAY = 8, 9
 # Tensor types that are plain numpy arrays on disk (everything else goes through dequantize).
 _PLAIN_TYPES = {
@@ -93,7 +105,9 @@ class GGUFFile:
     def raw(self, name: str) -> np.ndarray:
         """The stored data of ``name`` as a memory-mapped array (bytes for quantized types)."""
         info = self.tensors[name]
-        data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
+        data = np.memmap(
+            self.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,)
+        )
         if info.ggml_type in _PLAIN_TYPES:
             return data.view(_PLAIN_TYPES[info.ggml_type]).reshape(info.shape)
         return data.reshape(gguf.quants.quant_shape_to_byte_shape(info.shape, info.ggml_type))
@@ -152,7 +166,8 @@ class _Cursor:
         return [self.value(item_type, string_arrays) for _ in range(count)]
 
     def _skip_string(self) -> None:
-        self.pos += self.unpack("Q")
+        length = self.unpack("Q")
+        self.pos += length
 
 
 def read_gguf(path: str | os.PathLike, *, string_arrays: bool = False) -> GGUFFile:
@@ -235,7 +250,11 @@ def config_from_gguf(file: GGUFFile) -> Gemma3Config:
             raise ValueError(f"{path}: missing metadata key 'gemma3.{key}'")
         return value
 
-    d_model, n_layers, n_heads = get("embedding_length"), get("block_count"), get("attention.head_count")
+    d_model, n_layers, n_heads = (
+        get("embedding_length"),
+        get("block_count"),
+        get("attention.head_count"),
+    )
     head_dim = get("attention.key_length", d_model // n_heads)
     if get("attention.value_length", head_dim) != head_dim:
         raise ValueError(f"{path}: key_length {head_dim} != value_length, unsupported")
@@ -247,8 +266,10 @@ def config_from_gguf(file: GGUFFile) -> Gemma3Config:
     if pattern is None:
         pattern = preset.sliding_window_pattern if preset else 6
     elif not np.isscalar(pattern):  # per-layer "is sliding" flags
-        flags = list(np.asarray(pattern, dtype=bool))
+        flags = [bool(flag) for flag in pattern]
         pattern = flags.index(False) + 1 if False in flags else len(flags) + 1
+        if flags != [(i + 1) % pattern != 0 for i in range(len(flags))]:
+            raise ValueError(f"{path}: sliding_window_pattern {flags} is not periodic")
     scale = meta.get("gemma3.rope.scaling.factor")
     return Gemma3Config(
         vocab_size=int(embed_shape[0]),
@@ -260,7 +281,9 @@ def config_from_gguf(file: GGUFFile) -> Gemma3Config:
         d_ff=int(get("feed_forward_length")),
         sliding_window=int(get("attention.sliding_window")),
         query_pre_attn_scalar=preset.query_pre_attn_scalar if preset else head_dim,
-        local_rope_base=_float(get("rope.freq_base_swa", preset.local_rope_base if preset else 10_000.0)),
+        local_rope_base=_float(
+            get("rope.freq_base_swa", preset.local_rope_base if preset else 10_000.0)
+        ),
         global_rope_base=_float(get("rope.freq_base", 1_000_000.0)),
         global_rope_scale=_float(scale) if scale else (preset.global_rope_scale if preset else 1.0),
         sliding_window_pattern=int(pattern),
@@ -279,7 +302,9 @@ def _canonical_names(config: Gemma3Config) -> dict[str, str]:
     return names
 
 
-def load_gguf(path: str | os.PathLike, *, dtype: Any = np.float32) -> tuple[Gemma3Config, dict[str, np.ndarray]]:
+def load_gguf(
+    path: str | os.PathLike, *, dtype: Any = np.float32
+) -> tuple[Gemma3Config, dict[str, np.ndarray]]:
     """Loads a Gemma 3 GGUF as ``(config, canonical params)``, dequantizing tensor by tensor."""
     path = pathlib.Path(path)
     if not path.is_file():

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
-from gemma_scope_pz.models.gemma3 import Gemma3LM, token_positions
+from gemma_scope_pz.models.gemma3 import Gemma3LM, positions_for
 from gemma_scope_pz.scope.sites import Site, attach, truncate_after_block
 
 
@@ -217,8 +217,13 @@ def steer(
 # Capture
 
 
-@functools.partial(jax.jit, static_argnames=("site_names", "stop_early"))
-def _capture(model, tokens, positions, site_names: tuple[str, ...], stop_early: bool):
+def run_with_captures(
+    model: Gemma3LM, tokens: jax.Array, positions: jax.Array, site_names: Sequence[str], stop_early: bool
+) -> tuple[jax.Array | None, dict[str, jax.Array]]:
+    """Traceable core of ``capture``: (logits or None when stopped early, {site: activation}).
+
+    ``model`` must have frozen parameters (``pz.freeze_params``); call inside ``jax.jit``.
+    """
     sites = [Site.parse(s) for s in site_names]
     body = model.body
     if stop_early:
@@ -228,8 +233,14 @@ def _capture(model, tokens, positions, site_names: tuple[str, ...], stop_early: 
         stores[site.name] = pz.StateVariable(value=None, label=f"capture/{site.name}")
         body = attach(body, site, SaveActivation(stores[site.name]))
     named_tokens = pz.nx.wrap(tokens).tag("batch", "seq")
-    body(named_tokens, token_positions=pz.nx.wrap(positions).tag("batch", "seq"))
-    return {name: var.value.unwrap("batch", "seq", "embedding") for name, var in stores.items()}
+    out = body(named_tokens, token_positions=pz.nx.wrap(positions).tag("batch", "seq"))
+    logits = None if stop_early else out.unwrap("batch", "seq", "vocabulary")
+    return logits, {name: var.value.unwrap("batch", "seq", "embedding") for name, var in stores.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("site_names", "stop_early"))
+def _capture(model, tokens, positions, site_names: tuple[str, ...], stop_early: bool):
+    return run_with_captures(model, tokens, positions, site_names, stop_early)[1]
 
 
 def capture(
@@ -256,10 +267,7 @@ def capture(
     tokens = jnp.asarray(tokens, dtype=jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
-    if pad_id is None:
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    else:
-        positions = token_positions(tokens, pad_id)
+    positions = positions_for(tokens, pad_id)
     unique = tuple(dict.fromkeys(s.name for s in parsed))
     out = _capture(pz.freeze_params(model), tokens, positions, unique, stop_early)
     return {name: out[Site.parse(name).name] for name in names}

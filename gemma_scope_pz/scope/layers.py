@@ -16,6 +16,7 @@ benchmarks that do not want named-axis bookkeeping.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -26,6 +27,9 @@ import numpy as np
 from penzai import pz
 
 Activation = Literal["jumprelu", "relu", "topk"]
+# Inputs of the AutoEncoder methods: a NamedArray, or a plain array whose last axis is the
+# named one (the result is then plain too).
+ArrayLike = pz.nx.NamedArray | jax.Array | np.ndarray
 ACTIVATIONS: tuple[str, ...] = ("jumprelu", "relu", "topk")
 
 # Direction of the affine skip connection of Gemma Scope 2 transcoders.
@@ -74,11 +78,10 @@ class SaeMeta:
         if self.activation == "topk" and (self.k is None or not 0 < self.k <= self.d_sae):
             raise ValueError(f"topk needs 0 < k <= d_sae={self.d_sae}, got k={self.k}")
 
-    # The dataclass is a static pytree field, so JAX hashes it; ``extra`` is a dict.
+    # SaeMeta is a static pytree field, so JAX hashes it; ``extra`` is a dict.
     def __hash__(self) -> int:
-        extra = json.dumps(dict(self.extra), sort_keys=True, default=str)
-        return hash((self.d_in, self.d_sae, self.d_out, self.activation, self.k,
-                     self.site_in, self.site_out, self.source, extra))  # fmt: skip
+        fields = tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra")
+        return hash((*fields, json.dumps(dict(self.extra), sort_keys=True, default=str)))
 
 
 def _activation_fn(x: jax.Array, activation: str, k: int | None, threshold) -> jax.Array:
@@ -138,7 +141,7 @@ class TopK(pz.nn.Layer):
     k: int = dataclasses.field(metadata={"pytree_node": False})
 
     def __call__(self, z: pz.nx.NamedArray, **_unused_side_inputs) -> pz.nx.NamedArray:
-        keep = lambda v: _activation_fn(v, "topk", self.k, None)  # noqa: E731
+        keep = functools.partial(_activation_fn, activation="topk", k=self.k, threshold=None)
         return pz.nx.nmap(keep)(z.untag("latents")).tag("latents")
 
 
@@ -182,26 +185,27 @@ class AutoEncoder(pz.nn.Layer):
     decoder: pz.nn.Sequential
     meta: SaeMeta = dataclasses.field(metadata={"pytree_node": False})
 
-    def encode(self, x):
+    def encode(self, x: ArrayLike) -> ArrayLike:
         """Latent activations ``act(x @ W_enc + b_enc)``, "embedding" -> "latents"."""
         named, names = _named(x, "embedding")
         return _plain(self.encoder(named), names, "latents")
 
-    def decode(self, f):
+    def decode(self, f: ArrayLike) -> ArrayLike:
         """Reconstruction ``f @ W_dec + b_dec``, "latents" -> "embedding"."""
         named, names = _named(f, "latents")
         return _plain(self.decoder(named), names, "embedding")
 
-    def __call__(self, x, **_unused_side_inputs):
+    def __call__(self, x: ArrayLike, **_unused_side_inputs) -> ArrayLike:
         """Reconstruction of ``x``: ``decode(encode(x))``."""
         return self.decode(self.encode(x))
 
-    def error(self, x):
+    def error(self, x: ArrayLike) -> ArrayLike:
         """Reconstruction error ``x - self(x)`` (meaningful when d_in == d_out)."""
         return x - self(x)
 
     @property
     def activation_layer(self) -> pz.nn.Layer:
+        """The encoder's activation (`JumpReLU`, `ReLU` or `TopK`)."""
         return self.encoder.sublayers[-1]
 
     @classmethod
@@ -239,14 +243,20 @@ class AutoEncoder(pz.nn.Layer):
         Returns:
           An `AutoEncoder`, or `AutoEncoderSkip` if ``w_skip`` is not None.
         """
-        shapes = {n: tuple(np.shape(a)) for n, a in
-                  dict(w_enc=w_enc, b_enc=b_enc, w_dec=w_dec, b_dec=b_dec).items()}  # fmt: skip
+        shapes = {
+            n: tuple(np.shape(a))
+            for n, a in dict(w_enc=w_enc, b_enc=b_enc, w_dec=w_dec, b_dec=b_dec).items()
+        }
         if len(shapes["w_enc"]) != 2 or len(shapes["w_dec"]) != 2:
             raise ValueError(f"w_enc and w_dec must be 2-D, got shapes {shapes}")
         d_in, d_sae = shapes["w_enc"]
         d_out = shapes["w_dec"][1]
-        expected = {"w_enc": (d_in, d_sae), "b_enc": (d_sae,), "w_dec": (d_sae, d_out),
-                    "b_dec": (d_out,)}  # fmt: skip
+        expected = {
+            "w_enc": (d_in, d_sae),
+            "b_enc": (d_sae,),
+            "w_dec": (d_sae, d_out),
+            "b_dec": (d_out,),
+        }
         if activation == "jumprelu":
             if threshold is None:
                 raise ValueError("activation 'jumprelu' needs a threshold array [d_sae]")
@@ -257,12 +267,15 @@ class AutoEncoder(pz.nn.Layer):
             expected["w_skip"] = (d_in, d_out)
         bad = {n: (shapes[n], expected[n]) for n in expected if shapes[n] != expected[n]}
         if bad:
-            detail = ", ".join(f"{n} has shape {got}, expected {want}" for n, (got, want) in bad.items())
+            detail = ", ".join(
+                f"{n} has shape {got}, expected {want}" for n, (got, want) in bad.items()
+            )
             raise ValueError(f"inconsistent autoencoder arrays: {detail}")
 
         base = meta if meta is not None else SaeMeta(d_in=d_in, d_sae=d_sae, d_out=d_out)
-        meta = dataclasses.replace(base, d_in=d_in, d_sae=d_sae, d_out=d_out,
-                                   activation=activation, k=k)  # fmt: skip
+        meta = dataclasses.replace(
+            base, d_in=d_in, d_sae=d_sae, d_out=d_out, activation=activation, k=k
+        )
 
         if activation == "jumprelu":
             act_layer = JumpReLU(_param(threshold, f"{name}/threshold", ("latents",), dtype))
@@ -270,34 +283,46 @@ class AutoEncoder(pz.nn.Layer):
             act_layer = ReLU()
         else:
             act_layer = TopK(k=int(k))
-        encoder = pz.nn.Sequential([
-            pz.nn.Linear(
-                weights=_param(w_enc, f"{name}/w_enc", ("embedding", "latents"), dtype),
-                in_axis_names=("embedding",),
-                out_axis_names=("latents",),
-            ),
-            pz.nn.AddBias(_param(b_enc, f"{name}/b_enc", ("latents",), dtype), new_axis_names=()),
-            act_layer,
-        ])
-        decoder = pz.nn.Sequential([
-            pz.nn.Linear(
-                weights=_param(w_dec, f"{name}/w_dec", ("latents", "embedding"), dtype),
-                in_axis_names=("latents",),
-                out_axis_names=("embedding",),
-            ),
-            pz.nn.AddBias(_param(b_dec, f"{name}/b_dec", ("embedding",), dtype), new_axis_names=()),
-        ])
+        encoder = pz.nn.Sequential(
+            [
+                pz.nn.Linear(
+                    weights=_param(w_enc, f"{name}/w_enc", ("embedding", "latents"), dtype),
+                    in_axis_names=("embedding",),
+                    out_axis_names=("latents",),
+                ),
+                pz.nn.AddBias(
+                    _param(b_enc, f"{name}/b_enc", ("latents",), dtype), new_axis_names=()
+                ),
+                act_layer,
+            ]
+        )
+        decoder = pz.nn.Sequential(
+            [
+                pz.nn.Linear(
+                    weights=_param(w_dec, f"{name}/w_dec", ("latents", "embedding"), dtype),
+                    in_axis_names=("latents",),
+                    out_axis_names=("embedding",),
+                ),
+                pz.nn.AddBias(
+                    _param(b_dec, f"{name}/b_dec", ("embedding",), dtype), new_axis_names=()
+                ),
+            ]
+        )
         if w_skip is None:
             return AutoEncoder(encoder=encoder, decoder=decoder, meta=meta)
         skip_matrix = jnp.asarray(w_skip).T if SKIP_TRANSPOSED else w_skip
-        skip = pz.nn.Sequential([
-            pz.nn.Linear(
-                weights=_param(skip_matrix, f"{name}/w_skip", ("embedding", "embedding_out"), dtype),
-                in_axis_names=("embedding",),
-                out_axis_names=("embedding_out",),
-            ),
-            pz.nn.RenameAxes(old="embedding_out", new="embedding"),
-        ])
+        skip = pz.nn.Sequential(
+            [
+                pz.nn.Linear(
+                    weights=_param(
+                        skip_matrix, f"{name}/w_skip", ("embedding", "embedding_out"), dtype
+                    ),
+                    in_axis_names=("embedding",),
+                    out_axis_names=("embedding_out",),
+                ),
+                pz.nn.RenameAxes(old="embedding_out", new="embedding"),
+            ]
+        )
         return AutoEncoderSkip(encoder=encoder, decoder=decoder, meta=meta, skip=skip)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -333,12 +358,12 @@ class AutoEncoderSkip(AutoEncoder):
 
     skip: pz.nn.Sequential
 
-    def skip_connection(self, x):
+    def skip_connection(self, x: ArrayLike) -> ArrayLike:
         """The affine skip term ``x @ W_skip`` alone."""
         named, names = _named(x, "embedding")
         return _plain(self.skip(named), names, "embedding")
 
-    def __call__(self, x, **_unused_side_inputs):
+    def __call__(self, x: ArrayLike, **_unused_side_inputs) -> ArrayLike:
         """Transcoder output: ``decode(encode(x)) + x @ W_skip``."""
         return self.decode(self.encode(x)) + self.skip_connection(x)
 

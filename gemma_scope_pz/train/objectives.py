@@ -90,7 +90,8 @@ def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def topk_activation(z: jax.Array, k: int) -> jax.Array:
     """Keeps the k largest entries of each row of ``z`` (then ReLU); zeros elsewhere."""
-    kth = jax.lax.top_k(z, k)[0][..., -1:]
+    # min over the top-k values (not `values[..., -1]`, which XLA:CPU lowers to a full sort).
+    kth = jax.lax.stop_gradient(jnp.min(jax.lax.top_k(z, k)[0], axis=-1, keepdims=True))
     return jnp.where(z >= kth, jax.nn.relu(z), 0.0)
 
 
@@ -102,7 +103,7 @@ def batchtopk_activation(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """
     positive = jax.nn.relu(z)
     n_keep = min(k * z.shape[0], z.size)
-    kth = jax.lax.top_k(positive.reshape(-1), n_keep)[0][-1]
+    kth = jax.lax.stop_gradient(jnp.min(jax.lax.top_k(positive.reshape(-1), n_keep)[0]))
     keep = (positive >= kth) & (positive > 0)
     return jnp.where(keep, positive, 0.0), kth
 

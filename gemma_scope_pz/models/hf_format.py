@@ -1,0 +1,226 @@
+"""Hugging Face (transformers) Gemma 3 checkpoints: ``config.json`` plus safetensors.
+
+Text-only models (270m, 1b; ``model_type`` "gemma3_text") keep their weights under
+``model.``; the multimodal ones (4b+; "gemma3" with a ``text_config``) under
+``language_model.model.`` or, with newer transformers, ``model.language_model.``. The prefix is
+found from the one key ending in ``embed_tokens.weight``; vision-tower, projector and
+``lm_head`` tensors are ignored. Linear weights are PyTorch ``[out, in]``; RMSNorm weights are
+the raw ``w`` of ``x * (1 + w)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from gemma_scope_pz.models import checkpoints
+from gemma_scope_pz.models.config import Gemma3Config
+
+__all__ = ["config_from_hf", "load_hf_dir", "tensor_files"]
+
+# HF module path within "layers.{i}." -> canonical name within "blocks.{i}.".
+HF_BLOCK_NAMES = {
+    "input_layernorm": "pre_attention_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "pre_ffw_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+    "self_attn.q_norm": "attn.query_norm",
+    "self_attn.k_norm": "attn.key_norm",
+    "self_attn.q_proj": "attn.query",
+    "self_attn.k_proj": "attn.key",
+    "self_attn.v_proj": "attn.value",
+    "self_attn.o_proj": "attn.output",
+    "mlp.gate_proj": "mlp.gate",
+    "mlp.up_proj": "mlp.up",
+    "mlp.down_proj": "mlp.down",
+}
+# Defaults of transformers' Gemma3TextConfig for keys a config.json may omit.
+_HF_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=262_208,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    max_position_embeddings=131_072,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+    rope_local_base_freq=10_000.0,
+    query_pre_attn_scalar=256,
+    sliding_window=4096,
+)
+# Sub-trees of multimodal checkpoints that are not part of the text decoder.
+_IGNORED_PREFIXES = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "lm_head.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+    "language_model.lm_head.",
+)
+
+
+def config_from_hf(config_json: dict[str, Any], file: Any = "config.json") -> Gemma3Config:
+    """Converts a transformers Gemma 3 ``config.json`` dict into a ``Gemma3Config``.
+
+    Handles ``rope_scaling`` / ``rope_theta`` / ``rope_local_base_freq`` as well as the newer
+    per-layer-type ``rope_parameters``, and ``layer_types`` or ``sliding_window_pattern``.
+    """
+    model_type = config_json.get("model_type")
+    if model_type == "gemma3":
+        text = dict(config_json.get("text_config") or {})
+    elif model_type == "gemma3_text":
+        text = dict(config_json)
+    else:
+        raise ValueError(
+            f"{file}: model_type is {model_type!r}, expected 'gemma3_text' or 'gemma3'"
+        )
+    cfg = {**_HF_DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
+
+    global_base, local_base = cfg["rope_theta"], cfg["rope_local_base_freq"]
+    scaling = text.get("rope_scaling")
+    rope_parameters = text.get("rope_parameters")
+    if isinstance(rope_parameters, dict) and "full_attention" in rope_parameters:
+        scaling = rope_parameters["full_attention"]
+        global_base = scaling.get("rope_theta", global_base)
+        local_base = rope_parameters.get("sliding_attention", {}).get("rope_theta", local_base)
+    scale = 1.0
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        if scaling.get("rope_type", scaling.get("type")) != "linear":
+            raise ValueError(f"{file}: unsupported rope scaling {scaling} (only 'linear')")
+        scale = float(scaling["factor"])
+
+    pattern = int(text.get("sliding_window_pattern") or text.get("_sliding_window_pattern") or 6)
+    layer_types = text.get("layer_types")
+    if layer_types:
+        pattern = (
+            layer_types.index("full_attention") + 1
+            if "full_attention" in layer_types
+            else len(layer_types) + 1
+        )
+        implied = [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(len(layer_types))
+        ]
+        if list(layer_types) != implied:
+            raise ValueError(
+                f"{file}: layer_types are not a periodic 'every {pattern}th layer global' pattern"
+            )
+
+    n_layers, d_model = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])
+    preset = checkpoints.matching_preset(n_layers, d_model)
+    return Gemma3Config(
+        vocab_size=int(cfg["vocab_size"]),
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=int(cfg["num_attention_heads"]),
+        n_kv_heads=int(cfg["num_key_value_heads"]),
+        head_dim=int(cfg["head_dim"]),
+        d_ff=int(cfg["intermediate_size"]),
+        sliding_window=int(cfg["sliding_window"]),
+        query_pre_attn_scalar=cfg["query_pre_attn_scalar"],
+        local_rope_base=float(local_base),
+        global_rope_base=float(global_base),
+        global_rope_scale=scale,
+        sliding_window_pattern=pattern,
+        norm_eps=float(cfg["rms_norm_eps"]),
+        max_seq_len=int(cfg["max_position_embeddings"]),
+        name=preset.name if preset else "custom",
+    )
+
+
+def tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Maps every stored tensor name to its safetensors file (single file, index or glob)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: directory / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise FileNotFoundError(f"{index}: shard {shard.name} listed but missing")
+        return files
+    shards = sorted(directory.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{directory}: no *.safetensors files")
+    files = {}
+    for shard in shards:
+        with safe_open(shard, framework="numpy") as f:
+            for name in f.keys():
+                files[name] = shard
+    return files
+
+
+def _text_prefix(names: list[str], directory: pathlib.Path) -> str:
+    candidates = [
+        n[: -len("embed_tokens.weight")] for n in names if n.endswith("embed_tokens.weight")
+    ]
+    if len(candidates) != 1:
+        raise ValueError(
+            f"{directory}: expected one '*embed_tokens.weight' tensor, found {candidates or 'none'}"
+        )
+    return candidates[0]
+
+
+def load_hf_dir(
+    directory: str | os.PathLike, *, dtype: Any = np.float32
+) -> tuple[Gemma3Config, dict[str, np.ndarray]]:
+    """Loads a local transformers Gemma 3 directory as ``(config, canonical params)``.
+
+    Tensors are read one at a time with ``safe_open`` and converted (bf16 -> ``dtype``,
+    ``[out, in]`` -> canonical layout, norms ``w`` -> ``1 + w``) with a single copy each.
+    """
+    directory = pathlib.Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} does not exist")
+    config = config_from_hf(json.loads(config_path.read_text()), config_path)
+    files = tensor_files(directory)
+    prefix = _text_prefix(list(files), directory)
+
+    names = {f"{prefix}embed_tokens.weight": "embedding", f"{prefix}norm.weight": "final_norm"}
+    for i in range(config.n_layers):
+        for short, key in HF_BLOCK_NAMES.items():
+            names[f"{prefix}layers.{i}.{short}.weight"] = f"blocks.{i}.{key}"
+    extra = [
+        n
+        for n in files
+        if n not in names and n.startswith(prefix) and not n.startswith(_IGNORED_PREFIXES)
+    ]
+    if extra:
+        raise ValueError(f"{files[extra[0]]}: unexpected tensors {extra[:8]}")
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise ValueError(
+            f"{directory}: missing tensor {missing[0]!r} ({len(missing)} missing in all)"
+        )
+
+    params: dict[str, np.ndarray] = {}
+    by_file: dict[pathlib.Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    progress = tqdm(total=len(names), desc=f"safetensors {directory.name}", leave=False)
+    for shard, shard_names in by_file.items():
+        with safe_open(shard, framework="numpy") as f:
+            for name in shard_names:
+                key = names[name]
+                kind = checkpoints.canonical_kind(key)
+                shape = tuple(f.get_slice(name).get_shape())
+                checkpoints.check_shape(
+                    shard, name, shape, checkpoints.out_in_stored_shape(key, config)
+                )
+                stored = f.get_tensor(name)
+                view = checkpoints.out_in_to_canonical(kind, stored, config)
+                params[key] = checkpoints.materialize(
+                    view, dtype, owned=True, shift=1.0 if kind == "norm" else 0.0
+                )
+                del stored, view
+                progress.update()
+    progress.close()
+    return config, params

@@ -1,0 +1,350 @@
+"""Harvesting activations for dictionary training: corpus → fixed-shape contexts → activation rows.
+
+Each document is tokenized on the host and cut into contexts of ``context_len`` tokens that all
+start with BOS and never mix two documents; a document's tail is padded (or dropped). Contexts go
+through the model in batches of a fixed shape ``[batch_size, context_len]``, so the jitted
+``capture`` compiles once; the forward pass stops after the last block any site needs. BOS and
+padding positions are dropped and the remaining positions are yielded as rows ``[n, width]`` per
+site, in the same order for every site (so a transcoder's ``mlp_in`` and ``mlp_out`` rows are
+aligned row for row)::
+
+    for rows in harvest(model, tok, load_corpus(None), "blocks.9.resid_post", n_tokens=10**6):
+        store.append(rows["blocks.9.resid_post"])
+
+The order of rows is a deterministic function of the corpus, tokenizer and ``context_len``, so a
+harvest restarted with ``start_row = rows_already_stored`` continues without gaps or duplicates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from gemma_scope_pz.scope.interventions import capture
+from gemma_scope_pz.scope.sites import Site
+from gemma_scope_pz.train.corpus import Corpus, load_corpus
+
+
+def pack_contexts(
+    docs: Iterable[str],
+    tokenizer: Any,
+    context_len: int,
+    *,
+    add_bos: bool = True,
+    tail: str = "pad",
+) -> Iterator[np.ndarray]:
+    """Cuts documents into int32 contexts ``[context_len]``, one document per context.
+
+    Every context holds tokens of a single document: ``[BOS, t_i, ..., t_{i+context_len-2}]``
+    (without ``add_bos``, ``context_len`` document tokens). Documents are never glued together;
+    later contexts of a long document restart with BOS (the text before it is not seen).
+
+    Args:
+      docs: Documents (``str``), e.g. a ``Corpus``.
+      tokenizer: Anything with ``encode(text, add_bos=False) -> list[int]``, ``bos_id`` and
+        ``pad_id`` (a ``Gemma3Tokenizer``).
+      context_len: Tokens per context, BOS included.
+      add_bos: Start every context with ``tokenizer.bos_id``.
+      tail: What to do with a document's last, short piece: "pad" (fill up with ``pad_id``) or
+        "drop" (discard it).
+
+    Use ``real_token_mask`` for the positions that hold document tokens.
+    """
+    if tail not in ("pad", "drop"):
+        raise ValueError(f"tail must be 'pad' or 'drop', got {tail!r}")
+    n_text = context_len - 1 if add_bos else context_len
+    if n_text < 1:
+        raise ValueError(f"context_len={context_len} leaves no room for document tokens")
+    pad_id = int(tokenizer.pad_id)
+    for doc in docs:
+        ids = np.asarray(tokenizer.encode(doc, add_bos=False), dtype=np.int32)
+        if add_bos and ids.size and ids[0] == tokenizer.bos_id:
+            ids = ids[1:]  # tokenizers that add BOS regardless
+        n_full = ids.size // n_text
+        n_rows = n_full + (tail == "pad" and ids.size % n_text > 0)
+        if n_rows == 0:
+            continue
+        text = np.full(n_rows * n_text, pad_id, dtype=np.int32)
+        text[: min(ids.size, text.size)] = ids[: text.size]
+        rows = text.reshape(n_rows, n_text)
+        if add_bos:
+            rows = np.concatenate([np.full((n_rows, 1), tokenizer.bos_id, np.int32), rows], axis=1)
+        yield from rows
+
+
+def real_token_mask(tokens: np.ndarray, pad_id: int, *, has_bos: bool = True) -> np.ndarray:
+    """Boolean mask of document tokens: position 0 (with ``has_bos``) and trailing pads are False.
+
+    Padding only ever trails a context (see ``pack_contexts``), so a position is real when it is
+    not the BOS and some non-pad token sits at or after it. A row of pads is all False.
+    """
+    tokens = np.asarray(tokens)
+    nonpad = tokens != pad_id
+    # Index one past the last non-pad token of each row (0 for an all-pad row).
+    length = np.where(nonpad.any(-1), tokens.shape[-1] - np.argmax(nonpad[..., ::-1], -1), 0)
+    mask = np.arange(tokens.shape[-1]) < length[..., None]
+    if has_bos:
+        pass
+    return mask
+
+
+def batch_contexts(
+    contexts: Iterable[np.ndarray], batch_size: int, context_len: int, pad_id: int
+) -> Iterator[np.ndarray]:
+    """Stacks contexts into ``[batch_size, context_len]`` int32 batches; the last is filled up with
+    all-pad rows (which ``real_token_mask`` masks out entirely)."""
+    iterator = iter(contexts)
+    while chunk := list(itertools.islice(iterator, batch_size)):
+        batch = np.full((batch_size, context_len), pad_id, dtype=np.int32)
+        batch[: len(chunk)] = np.stack(chunk)
+        yield batch
+
+
+@dataclasses.dataclass(frozen=True)
+class HarvestInfo:
+    """Provenance of harvested activations, for a store's header.
+
+    Attributes:
+      model_name: The model's name (its config name unless given).
+      sites: Site names, in the order of the yielded arrays.
+      widths: Width of each site.
+      corpus_name: ``Corpus.name``.
+      corpus_fingerprint: ``Corpus.fingerprint``.
+      context_len: Tokens per context, BOS included.
+      n_tokens: Rows requested (or, from ``harvest_array``, obtained).
+      dtype: Dtype of the yielded rows.
+      add_bos: Whether contexts start with BOS.
+      tail: How document tails were handled ("pad" or "drop").
+    """
+
+    model_name: str
+    sites: tuple[str, ...]
+    widths: tuple[int, ...]
+    corpus_name: str
+    corpus_fingerprint: str
+    context_len: int
+    n_tokens: int
+    dtype: str = "float32"
+    add_bos: bool = True
+    tail: str = "pad"
+
+    @property
+    def corpus(self) -> str:
+        """``"name@fingerprint"`` (``Corpus.label``)."""
+        return f"{self.corpus_name}@{self.corpus_fingerprint}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["sites"], out["widths"] = list(self.sites), list(self.widths)
+        return out
+
+    def store_header(self) -> dict[str, Any]:
+        """Keyword arguments describing the data for an activation store's header."""
+        return {
+            "model_name": self.model_name,
+            "sites": list(self.sites),
+            "widths": list(self.widths),
+            "dtype": self.dtype,
+            "corpus": self.corpus,
+            "context_length": self.context_len,
+        }
+
+
+def harvest_info(
+    model,
+    corpus: Corpus,
+    sites: str | Sequence[str],
+    *,
+    n_tokens: int,
+    context_len: int = 128,
+    dtype=np.float32,
+    add_bos: bool = True,
+    tail: str = "pad",
+    model_name: str | None = None,
+) -> HarvestInfo:
+    """The ``HarvestInfo`` of a ``harvest`` call with the same arguments."""
+    names = _site_names(sites)
+    config = model.config
+    return HarvestInfo(
+        model_name=model_name or config.name,
+        sites=names,
+        widths=tuple(Site.parse(s).width(config) for s in names),
+        corpus_name=corpus.name,
+        corpus_fingerprint=corpus.fingerprint,
+        context_len=int(context_len),
+        n_tokens=int(n_tokens),
+        dtype=np.dtype(dtype).name,
+        add_bos=add_bos,
+        tail=tail,
+    )
+
+
+def harvest(
+    model,
+    tokenizer: Any,
+    corpus: Corpus | Iterable[str] | str | None,
+    sites: str | Sequence[str],
+    *,
+    n_tokens: int | None,
+    context_len: int = 128,
+    batch_size: int = 8,
+    dtype=np.float32,
+    add_bos: bool = True,
+    tail: str = "pad",
+    start_row: int = 0,
+    progress: bool = True,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields activation rows ``{site: [n, width]}`` per batch of contexts, until ``n_tokens``.
+
+    One jitted ``capture`` per ``[batch_size, context_len]`` batch (one compilation), stopping after
+    the last block needed; one device→host transfer per batch. The next batch is dispatched before
+    the previous one is copied back, so host tokenization overlaps device compute. BOS and padding
+    positions are dropped; all sites share the same rows (positions), in the same order.
+
+    Args:
+      model: A ``Gemma3LM``.
+      tokenizer: See ``pack_contexts``.
+      corpus: A ``Corpus``, any iterable of ``str``, or a ``load_corpus`` spec.
+      sites: One site name or several (e.g. ``["blocks.5.mlp_in", "blocks.5.mlp_out"]``).
+      n_tokens: Total rows wanted (counting from the corpus start, ``start_row`` included); None
+        for the whole corpus. A corpus that runs out first gives fewer rows, with a warning.
+      context_len: Tokens per context, BOS included.
+      batch_size: Contexts per forward pass.
+      dtype: Dtype of the yielded rows.
+      add_bos, tail: See ``pack_contexts``.
+      start_row: Skip the first rows (to resume a harvest); whole contexts before it are skipped
+        without running the model.
+      progress: Show a tqdm bar over tokens.
+
+    Raises:
+      ValueError: if the corpus yields no tokens (the message names it), a token id is outside the
+        model's vocabulary, or a site is unknown (the capture's error).
+    """
+    corpus = _as_corpus(corpus)
+    corpus_name = corpus.name
+    names = _site_names(sites)
+    for name in names:
+        Site.parse(name).check(model.config)
+    if n_tokens is not None and n_tokens < 0 or start_row < 0:
+        raise ValueError(f"n_tokens and start_row must be >= 0, got {n_tokens}, {start_row}")
+    if n_tokens is not None and start_row >= n_tokens:
+        return
+    pad_id, vocab = int(tokenizer.pad_id), model.config.vocab_size
+    contexts = pack_contexts(corpus, tokenizer, context_len, add_bos=add_bos, tail=tail)
+    contexts, skip = _skip_rows(contexts, start_row, pad_id, add_bos)
+    batches = batch_contexts(contexts, batch_size, context_len, pad_id)
+
+    done = start_row
+    bar = tqdm(total=n_tokens, initial=start_row, unit="tok", disable=not progress, desc="harvest")
+    pending = None  # (device activations, mask) of the batch dispatched last
+    try:
+        for tokens in itertools.chain(batches, [None]):
+            if tokens is not None:
+                if tokens.max() >= vocab:
+                    raise ValueError(
+                        f"Corpus {corpus_name!r}: token id {int(tokens.max())} is outside the "
+                        f"model's vocabulary of {vocab} (wrong tokenizer?)"
+                    )
+                submitted = capture(model, tokens, list(names), stop_early=True)
+                submitted = (submitted, real_token_mask(tokens, pad_id, has_bos=add_bos))
+            if pending is not None:
+                acts, mask = pending
+                rows = _gather(jax.device_get(acts), mask, names, dtype)
+                if skip:
+                    rows, skip = {k: v[skip:] for k, v in rows.items()}, 0
+                if n_tokens is not None:
+                    rows = {k: v[: n_tokens - done] for k, v in rows.items()}
+                n = len(rows[names[0]])
+                if n:
+                    done += n
+                    bar.update(n)
+                    yield rows
+                if n_tokens is not None and done >= n_tokens:
+                    return
+            pending = submitted if tokens is not None else None
+    finally:
+        bar.close()
+    if done == 0:
+        raise ValueError(f"Corpus {corpus_name!r} yielded no tokens to harvest")
+    if n_tokens is not None and done < n_tokens:
+        warnings.warn(
+            f"Corpus {corpus_name!r} ran out after {done} of {n_tokens} requested rows",
+            stacklevel=2,
+        )
+
+
+def harvest_array(
+    model,
+    tokenizer: Any,
+    corpus: Corpus | Iterable[str] | str | None,
+    sites: str | Sequence[str],
+    *,
+    n_tokens: int | None,
+    model_name: str | None = None,
+    **options,
+) -> tuple[dict[str, np.ndarray], HarvestInfo]:
+    """``harvest`` collected into one array per site (for small runs), with its ``HarvestInfo``.
+
+    ``options`` are those of ``harvest``; ``info.n_tokens`` is the number of rows obtained.
+    """
+    corpus = _as_corpus(corpus)
+    names = _site_names(sites)
+    parts = list(harvest(model, tokenizer, corpus, names, n_tokens=n_tokens, **options))
+    arrays = {name: np.concatenate([p[name] for p in parts]) for name in names}
+    info_options = {
+        k: options[k] for k in ("context_len", "dtype", "add_bos", "tail") if k in options
+    }
+    info = harvest_info(
+        model,
+        corpus,
+        names,
+        n_tokens=len(arrays[names[0]]),
+        model_name=model_name,
+        **info_options,
+    )
+    return arrays, info
+
+
+def _as_corpus(corpus) -> Corpus:
+    if isinstance(corpus, Corpus):
+        return corpus
+    if corpus is None or isinstance(corpus, (str, os.PathLike)):
+        return load_corpus(corpus)
+    return Corpus.from_texts(corpus)
+
+
+def _site_names(sites: str | Sequence[str]) -> tuple[str, ...]:
+    names = (sites,) if isinstance(sites, str) else tuple(sites)
+    if not names:
+        raise ValueError("harvest needs at least one site")
+    return tuple(dict.fromkeys(Site.parse(s).name for s in names))
+
+
+def _gather(acts: dict, mask: np.ndarray, names: tuple[str, ...], dtype) -> dict[str, np.ndarray]:
+    flat = mask.reshape(-1)
+    return {
+        name: np.asarray(acts[name]).reshape(flat.size, -1)[flat].astype(dtype, copy=False)
+        for name in names
+    }
+
+
+def _skip_rows(
+    contexts: Iterator[np.ndarray], start_row: int, pad_id: int, add_bos: bool
+) -> tuple[Iterator[np.ndarray], int]:
+    """Drops whole contexts lying before ``start_row``; returns the rest and the rows still to skip
+    inside the first remaining context."""
+    skipped = 0
+    for context in contexts:
+        n_real = int(real_token_mask(context, pad_id, has_bos=add_bos).sum())
+        if skipped + n_real > start_row:
+            return itertools.chain([context], contexts), start_row - skipped
+        skipped += n_real
+    return iter(()), 0

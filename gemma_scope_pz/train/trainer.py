@@ -1,0 +1,334 @@
+"""The SAE / transcoder training loop: ``train(config, data) -> TrainResult``.
+
+Data interface: ``data`` is any of
+
+* an object with ``batch_at(step)`` (e.g. :class:`~gemma_scope_pz.train.store.CacheBatches`),
+* a callable ``batch_at(step)``,
+* an array ``[n, d_in]`` or a pair of arrays ``(x_in, x_out)`` (shuffled per epoch from the
+  config seed),
+* an iterator of batches (resuming then re-reads and drops the batches already trained on, so
+  it is exact only if the iterator replays the same stream),
+
+returning ``[batch_size, d_in]`` float arrays, or ``(x_in, x_out)`` pairs for transcoders.
+Because the data position is the step index, a resumed run sees exactly the batches the
+uninterrupted run would have seen, and (on the same machine) ends with bit-identical params.
+
+Before step 0 the normaliser (see :mod:`~gemma_scope_pz.train.normalize`) is estimated from the
+first ``norm_estimation_batches`` batches, and ``b_dec`` is initialised to the geometric median
+(or mean) of the normalised targets of those batches. Checkpoints (orbax, written to a temporary
+directory and renamed, last ``keep_checkpoints`` kept) store the whole trainer state, including
+the normaliser, the dead-latent counters and the data position, plus the config as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from gemma_scope_pz.train import objectives
+from gemma_scope_pz.train import step as step_lib
+from gemma_scope_pz.train.config import TrainConfig
+from gemma_scope_pz.train.normalize import Normaliser, fold_normaliser, geometric_median
+from gemma_scope_pz.train.store import ArrayBatches
+
+# Config fields that must match when resuming from a checkpoint.
+RESUME_KEYS = ("model_name", "site_in", "site_out", "d_in", "d_sae", "d_out", "architecture",
+               "affine_skip", "normalization", "batch_size", "seed")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    Attributes:
+      params: Trained parameters (numpy), in the *normalised* activation space.
+      metrics: Logged metric dicts (one per ``log_every`` steps, with a "step" key).
+      normaliser: The normaliser used during training.
+      config: The run configuration.
+      n_skipped: Steps skipped for non-finite data or gradients.
+      inference_threshold: Running BatchTopK threshold (0 for other architectures).
+    """
+
+    params: dict[str, np.ndarray]
+    metrics: list[dict[str, float]]
+    normaliser: Normaliser
+    config: TrainConfig
+    n_skipped: int = 0
+    inference_threshold: float = 0.0
+
+    def raw_params(self) -> dict[str, np.ndarray]:
+        """Parameters for raw activations (normaliser folded in; BatchTopK → JumpReLU threshold)."""
+        params = fold_normaliser(self.params, self.normaliser)
+        if self.config.activation == "batchtopk":
+            params["threshold"] = np.full(self.config.d_sae, self.inference_threshold, np.float32)
+        return params
+
+    @property
+    def export_activation(self) -> str:
+        """Activation of the exported SAE: "relu", "jumprelu" or "topk"."""
+        kind = self.config.activation
+        return "jumprelu" if kind == "batchtopk" else kind
+
+    def to_autoencoder(self):
+        """A :class:`gemma_scope_pz.scope.layers.AutoEncoder` taking raw activations."""
+        return to_autoencoder(self)
+
+
+def to_autoencoder(result: TrainResult):
+    """Builds the Penzai SAE layer (lazy import of ``gemma_scope_pz.scope.layers``)."""
+    from gemma_scope_pz.scope.layers import AutoEncoder
+
+    p = result.raw_params()
+    cfg = result.config
+    return AutoEncoder.from_arrays(
+        p["w_enc"],
+        p["b_enc"],
+        p["w_dec"],
+        p["b_dec"],
+        p.get("threshold"),
+        activation=result.export_activation,
+        k=cfg.k if result.export_activation == "topk" else None,
+        w_skip=p.get("w_skip"),
+    )
+
+
+# --------------------------------------------------------------------------- data sources
+class _IteratorSource:
+    def __init__(self, iterator, keep: int):
+        self.iterator, self.position, self.cache, self.keep = iter(iterator), 0, {}, keep
+
+    def batch_at(self, step: int):
+        while self.position <= step:
+            try:
+                self.cache[self.position] = next(self.iterator)
+            except StopIteration:
+                raise ValueError(f"train: the data iterator ended before step {step}") from None
+            self.position += 1
+        if step not in self.cache:
+            raise ValueError(f"train: iterator data cannot go back to step {step}")
+        batch = self.cache[step]
+        if step >= self.keep:  # the first `keep` batches are read twice (normaliser, step)
+            for old in [s for s in self.cache if s <= step]:
+                del self.cache[old]
+        return batch
+
+
+def as_batch_source(data: Any, config: TrainConfig):
+    """Wraps ``data`` (see the module docstring) into an object with ``batch_at(step)``."""
+    if hasattr(data, "batch_at"):
+        return data
+    if isinstance(data, np.ndarray | jax.Array):
+        return ArrayBatches(data, batch_size=config.batch_size, seed=config.seed)
+    if isinstance(data, tuple) and len(data) == 2 and all(hasattr(a, "shape") for a in data):
+        return ArrayBatches(data[0], data[1], batch_size=config.batch_size, seed=config.seed)
+    if callable(data):
+        return type("_CallableSource", (), {"batch_at": staticmethod(data)})()
+    return _IteratorSource(data, keep=config.norm_estimation_batches)
+
+
+def _split_batch(batch: Any, config: TrainConfig, step: int) -> tuple[np.ndarray, np.ndarray | None]:
+    if isinstance(batch, tuple | list):
+        if len(batch) != 2:
+            raise ValueError(f"train: batch at step {step} is a sequence of {len(batch)}, expected 2")
+        x_in, x_out = batch
+    else:
+        x_in, x_out = batch, None
+    if config.is_transcoder and x_out is None:
+        raise ValueError(f"train: transcoder config needs (x_in, x_out) batches; step {step} gave one")
+    x_in = np.asarray(x_in, np.float32)
+    if x_in.shape != (config.batch_size, config.d_in):
+        raise ValueError(
+            f"train: x_in at step {step} has shape {x_in.shape}, expected "
+            f"({config.batch_size}, {config.d_in})"
+        )
+    if x_out is not None:
+        x_out = np.asarray(x_out, np.float32)
+        if x_out.shape != (config.batch_size, config.out_dim):
+            raise ValueError(
+                f"train: x_out at step {step} has shape {x_out.shape}, expected "
+                f"({config.batch_size}, {config.out_dim})"
+            )
+    return x_in, x_out
+
+
+# --------------------------------------------------------------------------- init / checkpoints
+def initial_state(config: TrainConfig, source) -> tuple[step_lib.State, Normaliser]:
+    """Estimates the normaliser and b_dec from the first batches; initialises parameters."""
+    batches = [
+        _split_batch(source.batch_at(i), config, i) for i in range(config.norm_estimation_batches)
+    ]
+    x_in = [b[0] for b in batches]
+    x_out = None if batches[0][1] is None else [b[1] for b in batches]
+    if config.normalization == "none":
+        norm = Normaliser.identity(config.d_in, config.out_dim)
+    else:
+        norm = Normaliser.estimate(config.normalization, x_in, x_out)
+    targets = norm.apply_out(np.concatenate(x_out if x_out is not None else x_in)[:16384])
+    targets = targets[np.all(np.isfinite(targets), axis=1)]
+    if config.b_dec_init == "geometric_median":
+        b_dec = geometric_median(targets)
+    elif config.b_dec_init == "mean":
+        b_dec = targets.mean(0).astype(np.float32)
+    else:
+        b_dec = np.zeros(config.out_dim, np.float32)
+    if config.affine_skip:
+        b_dec = np.zeros(config.out_dim, np.float32)  # the skip path models the mean itself
+    params = objectives.init_params(config, jax.random.PRNGKey(config.seed), b_dec)
+    return step_lib.init_state(config, params, norm.to_arrays()), norm
+
+
+def _manager(config: TrainConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(os.path.abspath(config.checkpoint_dir), options=options)
+
+
+def _check_resume(saved: dict, config: TrainConfig, where: str) -> None:
+    current = config.to_dict()
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {current[k]!r}"
+             for k in RESUME_KEYS if saved.get(k) != current[k]]
+    if diffs:
+        raise ValueError(f"train: cannot resume from {where}: " + "; ".join(diffs))
+
+
+def _load_metrics(path: str | None, before_step: int) -> list[dict]:
+    if not path or not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if r["step"] < before_step]
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+    return rows
+
+
+# --------------------------------------------------------------------------- the loop
+def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> TrainResult:
+    """Trains an SAE or transcoder.
+
+    Args:
+      config: The run configuration.
+      data: Batches (see the module docstring).
+      resume: Continue from the latest checkpoint in ``config.checkpoint_dir`` if there is one.
+      mesh: Optional ``jax.sharding.Mesh`` with axes ("data", "model") (see
+        :mod:`~gemma_scope_pz.train.sharding`); ``None`` runs on the default device.
+
+    Returns:
+      A :class:`TrainResult`.
+
+    Raises:
+      FloatingPointError: with ``nan_policy="error"``, on the first non-finite batch or gradient.
+      ValueError: on malformed batches or a checkpoint from a different run setup.
+    """
+    source = as_batch_source(data, config)
+    manager = _manager(config) if config.checkpoint_dir else None
+    latest = manager.latest_step() if manager is not None and resume else None
+    metrics_history: list[dict] = []
+    if latest is not None:
+        meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        _check_resume(meta["config"], config, f"{config.checkpoint_dir} step {latest}")
+        abstract = _abstract_state(config)
+        state = manager.restore(
+            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )["state"]
+        norm = Normaliser.from_arrays(jax.device_get(state["norm"]), config.normalization)
+        metrics_history = _load_metrics(config.log_path, int(state["step"]))
+    else:
+        state, norm = initial_state(config, source)
+        if config.log_path and os.path.exists(config.log_path):
+            os.remove(config.log_path)
+
+    step_fn = step_lib.make_train_step(config)
+    if mesh is not None:
+        from gemma_scope_pz.train import sharding
+
+        sharding.check_divisible(mesh, config.batch_size, config.d_sae)
+        state_sh = sharding.state_shardings(state, mesh, config.d_sae)
+        batch_sh = sharding.batch_sharding(mesh)
+        state = jax.device_put(state, state_sh)
+        jitted = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(state_sh, batch_sh, batch_sh),
+                         out_shardings=(state_sh, None))
+        put = lambda x: None if x is None else jax.device_put(x, batch_sh)  # noqa: E731
+    else:
+        state = jax.device_put(state)
+        jitted = jax.jit(step_fn, donate_argnums=(0,))
+        put = lambda x: None if x is None else jax.device_put(x)  # noqa: E731
+
+    start, total = int(jax.device_get(state["step"])), config.num_steps
+    log_file = open(config.log_path, "a", encoding="utf-8") if config.log_path else None  # noqa: SIM115
+    bar = tqdm(total=total, initial=start, disable=not config.progress_bar, desc="train", leave=False)
+    try:
+        for step in range(start, total):
+            x_in, x_out = _split_batch(source.batch_at(step), config, step)
+            if config.nan_policy == "error":
+                for name, x in (("x_in", x_in), ("x_out", x_out)):
+                    if x is not None and not np.all(np.isfinite(x)):
+                        raise FloatingPointError(
+                            f"train: non-finite values in {name} of the batch at step {step} "
+                            f"({int(np.sum(~np.isfinite(x)))} entries); nan_policy='error'"
+                        )
+            state, metrics = jitted(state, put(x_in), put(x_out))
+            done = step + 1
+            if done % config.log_every == 0 or done == total:
+                row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+                if config.nan_policy == "error" and row["skipped"] > 0:
+                    bad = int(jax.device_get(state["first_bad_step"]))
+                    raise FloatingPointError(
+                        f"train: non-finite loss or gradient at step {bad}; nan_policy='error'"
+                    )
+                metrics_history.append(row)
+                if log_file:
+                    log_file.write(json.dumps(row) + "\n")
+                    log_file.flush()
+                bar.set_postfix(loss=f"{row['loss']:.4g}", mse=f"{row['mse']:.3g}",
+                                l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
+            bar.update(1)
+            if manager is not None and (done % config.checkpoint_every == 0 or done == total):
+                _save(manager, done, state, config)
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+        if manager is not None:
+            manager.wait_until_finished()
+    host = jax.device_get(state)
+    return TrainResult(
+        params={k: np.asarray(v) for k, v in host["params"].items()},
+        metrics=metrics_history,
+        normaliser=norm,
+        config=config,
+        n_skipped=int(host["n_skipped"]),
+        inference_threshold=float(host["inference_threshold"]),
+    )
+
+
+def _abstract_state(config: TrainConfig) -> Any:
+    """Shapes/dtypes of the trainer state (what orbax restores into)."""
+    def make():
+        params = objectives.init_params(config, jax.random.PRNGKey(0))
+        norm = {"in_shift": np.zeros(config.d_in, np.float32), "in_scale": np.float32(1),
+                "out_shift": np.zeros(config.out_dim, np.float32), "out_scale": np.float32(1)}
+        return step_lib.init_state(config, params, norm)
+
+    shapes = jax.eval_shape(make)
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
+
+
+def _save(manager: ocp.CheckpointManager, step: int, state: Any, config: TrainConfig) -> None:
+    meta = {"config": config.to_dict(), "data_position": step, "format_version": 1}
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
+    manager.wait_until_finished()

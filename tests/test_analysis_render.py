@@ -1,0 +1,70 @@
+"""Person-like check: the feature-cards page rendered by headless Chromium.
+
+Skipped when no Chromium is installed, except under CI (``CI`` set), where a
+missing browser is a failure (.ci/install_chromium.sh installs it).
+"""
+
+import importlib.util
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "render_html", Path(__file__).with_name("render_html.py")
+)
+render_html = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(render_html)
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    if render_html.chromium_path() is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium not found under CI: run .ci/install_chromium.sh first")
+        pytest.skip("Chromium not installed (run .ci/install_chromium.sh)")
+    path = tmp_path_factory.mktemp("cards") / "cards.html"
+    shown = render_html.write_sample_cards_page(path)
+    return path, shown
+
+
+def test_dom_shows_cards_and_escaped_text(page):
+    path, shown = page
+    dom = render_html.parse_dom(render_html.dump_dom(path))
+    text = "".join(dom.text)
+    for f in shown["features"]:
+        assert f"Feature {f}" in text
+    assert "Sample SAE <demo> & cards" in text  # escaped title shows as typed
+    # Hostile token strings appear as visible text, not as markup.
+    assert "<script>alert(1)</script>" in text
+    assert "<script>document.body.setAttribute('data-pwned','1')</script>" in text
+    assert 'onerror="document.body.setAttribute' in text
+    assert "&amp;" in text and '"quoted"' in text
+    for top, bottom in shown["logit_lens"].values():
+        for token, _ in [*top, *bottom]:
+            assert token in text
+    assert dom.tags.get("script") == 1 and "img" not in dom.tags
+    assert not any("data-pwned" in attrs for _, attrs in dom.attrs)
+    assert f"{len(shown['features'])} shown" in text  # the filter script ran
+
+
+def _png_info(data: bytes) -> tuple[int, int, bytes]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    idat, pos = b"", 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        if data[pos + 4 : pos + 8] == b"IDAT":
+            idat += data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    return width, height, zlib.decompress(idat)
+
+
+def test_screenshot_is_not_blank(page, tmp_path):
+    path, _ = page
+    png = render_html.screenshot(path, tmp_path / "cards.png", size=(1000, 1200))
+    width, height, pixels = _png_info(png.read_bytes())
+    assert (width, height) == (1000, 1200)
+    assert len(set(pixels)) > 50  # text, colours and the histogram, not a blank page

@@ -1,0 +1,130 @@
+"""Unit tests of the SAE training objectives (gemma_scope_pz.train.objectives / step)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_scope_pz.train import objectives
+from gemma_scope_pz.train import step as step_lib
+from gemma_scope_pz.train.config import TrainConfig
+
+
+def _cfg(**kw):
+    base = dict(d_in=8, d_sae=16, total_steps=100, batch_size=32)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_jumprelu_ste_gradient_matches_formula():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(64, 16)).astype(np.float32)
+    theta = rng.uniform(0.05, 0.5, size=16).astype(np.float32)
+    g = rng.normal(size=z.shape).astype(np.float32)
+    eps = 0.1
+    out, vjp = jax.vjp(lambda z, t: objectives.jumprelu(z, t, eps), z, theta)
+    dz, dtheta = vjp(g)
+    np.testing.assert_array_equal(np.asarray(out), np.where(z > theta, z, 0))
+    kernel = (np.abs(z - theta) < eps / 2) / eps
+    np.testing.assert_allclose(np.asarray(dz), np.where(z > theta, g, 0), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(dtheta), (-theta * kernel * g).sum(0), rtol=1e-5, atol=1e-5)
+    assert np.abs(dtheta).sum() > 0  # the test data does hit the kernel window
+
+
+def test_step_ste_gradient_matches_formula():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(64, 16)).astype(np.float32)
+    theta = rng.uniform(0.05, 0.5, size=16).astype(np.float32)
+    eps = 0.2
+    grad_z, grad_t = jax.grad(lambda z, t: objectives.step(z, t, eps).sum(), argnums=(0, 1))(z, theta)
+    np.testing.assert_array_equal(np.asarray(grad_z), 0)
+    expected = -((np.abs(z - theta) < eps / 2) / eps).sum(0)
+    np.testing.assert_allclose(np.asarray(grad_t), expected, rtol=1e-5)
+
+
+def test_topk_and_batchtopk_counts():
+    z = jax.random.normal(jax.random.PRNGKey(0), (32, 64)) + 3.0  # all positive
+    f = objectives.topk_activation(z, 5)
+    np.testing.assert_array_equal(np.sum(np.asarray(f) != 0, axis=1), 5)
+    kept = np.sort(np.asarray(z), axis=1)[:, -5:]
+    np.testing.assert_allclose(np.sort(np.asarray(f), axis=1)[:, -5:], kept)
+    fb, thr = objectives.batchtopk_activation(z, 5)
+    fb = np.asarray(fb)
+    assert np.sum(fb != 0) == 5 * 32
+    assert np.sum(fb != 0, axis=1).std() > 0  # per-row counts vary, total is fixed
+    np.testing.assert_allclose(float(thr), np.sort(np.asarray(z).ravel())[-5 * 32])
+
+
+def test_auxk_nonzero_only_with_dead_latents():
+    rng = np.random.default_rng(2)
+    z = jnp.asarray(rng.normal(size=(16, 32)), jnp.float32)
+    residual = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    w_dec = jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)
+    none_dead = jnp.zeros(32, bool)
+    some_dead = none_dead.at[:6].set(True)
+    assert float(objectives.auxk_loss(z, residual, w_dec, none_dead, 4, "float32")) == 0.0
+    loss = float(objectives.auxk_loss(z, residual, w_dec, some_dead, 4, "float32"))
+    assert loss > 0
+    # gradient reaches only dead latents' decoder rows
+    g = jax.grad(lambda w: objectives.auxk_loss(z, residual, w, some_dead, 4, "float32"))(w_dec)
+    assert np.abs(np.asarray(g)[6:]).sum() == 0 and np.abs(np.asarray(g)[:6]).sum() > 0
+
+
+def test_l1_weighted_by_decoder_norm():
+    rng = np.random.default_rng(3)
+    f = rng.uniform(0, 1, size=(10, 6)).astype(np.float32)
+    w_dec = rng.normal(size=(6, 4)).astype(np.float32)
+    expected = np.mean(np.sum(f * np.linalg.norm(w_dec, axis=1), axis=1))
+    np.testing.assert_allclose(float(objectives.weighted_l1(f, w_dec)), expected, rtol=1e-5)
+
+
+def test_matryoshka_loss_is_sum_of_prefix_losses():
+    cfg = _cfg(architecture="matryoshka", matryoshka_activation="relu", matryoshka_prefixes=(4, 10))
+    assert cfg.matryoshka_prefixes == (4, 10, 16)
+    params = objectives.init_params(cfg, jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 8))
+    _, (metrics, _, _) = objectives.loss_fn(params, x, x, jnp.zeros(16, bool), 0.0, cfg)
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    xn = np.asarray(x, np.float64)
+    f = np.maximum(xn @ p["w_enc"] + p["b_enc"], 0)
+    expected = sum(
+        np.mean(np.sum((f[:, :m] @ p["w_dec"][:m] + p["b_dec"] - xn) ** 2, axis=1))
+        for m in (4, 10, 16)
+    )
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-4)
+
+
+def test_transcoder_skip_in_decode():
+    cfg = _cfg(d_out=5, affine_skip=True)
+    params = objectives.init_params(cfg, jax.random.PRNGKey(0))
+    params["w_skip"] = jnp.ones((8, 5))
+    x = jnp.ones((2, 8))
+    f = jnp.zeros((2, 16))
+    np.testing.assert_allclose(np.asarray(objectives.decode(params, f, x)), 8.0)
+
+
+def test_learning_rate_schedule_values():
+    cfg = _cfg(lr=1e-3, warmup_steps=10, total_steps=110, lr_final_fraction=0.1)
+    for s in (0, 5, 9, 10, 35, 60, 109, 200):
+        if s < 10:
+            want = 1e-3 * (s + 1) / 10
+        else:
+            progress = min(1.0, (s - 10) / 100)
+            want = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        assert float(step_lib.learning_rate(cfg, s)) == pytest.approx(want, rel=1e-5)
+    const = cfg.replace(lr_decay="constant")
+    assert float(step_lib.learning_rate(const, 80)) == pytest.approx(1e-3)
+    assert float(step_lib.sparsity_scale(cfg.replace(sparsity_warmup_steps=4), 1)) == 0.5
+
+
+def test_bfloat16_loss_close_to_float32():
+    cfg = _cfg(architecture="topk", k=4)
+    params = objectives.init_params(cfg, jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 8))
+    dead = jnp.zeros(16, bool)
+    l32 = objectives.loss_fn(params, x, x, dead, 1.0, cfg)[0]
+    l16 = objectives.loss_fn(params, x, x, dead, 1.0, cfg.replace(dtype="bfloat16"))[0]
+    assert l16.dtype == jnp.float32
+    assert float(l16) == pytest.approx(float(l32), rel=3e-2)
