@@ -339,3 +339,25 @@ def test_site_table():
         assert site_from_hook(site) == site
     with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj"):
         site_from_hook("model.layers.1.mlp.down_proj")
+
+
+@pytest.mark.parametrize("activation,k", [("relu", None), ("topk", 3)])
+def test_save_round_trip_trainer_activations(tmp_path, activation, k):
+    from gemma_scope_pz.scope.layers import AutoEncoder, SaeMeta
+
+    t = gs2_tensors(9)
+    t.pop("threshold")
+    meta = SaeMeta(
+        D, W, D, site_in="blocks.4.resid_post", site_out="blocks.4.resid_post", extra={"l0": 3}
+    )
+    sae = AutoEncoder.from_arrays(**t, activation=activation, k=k, meta=meta)
+    again = load_sae(save_gemma_scope_2(sae, tmp_path / "out"))
+    assert (again.meta.activation, again.meta.k, again.meta.site_in) == (
+        activation,
+        k,
+        "blocks.4.resid_post",
+    )
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["hf_hook_point_in"] == "model.layers.4.output" and config["type"] == "sae"
+    x = x_batch()
+    np.testing.assert_allclose(again(x), sae(x), rtol=1e-6, atol=1e-6)

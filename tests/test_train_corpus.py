@@ -33,7 +33,10 @@ def test_files_glob_per_file_and_per_paragraph(tmp_path):
     (tmp_path / "a.txt").write_text("First file, one paragraph.\n")
     (tmp_path / "skip.json").write_text("{}")
     per_file = load_corpus(str(tmp_path / "*.txt"))
-    assert list(per_file) == ["First file, one paragraph.\n", "Second file.\n\nWith two paragraphs.\n"]
+    assert list(per_file) == [
+        "First file, one paragraph.\n",
+        "Second file.\n\nWith two paragraphs.\n",
+    ]
     per_para = load_corpus(str(tmp_path / "*.txt"), split="paragraph")
     assert list(per_para) == ["First file, one paragraph.", "Second file.", "With two paragraphs."]
     # A directory means its text files; same bytes → same fingerprint regardless of location.

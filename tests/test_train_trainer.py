@@ -67,14 +67,13 @@ def test_nan_policy_skip_and_error():
 
 def test_resume_after_kill_is_bit_identical(tmp_path):
     x = _data()
-    cfg = _cfg(total_steps=8, dead_window_tokens=128, aux_k=8, checkpoint_every=2,
+    cfg = _cfg(total_steps=8, d_sae=256, dead_window_tokens=64, aux_k=8, checkpoint_every=2,
                keep_checkpoints=2)
-    full = train(cfg.replace(checkpoint_dir=str(tmp_path / "a"), log_path=str(tmp_path / "a.jsonl")), x)
 
     class Killed(Exception):
         pass
 
-    def killed_at_4(step):
+    def killed_at_5(step):
         if step == 5:
             raise Killed
         return x[np.random.default_rng([0, step]).permutation(len(x))[:64]]
@@ -86,7 +85,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
                  batches)
     run_b = cfg.replace(checkpoint_dir=str(tmp_path / "b"), log_path=str(tmp_path / "b.jsonl"))
     with pytest.raises(Killed):
-        train(run_b, killed_at_4)
+        train(run_b, killed_at_5)
     resumed = train(run_b, batches)
     assert full.metrics[-1]["dead_fraction"] > 0  # AuxK and dead counters were in play
     for key in full.params:

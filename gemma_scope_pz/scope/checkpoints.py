@@ -192,8 +192,16 @@ def _read_header(path: Path) -> dict[str, _TensorInfo]:
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        begin, end = entry["data_offsets"]
-        infos[key] = _TensorInfo(entry["dtype"], tuple(entry["shape"]), 8 + n + begin, 8 + n + end)
+        try:
+            begin, end = (int(v) for v in entry["data_offsets"])
+            infos[key] = _TensorInfo(
+                str(entry["dtype"]),
+                tuple(int(d) for d in entry["shape"]),
+                8 + n + begin,
+                8 + n + end,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: malformed header entry for {key!r}: {entry!r}") from exc
         if 8 + n + end > size:
             raise CheckpointError(
                 f"{path}: tensor {key!r} runs past the end of the file (truncated?)"

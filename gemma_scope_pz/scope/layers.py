@@ -217,7 +217,7 @@ class AutoEncoder(pz.nn.Layer):
         b_dec,
         threshold=None,
         *,
-        activation: str = "jumprelu",
+        activation: Activation = "jumprelu",
         k: int | None = None,
         w_skip=None,
         dtype: jax.typing.DTypeLike = jnp.float32,
@@ -375,7 +375,7 @@ class AutoEncoderSkip(AutoEncoder):
 
 
 def encode_arrays(
-    params: Mapping[str, jax.Array], x: jax.Array, activation: str, k: int | None = None
+    params: Mapping[str, jax.Array], x: jax.Array, activation: Activation, k: int | None = None
 ) -> jax.Array:
     """Plain-array encoder: ``act(x @ w_enc + b_enc)`` for ``x`` of shape [..., d_in].
 
@@ -391,7 +391,7 @@ def decode_arrays(params: Mapping[str, jax.Array], f: jax.Array) -> jax.Array:
 
 
 def reconstruct_arrays(
-    params: Mapping[str, jax.Array], x: jax.Array, activation: str, k: int | None = None
+    params: Mapping[str, jax.Array], x: jax.Array, activation: Activation, k: int | None = None
 ) -> jax.Array:
     """Plain-array forward pass, including ``x @ w_skip`` when params has "w_skip"."""
     out = decode_arrays(params, encode_arrays(params, x, activation, k))

@@ -27,6 +27,7 @@ import gzip
 import hashlib
 import importlib
 import inspect
+import itertools
 import json
 import os
 import re
@@ -112,14 +113,7 @@ class Corpus:
         """The first ``n_docs`` documents, as a corpus of its own."""
         if n_docs < 0:
             raise ValueError(f"Corpus {self.name!r}: head() needs n_docs >= 0, got {n_docs}")
-
-        def documents() -> Iterator[str]:
-            for index, doc in enumerate(self):
-                if index >= n_docs:
-                    return
-                yield doc
-
-        return Corpus(f"{self.name}[:{n_docs}]", documents)
+        return Corpus(f"{self.name}[:{n_docs}]", lambda: itertools.islice(self, n_docs))
 
     def stats(self) -> dict[str, int]:
         """Number of documents and characters (a cheap size estimate: tokens ≈ chars / 4)."""

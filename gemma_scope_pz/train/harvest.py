@@ -92,7 +92,7 @@ def real_token_mask(tokens: np.ndarray, pad_id: int, *, has_bos: bool = True) ->
     length = np.where(nonpad.any(-1), tokens.shape[-1] - np.argmax(nonpad[..., ::-1], -1), 0)
     mask = np.arange(tokens.shape[-1]) < length[..., None]
     if has_bos:
-        pass
+        mask[..., 0] = False
     return mask
 
 
@@ -233,7 +233,7 @@ def harvest(
     names = _site_names(sites)
     for name in names:
         Site.parse(name).check(model.config)
-    if n_tokens is not None and n_tokens < 0 or start_row < 0:
+    if (n_tokens is not None and n_tokens < 0) or start_row < 0:
         raise ValueError(f"n_tokens and start_row must be >= 0, got {n_tokens}, {start_row}")
     if n_tokens is not None and start_row >= n_tokens:
         return

@@ -110,7 +110,7 @@ def make_train_step(config: TrainConfig) -> Callable:
         )
         if config.unit_norm_decoder:
             grads["w_dec"] = project_out_parallel(grads["w_dec"], params["w_dec"])
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         if config.unit_norm_decoder:
