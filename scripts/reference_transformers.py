@@ -24,6 +24,7 @@ converter here, which checks the package's loader against transformers too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -45,6 +46,20 @@ PROMPTS = {
         " only transformed."
     ),
 }
+# A text longer than the 512-token sliding window of the 270M model, so that local layers
+# really drop keys; it is cut to LONG_LEN tokens and only the last LONG_TAIL positions'
+# logits are recorded.
+LONG_PARAGRAPH = (
+    "Rivers carve valleys slowly, moving sand and stone from the mountains to the sea. Over"
+    " thousands of years a small stream can cut a canyon, and a wide river can build a delta"
+    " where its water meets the ocean. Farmers have settled near rivers since ancient times,"
+    " because the floods leave fertile soil behind. Cities grew along their banks, trading"
+    " grain, wood and metal by boat long before roads and railways existed. "
+)
+PROMPTS["long"] = " ".join(f"Part {i + 1}. {LONG_PARAGRAPH}" for i in range(8))
+LONG_PROMPT = "long"
+LONG_LEN = 600
+LONG_TAIL = 24
 GREEDY_PROMPT = "capital"
 NLL_PROMPT = "energy"
 NEW_TOKENS = 15
@@ -71,7 +86,7 @@ def fixed_id_subset(logits: np.ndarray) -> list[int]:
 
 
 def logit_summary(logits: np.ndarray, subset: list[int]) -> dict:
-    """Per-position top-k ids/values, max |logit| and logits at ``subset``. logits: [T, V]."""
+    """Per-position top-k ids/values, max |logit| and logits at ``subset``. logits: [P, V]."""
     top_ids = np.argsort(-logits, axis=-1, kind="stable")[:, :TOP_K]
     return {
         "top_ids": top_ids.tolist(),
@@ -110,7 +125,8 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def record(gguf_dir: Path, output: Path) -> None:
-    import gguf
+    import importlib.metadata
+
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -142,7 +158,7 @@ def record(gguf_dir: Path, output: Path) -> None:
         "versions": {
             "transformers": transformers.__version__,
             "torch": torch.__version__,
-            "gguf": getattr(gguf, "__version__", "unknown"),
+            "gguf": importlib.metadata.version("gguf"),
         },
         "attn_implementation": model.config._attn_implementation,
         "config": {
@@ -156,13 +172,21 @@ def record(gguf_dir: Path, output: Path) -> None:
     }
     for name, text in PROMPTS.items():
         ids = tokenizer(text, return_tensors="pt").input_ids
+        if name == LONG_PROMPT:
+            if ids.shape[1] < LONG_LEN:
+                raise ValueError(f"long prompt has only {ids.shape[1]} tokens, need {LONG_LEN}")
+            ids = ids[:, :LONG_LEN]
         captured.clear()
         with torch.no_grad():
             logits = model(ids).logits[0].float().numpy()
         ids_list = [int(i) for i in ids[0]]
+        n = len(ids_list)
+        positions = list(range(n - LONG_TAIL, n)) if name == LONG_PROMPT else list(range(n))
+        logits = logits[positions]
         entry = {
             "text": text,
             "input_ids": ids_list,
+            "positions": positions,
             **logit_summary(logits, fixed_id_subset(logits)),
             "resid_post": {str(layer): hidden_summary(captured[layer]) for layer in SUMMARY_BLOCKS},
         }
@@ -175,7 +199,7 @@ def record(gguf_dir: Path, output: Path) -> None:
             entry["greedy_ids"] = new_ids
             entry["greedy_text"] = tokenizer.decode(new_ids)
         data["prompts"][name] = entry
-        print(f"{name}: ids={ids_list}", file=sys.stderr)
+        print(f"{name}: {n} tokens, ids={ids_list[:20]}", file=sys.stderr)
     print(f"greedy: {data['prompts'][GREEDY_PROMPT]['greedy_text']!r}", file=sys.stderr)
     print(f"mean NLL: {data['prompts'][NLL_PROMPT]['mean_nll']:.4f}", file=sys.stderr)
     write_json(output, data)
@@ -258,12 +282,15 @@ def check(reference: Path, gguf_path: Path, loader: str) -> dict:
     def logits_fn(cfg, prm, tokens):
         return forward_with_sites(cfg, prm, tokens)[0]
 
+    def logits_at(cfg, ids, positions):
+        _, sites = forward_with_sites(cfg, params, np.array([ids]), compute_logits=False)
+        return sites, sites["final_norm"][0, positions] @ params["embedding"].T
+
     data = json.loads(reference.read_text())
     report: dict = {"loader": loader}
     for name, entry in data["prompts"].items():
-        ids = entry["input_ids"]
-        logits, sites = forward_with_sites(config, params, np.array([ids]))
-        logits = logits[0]
+        ids, positions = entry["input_ids"], entry["positions"]
+        sites, logits = logits_at(config, ids, positions)
         ref_subset = np.array(entry["subset_logits"])
         ref_top = np.array(entry["top_logits"])
         ref_max = np.array(entry["max_abs_logit"])
@@ -301,6 +328,13 @@ def check(reference: Path, gguf_path: Path, loader: str) -> dict:
                 ),
             }
         result["resid_post"] = hidden_rel
+        if max(positions) >= config.sliding_window:
+            # The same positions without the sliding window, to show that the window matters.
+            no_window = dataclasses.replace(config, sliding_window=len(ids))
+            _, unwindowed = logits_at(no_window, ids, positions)
+            result["max_rel_dlogit_subset_if_no_window"] = float(
+                np.max(np.abs(unwindowed[:, entry["subset_ids"]] - ref_subset) / scale)
+            )
         if "mean_nll" in entry:
             result["mean_nll_numpy"] = mean_nll(logits, ids)
             result["mean_nll_transformers"] = entry["mean_nll"]

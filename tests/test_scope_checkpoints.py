@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from gemma_scope_pz.scope import checkpoints
+from gemma_scope_pz.scope import checkpoint_files
 from gemma_scope_pz.scope.checkpoints import (
     CheckpointError,
     hook_from_site,
@@ -201,7 +201,7 @@ def fake_hub(monkeypatch, root: Path, calls: list):
             raise FileNotFoundError(f"404 {repo_id}/{filename}")
         return str(path)
 
-    monkeypatch.setattr(checkpoints, "hf_hub_download", download)
+    monkeypatch.setattr(checkpoint_files, "hf_hub_download", download)
 
 
 def test_hub_sources(tmp_path, monkeypatch):
@@ -244,7 +244,7 @@ def test_gemma_scope_1_npz(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     np.savez(folder / "params.npz", **arrays)
     monkeypatch.setattr(
-        checkpoints,
+        checkpoint_files,
         "hf_hub_download",
         lambda repo_id, filename, revision=None: str(tmp_path / repo_id / filename),
     )
@@ -293,7 +293,7 @@ def test_clt_against_numpy(tmp_path, monkeypatch):
     assert clt.sites(2) == ("blocks.2.mlp_in", "blocks.2.mlp_out")
     # hub listing: the layer files are found through list_repo_files
     listing = [f"clt/w/params_layer_{i}.safetensors" for i in (2, 0, 1)] + ["clt/w/README.md"]
-    monkeypatch.setattr(checkpoints, "list_repo_files", lambda repo, revision=None: listing)
+    monkeypatch.setattr(checkpoint_files, "list_repo_files", lambda repo, revision=None: listing)
 
     def download(repo_id, filename, revision=None):
         path = tmp_path / "clt" / "width_16k_l0_medium_affine" / Path(filename).name
@@ -301,7 +301,7 @@ def test_clt_against_numpy(tmp_path, monkeypatch):
             raise FileNotFoundError(filename)
         return str(path)
 
-    monkeypatch.setattr(checkpoints, "hf_hub_download", download)
+    monkeypatch.setattr(checkpoint_files, "hf_hub_download", download)
     from_hub = load_clt("google/gemma-scope-2-270m-pt", "clt/w")
     np.testing.assert_array_equal(from_hub.w_dec[2], clt.w_dec[2])
     del listing[1]  # layer 0 missing

@@ -6,8 +6,15 @@ from gemma_scope_pz.train.config import TrainConfig
 
 
 def _cfg(**kw):
-    base = dict(d_in=8, d_sae=32, total_steps=10, architecture="matryoshka",
-                matryoshka_prefixes=(8, 16), site_in="blocks.3.resid_post", target_l0=20.0)
+    base = dict(
+        d_in=8,
+        d_sae=32,
+        total_steps=10,
+        architecture="matryoshka",
+        matryoshka_prefixes=(8, 16),
+        site_in="blocks.3.resid_post",
+        target_l0=20.0,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -43,8 +50,15 @@ def test_invalid_values():
 
 
 def test_derived_values():
-    cfg = TrainConfig(d_in=4, d_sae=8, total_tokens=1000, batch_size=64, architecture="topk", k=2,
-                      dead_window_tokens=640)
+    cfg = TrainConfig(
+        d_in=4,
+        d_sae=8,
+        total_tokens=1000,
+        batch_size=64,
+        architecture="topk",
+        k=2,
+        dead_window_tokens=640,
+    )
     assert cfg.num_steps == 16 and cfg.dead_window_steps == 10 and cfg.effective_aux_k == 4
     assert not cfg.is_transcoder
     assert TrainConfig(d_in=4, d_sae=8, total_steps=1, d_out=6).is_transcoder

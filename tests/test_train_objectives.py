@@ -29,7 +29,9 @@ def test_jumprelu_ste_gradient_matches_formula():
     np.testing.assert_array_equal(np.asarray(out), np.where(z > theta, z, 0))
     kernel = (np.abs(z - theta) < eps / 2) / eps
     np.testing.assert_allclose(np.asarray(dz), np.where(z > theta, g, 0), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(dtheta), (-theta * kernel * g).sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(dtheta), (-theta * kernel * g).sum(0), rtol=1e-5, atol=1e-5
+    )
     assert np.abs(dtheta).sum() > 0  # the test data does hit the kernel window
 
 
@@ -38,7 +40,9 @@ def test_step_ste_gradient_matches_formula():
     z = rng.normal(size=(64, 16)).astype(np.float32)
     theta = rng.uniform(0.05, 0.5, size=16).astype(np.float32)
     eps = 0.2
-    grad_z, grad_t = jax.grad(lambda z, t: objectives.step(z, t, eps).sum(), argnums=(0, 1))(z, theta)
+    grad_z, grad_t = jax.grad(lambda z, t: objectives.step(z, t, eps).sum(), argnums=(0, 1))(
+        z, theta
+    )
     np.testing.assert_array_equal(np.asarray(grad_z), 0)
     expected = -((np.abs(z - theta) < eps / 2) / eps).sum(0)
     np.testing.assert_allclose(np.asarray(grad_t), expected, rtol=1e-5)
@@ -128,3 +132,24 @@ def test_bfloat16_loss_close_to_float32():
     l16 = objectives.loss_fn(params, x, x, dead, 1.0, cfg.replace(dtype="bfloat16"))[0]
     assert l16.dtype == jnp.float32
     assert float(l16) == pytest.approx(float(l32), rel=3e-2)
+
+
+def test_sparse_topk_matches_dense_loss_and_gradients():
+    cfg = _cfg(architecture="topk", k=3, d_sae=32, aux_k=4)
+    params = objectives.init_params(cfg, jax.random.PRNGKey(0))
+    params["b_enc"] = jax.random.normal(jax.random.PRNGKey(2), (32,)) * 0.1
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 8))
+    dead = jnp.zeros(32, bool).at[::3].set(True)
+
+    def run(c):
+        return jax.value_and_grad(objectives.loss_fn, has_aux=True)(params, x, x, dead, 1.0, c)
+
+    (l_dense, (m_dense, fired_dense, _)), g_dense = run(cfg)
+    (l_sparse, (m_sparse, fired_sparse, _)), g_sparse = run(cfg.replace(sparse_topk=True))
+    assert float(m_dense["aux_loss"]) > 0
+    np.testing.assert_allclose(float(l_sparse), float(l_dense), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(fired_sparse), np.asarray(fired_dense))
+    for key in g_dense:
+        np.testing.assert_allclose(
+            np.asarray(g_sparse[key]), np.asarray(g_dense[key]), rtol=1e-4, atol=1e-5, err_msg=key
+        )

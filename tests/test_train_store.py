@@ -13,12 +13,17 @@ from gemma_scope_pz.train.store import (
     batch_indices,
 )
 
-HEADER = dict(model_name="gemma3-270m", sites=["blocks.3.resid_post"], widths=[4],
-              corpus="toy", context_length=16)
+HEADER = dict(
+    model_name="gemma3-270m",
+    sites=["blocks.3.resid_post"],
+    widths=[4],
+    corpus="toy",
+    context_length=16,
+)
 
 
 def _rows(start, n, width=4):
-    return (np.arange(start, start + n, dtype=np.float32)[:, None] * np.ones(width, np.float32))
+    return np.arange(start, start + n, dtype=np.float32)[:, None] * np.ones(width, np.float32)
 
 
 def test_batch_indices_cover_each_epoch_once():
@@ -39,7 +44,11 @@ def test_cache_write_read_and_crash_resume(tmp_path):
     np.save(path / "shard_000002.s0.npy", _rows(16, 3))
     resumed = ActivationCache.create_or_resume(path, **HEADER)
     assert resumed.n_rows == 16
-    assert sorted(os.listdir(path)) == ["manifest.json", "shard_000000.s0.npy", "shard_000001.s0.npy"]
+    assert sorted(os.listdir(path)) == [
+        "manifest.json",
+        "shard_000000.s0.npy",
+        "shard_000001.s0.npy",
+    ]
     resumed.append(_rows(resumed.n_rows, 9))  # the harvester restarts at row n_rows
     reader = ActivationCache.open(path)
     assert reader.n_rows == 25

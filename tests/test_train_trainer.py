@@ -19,9 +19,20 @@ def _data(n=2048, d=16, n_feat=48, seed=0, offset=0.0, scale=1.0):
 
 
 def _cfg(**kw):
-    base = dict(d_in=16, d_sae=64, architecture="topk", k=4, batch_size=64, total_steps=8,
-                warmup_steps=2, sparsity_warmup_steps=2, lr=1e-2, log_every=2,
-                progress_bar=False, norm_estimation_batches=2)
+    base = dict(
+        d_in=16,
+        d_sae=64,
+        architecture="topk",
+        k=4,
+        batch_size=64,
+        total_steps=8,
+        warmup_steps=2,
+        sparsity_warmup_steps=2,
+        lr=1e-2,
+        log_every=2,
+        progress_bar=False,
+        norm_estimation_batches=2,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -67,8 +78,14 @@ def test_nan_policy_skip_and_error():
 
 def test_resume_after_kill_is_bit_identical(tmp_path):
     x = _data()
-    cfg = _cfg(total_steps=8, d_sae=256, dead_window_tokens=64, aux_k=8, checkpoint_every=2,
-               keep_checkpoints=2)
+    cfg = _cfg(
+        total_steps=8,
+        d_sae=256,
+        dead_window_tokens=64,
+        aux_k=8,
+        checkpoint_every=2,
+        keep_checkpoints=2,
+    )
 
     class Killed(Exception):
         pass
@@ -81,8 +98,9 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     def batches(step):
         return x[np.random.default_rng([0, step]).permutation(len(x))[:64]]
 
-    full = train(cfg.replace(checkpoint_dir=str(tmp_path / "a"), log_path=str(tmp_path / "a.jsonl")),
-                 batches)
+    full = train(
+        cfg.replace(checkpoint_dir=str(tmp_path / "a"), log_path=str(tmp_path / "a.jsonl")), batches
+    )
     run_b = cfg.replace(checkpoint_dir=str(tmp_path / "b"), log_path=str(tmp_path / "b.jsonl"))
     with pytest.raises(Killed):
         train(run_b, killed_at_5)
@@ -96,6 +114,8 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     # only the most recent checkpoints are kept
     kept = sorted(p.name for p in (tmp_path / "b").iterdir() if p.name.isdigit())
     assert kept == ["6", "8"]
+    fresh = train(run_b, batches, resume=False)
+    assert np.array_equal(fresh.params["w_enc"], full.params["w_enc"])
     with pytest.raises(ValueError, match="site_in"):
         train(run_b.replace(site_in="blocks.2.resid_post"), batches)
 
@@ -127,9 +147,13 @@ def test_fold_transcoder_with_skip_algebra():
     from gemma_scope_pz.train.normalize import Normaliser
 
     rng = np.random.default_rng(5)
-    p = {"w_enc": rng.normal(size=(6, 10)), "b_enc": rng.normal(size=10),
-         "w_dec": rng.normal(size=(10, 4)), "b_dec": rng.normal(size=4),
-         "w_skip": rng.normal(size=(6, 4))}
+    p = {
+        "w_enc": rng.normal(size=(6, 10)),
+        "b_enc": rng.normal(size=10),
+        "w_dec": rng.normal(size=(10, 4)),
+        "b_dec": rng.normal(size=4),
+        "w_skip": rng.normal(size=(6, 4)),
+    }
     norm = Normaliser(rng.normal(size=6), 0.3, rng.normal(size=4), 2.5, "center_unit")
     x = rng.normal(size=(20, 6)) * 4
     expected = norm.invert_out(_np_forward(p, norm.apply_in(x), "relu"))
@@ -142,8 +166,18 @@ def test_transcoder_with_skip_learns_linear_map():
     x_in = rng.normal(size=(4096, 8)).astype(np.float32)
     a = rng.normal(size=(8, 6)).astype(np.float32)
     x_out = (x_in @ a + 0.5).astype(np.float32)
-    cfg = _cfg(architecture="jumprelu", d_in=8, d_out=6, affine_skip=True, total_steps=300,
-               batch_size=256, lr=1e-2, warmup_steps=10, l0_coeff=1.0, log_every=100)
+    cfg = _cfg(
+        architecture="jumprelu",
+        d_in=8,
+        d_out=6,
+        affine_skip=True,
+        total_steps=300,
+        batch_size=256,
+        lr=1e-2,
+        warmup_steps=10,
+        l0_coeff=1.0,
+        log_every=100,
+    )
     result = train(cfg, (x_in, x_out))
     raw = result.raw_params()
     pred = _np_forward(raw, x_in, "jumprelu")

@@ -9,21 +9,18 @@ GGUF file's metadata (``tokenizer.ggml.*``), which is what the offline default d
     tok.split("Hello world!")                    # ['Hello', ' world', '!']
     tok.encode(format_chat("Hi"))                # [2, 105, 2364, 107, ...]
 
-Rebuilding from a GGUF produces a real ``sentencepiece`` model proto (one piece per token, with
-Gemma's normalizer settings) which is cached under ``~/.cache/gemma_scope_pz`` keyed by a hash
-of the vocabulary, so only the first load pays for building it.
+Rebuilding from a GGUF (:mod:`gemma_scope_pz.models.gguf_vocab`) produces a real
+``sentencepiece`` model proto (one piece per token, with Gemma's normalizer settings) which is
+cached under ``~/.cache/gemma_scope_pz`` keyed by a hash of the vocabulary, so only the first
+load pays for building it. The chat template lives in :mod:`gemma_scope_pz.models.chat_template`
+and is re-exported here, as are the GGUF vocabulary functions and the special token ids.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import mmap
 import os
-import re
-import struct
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,250 +28,48 @@ from typing import Any
 
 import numpy as np
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+from gemma_scope_pz.models.chat_template import format_chat
+from gemma_scope_pz.models.gemma_library_tokenizer import DelegatingProcessor
+from gemma_scope_pz.models.gguf_vocab import (
+    read_gguf_tokenizer_metadata,
+    sentencepiece_proto_from_gguf_metadata,
+)
+from gemma_scope_pz.models.special_tokens import (
+    BOS_ID,
+    BYTE_PIECE,
+    END_OF_TURN_ID,
+    EOS_ID,
+    EXPECTED_PIECES,
+    PAD_ID,
+    SPACE_SYMBOL,
+    START_OF_TURN_ID,
+    UNK_ID,
+)
+from gemma_scope_pz.models.tokenizer_cache import (
+    default_cache_dir,
+    model_cache_path,
+    write_atomically,
+)
+
+__all__ = [
+    "BOS_ID",
+    "END_OF_TURN_ID",
+    "EOS_ID",
+    "PAD_ID",
+    "START_OF_TURN_ID",
+    "UNK_ID",
+    "Gemma3Tokenizer",
+    "as_tokenizer",
+    "chat_prefix_length",
+    "default_cache_dir",
+    "format_chat",
+    "load_tokenizer",
+    "read_gguf_tokenizer_metadata",
+    "sentencepiece_proto_from_gguf_metadata",
+]
 
 logger = logging.getLogger(__name__)
-
-PAD_ID = 0
-EOS_ID = 1
-BOS_ID = 2
-UNK_ID = 3
-START_OF_TURN_ID = 105
-END_OF_TURN_ID = 106
-_GEMMA3_VOCAB_SIZE = 262144
-
-_EXPECTED_PIECES = {
-    PAD_ID: "<pad>",
-    EOS_ID: "<eos>",
-    BOS_ID: "<bos>",
-    START_OF_TURN_ID: "<start_of_turn>",
-    END_OF_TURN_ID: "<end_of_turn>",
-}
-_SPACE = "\u2581"  # SentencePiece's whitespace symbol "▁"
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-# Bump when the GGUF -> SentencePiece mapping changes, so stale cached models are not reused.
-_BUILDER_VERSION = 1
-
-
-# --------------------------------------------------------------------------------------------
-# GGUF tokenizer metadata
-# --------------------------------------------------------------------------------------------
-
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-_UINT64 = struct.Struct("<Q")
-_GGUF_SCALARS = {  # GGUF value type -> numpy little-endian dtype
-    0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4",
-    6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8",
-}  # fmt: skip
-
-
-def read_gguf_tokenizer_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads the ``tokenizer.*`` key/value pairs of a GGUF file.
-
-    A small purpose-built parser for the metadata header: ``gguf.GGUFReader`` builds a numpy view
-    per string and takes ~10 s on Gemma's 262k-token vocabulary; this takes a fraction of a second.
-
-    Args:
-      path: a GGUF file (version 2 or 3, little-endian).
-
-    Returns:
-      ``{key: value}`` for every ``tokenizer.*`` key: strings as ``str``, scalars as Python
-      numbers/bools, numeric arrays as numpy arrays, string arrays as lists of ``str``, plus
-      ``"_digest"``: a SHA-256 hex digest of the raw tokenizer metadata bytes.
-
-    Raises:
-      ValueError: if the file is not a readable GGUF file.
-    """
-    path = Path(path)
-    if path.stat().st_size < 24:
-        raise ValueError(f"{path}: not a GGUF file ({path.stat().st_size} bytes)")
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        try:
-            return _parse_tokenizer_kv(buf, path)
-        except (struct.error, IndexError, UnicodeDecodeError, ValueError) as err:
-            if isinstance(err, ValueError) and str(path) in str(err):
-                raise
-            raise ValueError(f"{path}: malformed GGUF metadata ({err})") from err
-
-
-def _parse_tokenizer_kv(buf: mmap.mmap, path: Path) -> dict[str, Any]:
-    if buf[:4] != b"GGUF":
-        raise ValueError(f"{path}: not a GGUF file (magic {bytes(buf[:4])!r}, expected b'GGUF')")
-    (version,) = struct.unpack_from("<I", buf, 4)
-    if version not in (2, 3):
-        raise ValueError(f"{path}: unsupported GGUF version {version} (only little-endian v2/v3)")
-    _, kv_count = struct.unpack_from("<QQ", buf, 8)
-    offset = 24
-    result: dict[str, Any] = {}
-    digest = hashlib.sha256()
-    for _ in range(kv_count):
-        key, offset = _read_string(buf, offset)
-        (value_type,) = struct.unpack_from("<I", buf, offset)
-        start = offset = offset + 4
-        keep = key.startswith("tokenizer.")
-        value, offset = _read_value(buf, offset, value_type, keep)
-        if keep:
-            result[key] = value
-            digest.update(key.encode() + bytes(buf[start:offset]))
-    result["_digest"] = digest.hexdigest()
-    return result
-
-
-def _read_string(buf: mmap.mmap, offset: int) -> tuple[str, int]:
-    (length,) = struct.unpack_from("<Q", buf, offset)
-    end = offset + 8 + length
-    if end > len(buf):
-        raise ValueError(f"string of {length} bytes runs past the end of the file")
-    return buf[offset + 8 : end].decode("utf-8"), end
-
-
-def _read_value(buf: mmap.mmap, offset: int, value_type: int, keep: bool) -> tuple[Any, int]:
-    if value_type == _GGUF_STRING:
-        return _read_string(buf, offset)
-    if value_type in _GGUF_SCALARS:
-        dtype = np.dtype(_GGUF_SCALARS[value_type])
-        value = np.frombuffer(buf, dtype, 1, offset)[0].item()
-        return (bool(value) if value_type == 7 else value), offset + dtype.itemsize
-    if value_type != _GGUF_ARRAY:
-        raise ValueError(f"unknown GGUF value type {value_type} at byte {offset}")
-    item_type, count = struct.unpack_from("<IQ", buf, offset)
-    offset += 12
-    if item_type in _GGUF_SCALARS:
-        dtype = np.dtype(_GGUF_SCALARS[item_type])
-        end = offset + count * dtype.itemsize
-        if end > len(buf):
-            raise ValueError(f"array of {count} items runs past the end of the file")
-        array = np.frombuffer(buf, dtype, count, offset).copy() if keep else None
-        return array, end
-    items = []
-    if item_type == _GGUF_STRING:  # the hot loop: 262k vocabulary strings
-        unpack_length = _UINT64.unpack_from
-        for _ in range(count):
-            (length,) = unpack_length(buf, offset)
-            offset += 8 + length
-            if keep:
-                items.append(buf[offset - length : offset].decode("utf-8"))
-        if offset > len(buf):
-            raise ValueError(f"string array of {count} items runs past the end of the file")
-        return (items if keep else None), offset
-    for _ in range(count):
-        item, offset = _read_value(buf, offset, item_type, keep)
-        if keep:
-            items.append(item)
-    return (items if keep else None), offset
-
-
-# --------------------------------------------------------------------------------------------
-# GGUF vocabulary -> SentencePiece model proto
-# --------------------------------------------------------------------------------------------
-
-_PieceType = sp_pb2.ModelProto.SentencePiece.Type
-# llama.cpp token types (gguf.TokenType) -> SentencePiece piece types.
-_LLAMA_CPP_TYPES = {
-    1: _PieceType.NORMAL,
-    2: _PieceType.UNKNOWN,
-    3: _PieceType.CONTROL,
-    4: _PieceType.USER_DEFINED,
-    5: _PieceType.UNUSED,
-    6: _PieceType.BYTE,
-}
-# Pieces that stay CONTROL (never parsed from text); every other llama.cpp CONTROL token becomes
-# USER_DEFINED, as in Gemma's tokenizer.model, so "<start_of_turn>" in text encodes to id 105.
-_TRUE_CONTROL_PIECES = frozenset({"<pad>", "<eos>", "<bos>", "<mask>"})
-
-
-def sentencepiece_proto_from_gguf_metadata(meta: dict[str, Any], where: str = "GGUF") -> bytes:
-    """Builds a serialized SentencePiece ``ModelProto`` from GGUF tokenizer metadata.
-
-    llama.cpp's converter stores Gemma's vocabulary with two lossy edits, undone here:
-
-    * tokens that Hugging Face's config marks special are typed CONTROL. In Gemma's own
-      ``tokenizer.model`` ``<unk>`` is UNKNOWN and ``<start_of_turn>``/``<end_of_turn>`` are
-      USER_DEFINED (so they parse from text); here the unknown id becomes UNKNOWN and every
-      CONTROL token other than ``<pad> <eos> <bos> <mask>`` (the turn markers, ``<unusedN>``)
-      becomes USER_DEFINED, which is also how llama.cpp parses special tokens in text.
-    * user-defined whitespace pieces ("▁▁", ...) have "▁" replaced by a literal space.
-
-    The normalizer and trainer settings are those of Gemma 3's ``tokenizer.model``: identity
-    normalization, no dummy prefix, whitespace kept and escaped as "▁", BPE with byte fallback.
-
-    Args:
-      meta: output of :func:`read_gguf_tokenizer_metadata`.
-      where: the file name, for error messages.
-
-    Returns:
-      The serialized proto, loadable with ``SentencePieceProcessor(model_proto=...)``.
-    """
-    model = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if model is None or tokens is None:
-        raise ValueError(f"{where}: no tokenizer metadata (keys 'tokenizer.ggml.model/tokens')")
-    if model != "llama":
-        raise ValueError(f"{where}: tokenizer.ggml.model is {model!r}, not a SentencePiece 'llama'")
-    n = len(tokens)
-    scores = meta.get("tokenizer.ggml.scores", np.zeros(n, np.float32))
-    types = meta.get("tokenizer.ggml.token_type", np.ones(n, np.int32))
-    if len(scores) != n or len(types) != n:
-        raise ValueError(f"{where}: {n} tokens but {len(scores)} scores, {len(types)} types")
-    ids = {
-        name: int(meta.get(f"tokenizer.ggml.{name}_token_id", default))
-        for name, default in (("bos", BOS_ID), ("eos", EOS_ID), ("unknown", UNK_ID))
-    }
-    pad_id = int(meta.get("tokenizer.ggml.padding_token_id", -1))
-
-    proto = sp_pb2.ModelProto()
-    for i, (piece, score, llama_type) in enumerate(
-        zip(tokens, scores.tolist(), types.tolist(), strict=True)
-    ):
-        if llama_type not in _LLAMA_CPP_TYPES:
-            raise ValueError(f"{where}: token {i} ({piece!r}) has unknown token_type {llama_type}")
-        piece_type = _LLAMA_CPP_TYPES[llama_type]
-        if i == ids["unknown"]:
-            piece_type = _PieceType.UNKNOWN
-        elif piece_type == _PieceType.UNKNOWN:
-            piece_type = _PieceType.CONTROL
-        elif piece_type == _PieceType.CONTROL and piece not in _TRUE_CONTROL_PIECES:
-            piece_type = _PieceType.USER_DEFINED
-        if piece_type == _PieceType.USER_DEFINED:
-            piece = piece.replace(" ", _SPACE)
-        proto.pieces.add(piece=piece, score=score, type=piece_type)
-
-    trainer = proto.trainer_spec
-    trainer.model_type = sp_pb2.TrainerSpec.BPE
-    trainer.vocab_size = n
-    trainer.byte_fallback = True
-    trainer.split_digits = True
-    trainer.split_by_unicode_script = True
-    trainer.split_by_number = True
-    trainer.split_by_whitespace = True
-    trainer.treat_whitespace_as_suffix = False
-    trainer.allow_whitespace_only_pieces = True
-    trainer.unk_id, trainer.bos_id, trainer.eos_id = ids["unknown"], ids["bos"], ids["eos"]
-    trainer.pad_id = pad_id
-    trainer.unk_surface = " \u2047 "
-    normalizer = proto.normalizer_spec
-    normalizer.name = "identity"
-    normalizer.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
-    normalizer.remove_extra_whitespaces = False
-    normalizer.escape_whitespaces = True
-    return proto.SerializeToString()
-
-
-def default_cache_dir() -> Path:
-    """``$GEMMA_SCOPE_PZ_CACHE`` or ``~/.cache/gemma_scope_pz``."""
-    return Path(os.environ.get("GEMMA_SCOPE_PZ_CACHE", Path.home() / ".cache" / "gemma_scope_pz"))
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _processor_from_bytes(data: bytes, where: str) -> spm.SentencePieceProcessor:
@@ -282,55 +77,6 @@ def _processor_from_bytes(data: bytes, where: str) -> spm.SentencePieceProcessor
         return spm.SentencePieceProcessor(model_proto=data)
     except Exception as err:  # sentencepiece raises RuntimeError/OSError with terse messages
         raise ValueError(f"{where}: not a valid SentencePiece model ({err})") from err
-
-
-# --------------------------------------------------------------------------------------------
-# Duck-typed backend for gemma-library-like tokenizers without a SentencePieceProcessor
-# --------------------------------------------------------------------------------------------
-
-
-class _DelegatingProcessor:
-    """The few SentencePieceProcessor methods Gemma3Tokenizer uses, forwarded to ``tok``."""
-
-    def __init__(self, tok: Any):
-        self._tok = tok
-        tokens = getattr(tok, "tokens", None)
-        self._pieces = [str(p) for p in tokens] if tokens is not None else None
-        size = getattr(tok, "vocab_size", None)
-        if size is None:
-            size = len(self._pieces) if self._pieces is not None else _GEMMA3_VOCAB_SIZE
-        self._size = int(size)
-        self.has_pieces = self._pieces is not None
-        self._index = {p: i for i, p in enumerate(self._pieces)} if self._pieces else None
-
-    def get_piece_size(self) -> int:
-        return self._size
-
-    def encode(self, text: str | list[str]) -> list[int] | list[list[int]]:
-        if isinstance(text, list):
-            return [self.encode(t) for t in text]
-        return [int(i) for i in self._tok.encode(text, add_bos=False)]
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids)
-
-    def id_to_piece(self, i: int) -> str:
-        if self._pieces is None:
-            raise TypeError(f"{type(self._tok).__name__} has no .tokens list: pieces unavailable")
-        return self._pieces[i]
-
-    def piece_to_id(self, piece: str) -> int:
-        self.id_to_piece(0)
-        return self._index.get(piece, UNK_ID)
-
-    def is_byte(self, i: int) -> bool:
-        return self._pieces is not None and _BYTE_PIECE.fullmatch(self._pieces[i]) is not None
-
-    def is_control(self, i: int) -> bool:
-        return self._pieces is not None and self._pieces[i] in _TRUE_CONTROL_PIECES
-
-    def is_unknown(self, i: int) -> bool:
-        return i == UNK_ID
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,11 +115,11 @@ class Gemma3Tokenizer:
         self.vocab_size = int(processor.get_piece_size())
         if self.vocab_size <= END_OF_TURN_ID:
             raise ValueError(f"{source}: vocabulary of {self.vocab_size} pieces is not Gemma 3's")
-        for token_id, piece in _EXPECTED_PIECES.items():
+        for token_id, piece in EXPECTED_PIECES.items():
             if not getattr(processor, "has_pieces", True):
                 break  # a duck-typed tokenizer without a piece list: nothing to check
             found = processor.id_to_piece(token_id)
-            if found.replace(" ", _SPACE) != piece:
+            if found.replace(" ", SPACE_SYMBOL) != piece:
                 raise ValueError(f"{source}: id {token_id} is {found!r}, expected {piece!r}")
 
     def __repr__(self) -> str:
@@ -397,8 +143,7 @@ class Gemma3Tokenizer:
         meta = read_gguf_tokenizer_metadata(path)
         if "tokenizer.ggml.tokens" not in meta:
             raise ValueError(f"{path}: GGUF file has no tokenizer metadata (tokenizer.ggml.tokens)")
-        key = hashlib.sha256(f"{meta['_digest']}/v{_BUILDER_VERSION}".encode()).hexdigest()[:16]
-        cached = Path(cache_dir or default_cache_dir()) / f"tokenizer-{key}.model"
+        cached = model_cache_path(meta["_digest"], cache_dir)
         if cached.is_file():
             try:
                 processor = _processor_from_bytes(cached.read_bytes(), str(cached))
@@ -409,7 +154,7 @@ class Gemma3Tokenizer:
         data = sentencepiece_proto_from_gguf_metadata(meta, str(path))
         processor = _processor_from_bytes(data, str(path))
         try:
-            _write_atomically(cached, data)
+            write_atomically(cached, data)
         except OSError as err:
             logger.warning("could not cache tokenizer model at %s: %s", cached, err)
         logger.info("tokenizer built from %s in %.2fs", path, time.perf_counter() - start)
@@ -441,7 +186,7 @@ class Gemma3Tokenizer:
                 return cls(candidate, source=f"{type(tok).__name__}.{name}")
         if not (callable(getattr(tok, "encode", None)) and callable(getattr(tok, "decode", None))):
             raise TypeError(f"{type(tok).__name__} is not a tokenizer: needs .encode and .decode")
-        return cls(_DelegatingProcessor(tok), source=type(tok).__name__)
+        return cls(DelegatingProcessor(tok), source=type(tok).__name__)
 
     # -- encoding ----------------------------------------------------------------------------
 
@@ -531,7 +276,9 @@ class Gemma3Tokenizer:
         while pos < len(ids):
             if not self._sp.is_byte(ids[pos]):
                 piece = self._sp.id_to_piece(ids[pos])
-                out.append(piece if self._sp.is_control(ids[pos]) else piece.replace(_SPACE, " "))
+                out.append(
+                    piece if self._sp.is_control(ids[pos]) else piece.replace(SPACE_SYMBOL, " ")
+                )
                 pos += 1
                 continue
             end = pos
@@ -543,7 +290,7 @@ class Gemma3Tokenizer:
 
     def _byte_run_strings(self, ids: list[int]) -> list[str]:
         pieces = [self._sp.id_to_piece(i) for i in ids]
-        raw = bytes(int(_BYTE_PIECE.fullmatch(p).group(1), 16) for p in pieces)
+        raw = bytes(int(BYTE_PIECE.fullmatch(p).group(1), 16) for p in pieces)
         out: list[str] = []
         pos = 0
         while pos < len(raw):
@@ -568,7 +315,7 @@ class Gemma3Tokenizer:
 
     def piece_to_id(self, piece: str) -> int:
         """Id of a piece; spaces may be written as " " or "▁". Raises KeyError if unknown."""
-        for candidate in (piece, piece.replace(" ", _SPACE)):
+        for candidate in (piece, piece.replace(" ", SPACE_SYMBOL)):
             token_id = int(self._sp.piece_to_id(candidate))
             if token_id != self.unk_id or candidate == self._sp.id_to_piece(self.unk_id):
                 return token_id
@@ -655,68 +402,8 @@ def as_tokenizer(obj: Any = None) -> Gemma3Tokenizer:
 
 
 # --------------------------------------------------------------------------------------------
-# Chat template
+# Chat prompts
 # --------------------------------------------------------------------------------------------
-
-
-def _message_text(content: Any, index: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, (list, tuple)):
-        parts = []
-        for item in content:
-            if not (isinstance(item, dict) and item.get("type") == "text"):
-                raise ValueError(f"message {index}: only text content is supported, got {item!r}")
-            parts.append(item["text"])
-        return "".join(parts)
-    raise TypeError(f"message {index}: content must be a str or list, got {type(content)}")
-
-
-def format_chat(
-    messages: str | Sequence[dict[str, Any]], add_generation_prompt: bool = True
-) -> str:
-    """Renders messages with Gemma 3's instruction-tuned chat template (without BOS).
-
-    Follows the official template: roles must alternate user/model ("assistant" is an alias
-    of "model"); an optional leading system message is prepended, followed by a blank line, to
-    the first user turn; message contents are stripped of surrounding whitespace. Example::
-
-        format_chat("Hi") == "<start_of_turn>user\\nHi<end_of_turn>\\n<start_of_turn>model\\n"
-
-    Args:
-      messages: a single user message, or a list of ``{"role": ..., "content": ...}`` dicts
-        (content a str or a list of ``{"type": "text", "text": ...}`` items).
-      add_generation_prompt: end with ``<start_of_turn>model\\n`` to prompt a reply.
-
-    Returns:
-      The prompt text; pass it to :meth:`Gemma3Tokenizer.encode`, which adds BOS.
-    """
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    messages = list(messages)
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"message {index} must be a dict with 'role' and 'content'")
-    prefix = ""
-    if messages and messages[0]["role"] == "system":
-        prefix = _message_text(messages[0]["content"], 0) + "\n\n"
-        messages = messages[1:]
-    if not messages:
-        raise ValueError("format_chat needs at least one user message")
-    turns = []
-    for index, message in enumerate(messages):
-        role = {"assistant": "model"}.get(message["role"], message["role"])
-        expected = "user" if index % 2 == 0 else "model"
-        if role != expected:
-            raise ValueError(
-                f"message {index} has role {message['role']!r}; roles must alternate "
-                "user/model starting with user (after an optional first system message)"
-            )
-        text = (prefix if index == 0 else "") + _message_text(message["content"], index).strip()
-        turns.append(f"<start_of_turn>{role}\n{text}<end_of_turn>\n")
-    if add_generation_prompt:
-        turns.append("<start_of_turn>model\n")
-    return "".join(turns)
 
 
 def chat_prefix_length(tokenizer: Any, messages: str | Sequence[dict[str, Any]]) -> int:

@@ -68,13 +68,15 @@ class SpliceSAE(pz.nn.Layer):
 
     def reconstruct(self, x: pz.nx.NamedArray) -> pz.nx.NamedArray:
         latents = self.sae.encode(x)
-        x_hat = self.sae.decode(latents)
+        # A skip transcoder's output is decode(encode(x)) + x @ W_skip (see AutoEncoderSkip).
+        skip = self.sae.skip_connection(x) if hasattr(self.sae, "skip_connection") else 0.0
+        x_hat = self.sae.decode(latents) + skip
         if self.edit_ids is None:
             return x_hat + (x - x_hat) if self.include_error else x_hat
         edited = pz.nx.nmap(lambda f: f.at[self.edit_ids].set(self.edit_values.astype(f.dtype)))(
             latents.untag("latents")
         ).tag("latents")
-        x_edit = self.sae.decode(edited)
+        x_edit = self.sae.decode(edited) + skip
         return x_edit + (x - x_hat) if self.include_error else x_edit
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
@@ -153,6 +155,10 @@ def splice(
     site = Site.parse(site or (meta.site_in if meta else None) or _missing_site())
     ids = vals = None
     if clamp:
+        d_sae = getattr(meta, "d_sae", None)
+        bad = [i for i in clamp if not 0 <= int(i) < (d_sae if d_sae is not None else int(i) + 1)]
+        if bad:
+            raise ValueError(f"clamp: latent indices {bad} are outside 0..{d_sae}-1 of this SAE")
         ids = jnp.asarray(list(clamp.keys()), dtype=jnp.int32)
         vals = jnp.asarray(list(clamp.values()), dtype=jnp.float32)
     _check_width(model, sae, site)
@@ -183,14 +189,17 @@ def _replace_mlp(model, transcoder, layer, include_error, ids, vals) -> Gemma3LM
         original = pz.nn.Sequential([ffw, post])
         return pz.nn.Sequential([pre, ReplaceMLP(transcoder, original, include_error, ids, vals)])
 
-    return (
+    selection = (
         pz.select(model)
         .at_instances_of(TransformerBlock)
         .pick_nth_selected(layer)
-        .at_instances_of(pz.nn.Sequential)
-        .where(lambda s: any(isinstance(x, TransformerFeedForward) for x in s.sublayers))
-        .apply(rewrite)
+        .at_instances_of(pz.nn.Residual)
+        .where(lambda r: any(isinstance(x, TransformerFeedForward) for x in r.delta.sublayers))
+        .at(lambda r: r.delta)
     )
+    if selection.count() != 1:
+        raise ValueError(f"Could not find the MLP branch of block {layer} to replace")
+    return selection.apply(rewrite)
 
 
 def steer(
@@ -209,6 +218,12 @@ def steer(
     norm = jnp.linalg.norm(d)
     if d.ndim != 1 or not bool(norm > 0):
         raise ValueError(f"Steering direction must be a nonzero vector, got shape {d.shape}")
+    config = getattr(model, "config", None)
+    if config is not None and d.shape[0] != Site.parse(site).width(config):
+        raise ValueError(
+            f"Steering direction has width {d.shape[0]} but site {Site.parse(site).name} has width "
+            f"{Site.parse(site).width(config)}"
+        )
     layer = AddVector(pz.nx.wrap(d / norm).tag("embedding"), jnp.asarray(coeff, jnp.float32), norm_scaled)
     return attach(model, site, layer)
 

@@ -110,10 +110,10 @@ def attach(model: pz.nn.Layer, site: str | Site, layer: pz.nn.Layer) -> pz.nn.La
         site.check(config)
     block = _block_selection(model, site.layer)
     if site.kind == "resid_pre" and block.count() == 0:
-        # A body truncated before this block: resid_pre is what the previous part returns.
-        if site.layer > 0 and _block_selection(model, site.layer - 1).count() == 1:
-            return _block_selection(model, site.layer - 1).insert_after(layer)
-        if site.layer == 0 and isinstance(model, pz.nn.Sequential):
+        # A body truncated before this block (``truncate_after_block``): resid_pre is what the
+        # truncated body returns, including layers attached after the previous block.
+        previous_ok = site.layer == 0 or _block_selection(model, site.layer - 1).count() == 1
+        if previous_ok and isinstance(model, pz.nn.Sequential):
             return pz.nn.Sequential([*model.sublayers, layer])
     if block.count() != 1:
         raise ValueError(f"Site {site.name}: the model has no decoder block {site.layer}")
@@ -134,7 +134,10 @@ def attach(model: pz.nn.Layer, site: str | Site, layer: pz.nn.Layer) -> pz.nn.La
 def truncate_after_block(model: pz.nn.Layer, last_block: int) -> pz.nn.Layer:
     """The model's body up to and including block ``last_block`` (no final norm or unembedding).
 
-    Works on a ``Gemma3LM`` (its body is returned) or on a body ``Sequential``.
+    Layers attached between block ``last_block`` and the next block (a splice or steering vector
+    at its ``resid_post``) are kept, so the truncated body returns ``blocks.{last_block + 1}``'s
+    ``resid_pre`` as the full model computes it. Works on a ``Gemma3LM`` (its body is returned)
+    or on a body ``Sequential``.
     """
     body = getattr(model, "body", model)
     kept, seen = [], -1
@@ -143,7 +146,9 @@ def truncate_after_block(model: pz.nn.Layer, last_block: int) -> pz.nn.Layer:
             if seen == last_block:
                 break
             seen += 1
-        elif seen == last_block and last_block >= 0:
+        elif isinstance(sub, pz.nn.EmbeddingDecode) or (
+            isinstance(sub, pz.nn.NamedGroup) and sub.name == "final_norm"
+        ):
             break
         kept.append(sub)
     if last_block >= 0 and seen != last_block:

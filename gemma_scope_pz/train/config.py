@@ -41,6 +41,9 @@ class TrainConfig:
       matryoshka_activation: Activation used by the matryoshka architecture.
       matryoshka_prefixes: Increasing prefix sizes; ``d_sae`` is appended if missing.
       k: Active latents per token for TopK / BatchTopK (BatchTopK keeps ``k * batch`` per batch).
+      sparse_topk: TopK only: after a dense (gradient-free) encoder pass selects the k latents,
+        recompute their pre-activations and decode with gathers of the selected encoder columns
+        and decoder rows, so the backward pass touches only active latents.
       l1_coeff: Weight of the decoder-norm-weighted L1 penalty (ReLU).
       l0_coeff: Weight of the L0 penalty (JumpReLU).
       target_l0: If set, JumpReLU adds ``target_l0_coeff * (L0 - target_l0)**2``.
@@ -87,6 +90,7 @@ class TrainConfig:
     matryoshka_activation: str = "batchtopk"
     matryoshka_prefixes: tuple[int, ...] = ()
     k: int = 32
+    sparse_topk: bool = False
     l1_coeff: float = 5.0
     l0_coeff: float = 1.0
     target_l0: float | None = None
@@ -150,13 +154,20 @@ class TrainConfig:
             raise ValueError("TrainConfig needs total_steps or total_tokens")
         if self.uses_topk and self.k > self.d_sae:
             raise ValueError(f"TrainConfig.k={self.k} exceeds d_sae={self.d_sae}")
+        if self.sparse_topk and self.architecture != "topk":
+            raise ValueError(
+                f"TrainConfig.sparse_topk needs architecture 'topk', not {self.architecture!r}"
+            )
         if self.affine_skip and not self.is_transcoder:
             raise ValueError("TrainConfig.affine_skip needs a transcoder (set d_out or site_out)")
         prefixes = tuple(int(p) for p in self.matryoshka_prefixes)
         if self.architecture == "matryoshka":
             if not prefixes or prefixes[-1] != self.d_sae:
                 prefixes = prefixes + (self.d_sae,)
-            if any(b <= a for a, b in zip((0,) + prefixes, prefixes)) or prefixes[-1] > self.d_sae:
+            if (
+                any(b <= a for a, b in zip((0,) + prefixes, prefixes, strict=False))
+                or prefixes[-1] > self.d_sae
+            ):
                 raise ValueError(
                     f"TrainConfig.matryoshka_prefixes={self.matryoshka_prefixes} must increase "
                     f"strictly within (0, d_sae={self.d_sae}]"
@@ -177,7 +188,9 @@ class TrainConfig:
     @property
     def activation(self) -> str:
         """The latent activation: the architecture, or the matryoshka base activation."""
-        return self.matryoshka_activation if self.architecture == "matryoshka" else self.architecture
+        return (
+            self.matryoshka_activation if self.architecture == "matryoshka" else self.architecture
+        )
 
     @property
     def uses_topk(self) -> bool:

@@ -120,8 +120,23 @@ def gemma_scope_2_files(result: TrainResult) -> dict[str, Any]:
 
 
 def export_gemma_scope_2(result: TrainResult, folder: str | os.PathLike) -> str:
-    """Writes ``config.json`` + ``params.safetensors`` (Gemma Scope 2 layout); returns the path."""
-    return _write_folder(folder, gemma_scope_2_files(result))
+    """Writes ``config.json`` + ``params.safetensors`` (Gemma Scope 2 layout); returns the path.
+
+    Uses :func:`gemma_scope_pz.scope.checkpoints.save_gemma_scope_2` (so the folder loads with
+    ``load_sae``) when that module is available and the sites are standard site names; otherwise
+    writes the same keys itself. An existing export at ``folder`` is replaced atomically.
+    """
+    files = gemma_scope_2_files(result)
+    cfg = result.config
+    standard = all(not s or hf_hook_point(s) != s for s in (cfg.site_in, cfg.site_out))
+    try:
+        from gemma_scope_pz.scope.checkpoints import save_gemma_scope_2
+    except ImportError:
+        save_gemma_scope_2 = None
+    if save_gemma_scope_2 is None or not standard:
+        return _write_folder(folder, files)
+    sae = result.to_autoencoder(extra=files["config.json"])
+    return os.fspath(save_gemma_scope_2(sae, folder, overwrite=True))
 
 
 def saelens_files(result: TrainResult) -> dict[str, Any]:
@@ -133,8 +148,14 @@ def saelens_files(result: TrainResult) -> dict[str, Any]:
         arch = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}.get(arch, arch)
         if "w_skip" in params:
             arch = "jumprelu_skip_transcoder" if activation == "jumprelu" else "skip_transcoder"
-    names = {"w_enc": "W_enc", "b_enc": "b_enc", "w_dec": "W_dec", "b_dec": "b_dec",
-             "threshold": "threshold", "w_skip": "W_skip"}
+    names = {
+        "w_enc": "W_enc",
+        "b_enc": "b_enc",
+        "w_dec": "W_dec",
+        "b_dec": "b_dec",
+        "threshold": "threshold",
+        "w_skip": "W_skip",
+    }
     tensors = {names[k]: v for k, v in params.items() if k in names}
     metadata = {
         "model_name": cfg.model_name,

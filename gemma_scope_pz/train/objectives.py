@@ -162,14 +162,46 @@ def auxk_loss(
 
     Returns ``||e - e_hat||^2 / ||e - mean(e)||^2`` over the batch, or 0 if nothing is dead.
     """
-    residual = jax.lax.stop_gradient(residual)
     masked = jnp.where(dead, z, -1e30)
-    f_aux = topk_activation(masked, aux_k)
-    f_aux = jnp.where(dead, f_aux, 0.0)
-    err = residual - matmul(f_aux, w_dec, dtype)
+    f_aux = jnp.where(dead, topk_activation(masked, aux_k), 0.0)
+    return _aux_from_estimate(residual, matmul(f_aux, w_dec, dtype), dead)
+
+
+def _aux_from_estimate(residual: jax.Array, estimate: jax.Array, dead: jax.Array) -> jax.Array:
+    residual = jax.lax.stop_gradient(residual)
     variance = jnp.sum(jnp.square(residual - jnp.mean(residual, axis=0)))
-    loss = jnp.sum(jnp.square(err)) / jnp.maximum(variance, 1e-12)
+    loss = jnp.sum(jnp.square(residual - estimate)) / jnp.maximum(variance, 1e-12)
     return jnp.where(jnp.any(dead), loss, 0.0)
+
+
+def _gathered(params: Params, x_in: jax.Array, idx: jax.Array, dtype: str):
+    """Pre-activations of latents ``idx [batch, n]`` and their decoder rows, by gathers."""
+    cast = (lambda a: a.astype(jnp.bfloat16)) if dtype == "bfloat16" else (lambda a: a)
+    enc_cols = jnp.take(params["w_enc"].T, idx, axis=0)  # [batch, n, d_in]
+    pre = jnp.einsum("bd,bnd->bn", cast(x_in), cast(enc_cols), preferred_element_type=jnp.float32)
+    return pre + params["b_enc"][idx], cast(jnp.take(params["w_dec"], idx, axis=0))
+
+
+def _sparse_topk_terms(params: Params, x_in: jax.Array, dead: jax.Array, config: TrainConfig):
+    """TopK reconstruction (without b_dec/skip), AuxK estimate and fired mask via gathers.
+
+    The dense encoder pass only *selects* latents (no gradient flows through it); gradients
+    reach the encoder columns and decoder rows of the selected latents only.
+    """
+    z = jax.lax.stop_gradient(pre_activations(params, x_in, config.dtype))
+    idx = jax.lax.top_k(z, config.k)[1]
+    pre, rows = _gathered(params, x_in, idx, config.dtype)
+    f = jax.nn.relu(pre)
+    recon = jnp.einsum("bk,bkd->bd", f.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
+    counts = jnp.zeros(config.d_sae, jnp.int32).at[idx.reshape(-1)].add((f > 0).reshape(-1))
+    aux_estimate = None
+    if config.effective_aux_k > 0 and config.aux_k_coeff > 0:
+        aux_idx = jax.lax.top_k(jnp.where(dead, z, -1e30), config.effective_aux_k)[1]
+        aux_pre, aux_rows = _gathered(params, x_in, aux_idx, config.dtype)
+        aux_f = jnp.where(dead[aux_idx], jax.nn.relu(aux_pre), 0.0).astype(aux_rows.dtype)
+        aux_estimate = jnp.einsum("bk,bkd->bd", aux_f, aux_rows, preferred_element_type=jnp.float32)
+    l0 = jnp.mean(jnp.sum(f > 0, axis=-1).astype(jnp.float32))
+    return recon, aux_estimate, counts > 0, l0
 
 
 def matryoshka_reconstructions(
@@ -209,6 +241,8 @@ def loss_fn(
       latents active in this batch, and the BatchTopK implied threshold (0 otherwise).
     """
     dtype = config.dtype
+    if config.sparse_topk:
+        return _sparse_topk_loss(params, x_in, x_out, dead, config)
     z = pre_activations(params, x_in, dtype)
     f, batch_threshold = activate(params, z, config)
     if config.architecture == "matryoshka":
@@ -237,6 +271,11 @@ def loss_fn(
         aux = config.aux_k_coeff * auxk_loss(
             z, x_out - recon, params["w_dec"], dead, config.effective_aux_k, dtype
         )
+    fired = jnp.any(f != 0, axis=0)
+    return _finish(recon_loss, full_sq_err, sparsity, aux, l0, x_out, fired, batch_threshold)
+
+
+def _finish(recon_loss, full_sq_err, sparsity, aux, l0, x_out, fired, batch_threshold):
     loss = recon_loss + sparsity + aux
     variance = jnp.sum(jnp.square(x_out - jnp.mean(x_out, axis=0)))
     metrics = {
@@ -247,8 +286,20 @@ def loss_fn(
         "sparsity_loss": sparsity,
         "aux_loss": aux,
     }
-    fired = jnp.any(f != 0, axis=0)
     return loss, (metrics, fired, batch_threshold)
+
+
+def _sparse_topk_loss(params, x_in, x_out, dead, config):
+    recon, aux_estimate, fired, l0 = _sparse_topk_terms(params, x_in, dead, config)
+    recon = recon + params["b_dec"]
+    if "w_skip" in params:
+        recon = recon + matmul(x_in, params["w_skip"], config.dtype)
+    sq_err = sum_sq(recon - x_out)
+    aux = jnp.zeros((), jnp.float32)
+    if aux_estimate is not None:
+        aux = config.aux_k_coeff * _aux_from_estimate(x_out - recon, aux_estimate, dead)
+    zero = jnp.zeros((), jnp.float32)
+    return _finish(sq_err, sq_err, zero, aux, l0, x_out, fired, zero)
 
 
 # --------------------------------------------------------------------------- init

@@ -39,7 +39,9 @@ def make_mesh(data: int = -1, model: int = 1, devices: list | None = None) -> Me
     devices = list(jax.devices() if devices is None else devices)
     if data == -1:
         if len(devices) % model:
-            raise ValueError(f"make_mesh: {len(devices)} devices are not divisible by model={model}")
+            raise ValueError(
+                f"make_mesh: {len(devices)} devices are not divisible by model={model}"
+            )
         data = len(devices) // model
     if data * model > len(devices):
         raise ValueError(f"make_mesh: mesh {data}x{model} needs more than {len(devices)} devices")
@@ -74,6 +76,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def check_divisible(mesh: Mesh, batch_size: int, d_sae: int) -> None:
     """Raises if the batch or ``d_sae`` does not split evenly over the mesh."""
     if batch_size % mesh.shape[DATA]:
-        raise ValueError(f"batch_size={batch_size} is not divisible by data axis {mesh.shape[DATA]}")
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by data axis {mesh.shape[DATA]}"
+        )
     if d_sae % mesh.shape[MODEL]:
         raise ValueError(f"d_sae={d_sae} is not divisible by model axis {mesh.shape[MODEL]}")

@@ -141,7 +141,9 @@ def make_train_step(config: TrainConfig) -> Callable:
         metrics = dict(metrics)
         metrics["grad_norm"] = grad_norm
         metrics["lr"] = learning_rate(config, step)
-        metrics["dead_fraction"] = jnp.mean((new_state["since_fired"] >= window).astype(jnp.float32))
+        metrics["dead_fraction"] = jnp.mean(
+            (new_state["since_fired"] >= window).astype(jnp.float32)
+        )
         metrics["skipped"] = new_state["n_skipped"]
         return new_state, metrics
 

@@ -29,7 +29,15 @@ import numpy as np
 
 MANIFEST = "manifest.json"
 FORMAT = "gemma_scope_pz.activation_cache"
-_HEADER_KEYS = ("model_name", "sites", "widths", "dtype", "normalization", "corpus", "context_length")
+_HEADER_KEYS = (
+    "model_name",
+    "sites",
+    "widths",
+    "dtype",
+    "normalization",
+    "corpus",
+    "context_length",
+)
 
 
 # --------------------------------------------------------------------------- permutations
@@ -99,7 +107,9 @@ class ShuffleBuffer:
     :class:`ActivationCache` for exactly resumable training).
     """
 
-    def __init__(self, source: Iterator[np.ndarray], *, capacity: int, batch_size: int, seed: int = 0):
+    def __init__(
+        self, source: Iterator[np.ndarray], *, capacity: int, batch_size: int, seed: int = 0
+    ):
         if capacity < batch_size:
             raise ValueError(f"ShuffleBuffer: capacity {capacity} < batch_size {batch_size}")
         self.source, self.capacity, self.batch_size = iter(source), capacity, batch_size
@@ -247,10 +257,12 @@ class ActivationCache:
     def append(self, *arrays: np.ndarray) -> None:
         """Writes one shard (one ``[n, width]`` array per site) and records it in the manifest."""
         if len(arrays) != self.n_sites:
-            raise ValueError(f"ActivationCache.append: expected {self.n_sites} arrays, got {len(arrays)}")
+            raise ValueError(
+                f"ActivationCache.append: expected {self.n_sites} arrays, got {len(arrays)}"
+            )
         n = arrays[0].shape[0]
         index = len(self.shards)
-        for site, (array, width) in enumerate(zip(arrays, self.header["widths"])):
+        for site, (array, width) in enumerate(zip(arrays, self.header["widths"], strict=True)):
             array = np.ascontiguousarray(array, dtype=self.header["dtype"])
             if array.shape != (n, width):
                 raise ValueError(
@@ -277,7 +289,9 @@ class ActivationCache:
         """Rows at global ``indices`` (any order), one float32 array per site."""
         indices = np.asarray(indices, np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= self.n_rows):
-            raise IndexError(f"ActivationCache {self.path}: row index out of range [0, {self.n_rows})")
+            raise IndexError(
+                f"ActivationCache {self.path}: row index out of range [0, {self.n_rows})"
+            )
         bounds = np.cumsum([0] + [int(s["rows"]) for s in self.shards])
         shard_of = np.searchsorted(bounds, indices, side="right") - 1
         out = [np.empty((indices.size, w), np.float32) for w in self.header["widths"]]

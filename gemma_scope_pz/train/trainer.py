@@ -39,8 +39,19 @@ from gemma_scope_pz.train.normalize import Normaliser, fold_normaliser, geometri
 from gemma_scope_pz.train.store import ArrayBatches
 
 # Config fields that must match when resuming from a checkpoint.
-RESUME_KEYS = ("model_name", "site_in", "site_out", "d_in", "d_sae", "d_out", "architecture",
-               "affine_skip", "normalization", "batch_size", "seed")
+RESUME_KEYS = (
+    "model_name",
+    "site_in",
+    "site_out",
+    "d_in",
+    "d_sae",
+    "d_out",
+    "architecture",
+    "affine_skip",
+    "normalization",
+    "batch_size",
+    "seed",
+)
 
 
 @dataclasses.dataclass
@@ -76,17 +87,36 @@ class TrainResult:
         kind = self.config.activation
         return "jumprelu" if kind == "batchtopk" else kind
 
-    def to_autoencoder(self):
+    def to_autoencoder(self, extra: dict | None = None):
         """A :class:`gemma_scope_pz.scope.layers.AutoEncoder` taking raw activations."""
-        return to_autoencoder(self)
+        return to_autoencoder(self, extra)
 
 
-def to_autoencoder(result: TrainResult):
-    """Builds the Penzai SAE layer (lazy import of ``gemma_scope_pz.scope.layers``)."""
-    from gemma_scope_pz.scope.layers import AutoEncoder
+def to_autoencoder(result: TrainResult, extra: dict | None = None):
+    """Builds the Penzai SAE layer (lazy import of ``gemma_scope_pz.scope.layers``).
+
+    The layer takes raw activations (normaliser folded in); ``meta`` records the sites and,
+    in ``meta.extra``, the training config, the final L0 and anything in ``extra``.
+    """
+    from gemma_scope_pz.scope.layers import AutoEncoder, SaeMeta
 
     p = result.raw_params()
     cfg = result.config
+    k = cfg.k if result.export_activation == "topk" else None
+    info = {"train_config": cfg.to_dict(), "model_name": cfg.model_name}
+    if result.metrics:
+        info["l0"] = result.metrics[-1]["l0"]
+    info.update(extra or {})
+    meta = SaeMeta(
+        d_in=cfg.d_in,
+        d_sae=cfg.d_sae,
+        d_out=cfg.out_dim,
+        activation=result.export_activation,
+        k=k,
+        site_in=cfg.site_in,
+        site_out=cfg.site_out or cfg.site_in,
+        extra=info,
+    )
     return AutoEncoder.from_arrays(
         p["w_enc"],
         p["b_enc"],
@@ -94,8 +124,9 @@ def to_autoencoder(result: TrainResult):
         p["b_dec"],
         p.get("threshold"),
         activation=result.export_activation,
-        k=cfg.k if result.export_activation == "topk" else None,
+        k=k,
         w_skip=p.get("w_skip"),
+        meta=meta,
     )
 
 
@@ -133,15 +164,21 @@ def as_batch_source(data: Any, config: TrainConfig):
     return _IteratorSource(data, keep=config.norm_estimation_batches)
 
 
-def _split_batch(batch: Any, config: TrainConfig, step: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _split_batch(
+    batch: Any, config: TrainConfig, step: int
+) -> tuple[np.ndarray, np.ndarray | None]:
     if isinstance(batch, tuple | list):
         if len(batch) != 2:
-            raise ValueError(f"train: batch at step {step} is a sequence of {len(batch)}, expected 2")
+            raise ValueError(
+                f"train: batch at step {step} is a sequence of {len(batch)}, expected 2"
+            )
         x_in, x_out = batch
     else:
         x_in, x_out = batch, None
     if config.is_transcoder and x_out is None:
-        raise ValueError(f"train: transcoder config needs (x_in, x_out) batches; step {step} gave one")
+        raise ValueError(
+            f"train: transcoder config needs (x_in, x_out) batches; step {step} gave one"
+        )
     x_in = np.asarray(x_in, np.float32)
     if x_in.shape != (config.batch_size, config.d_in):
         raise ValueError(
@@ -193,8 +230,11 @@ def _manager(config: TrainConfig) -> ocp.CheckpointManager:
 
 def _check_resume(saved: dict, config: TrainConfig, where: str) -> None:
     current = config.to_dict()
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {current[k]!r}"
-             for k in RESUME_KEYS if saved.get(k) != current[k]]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs config {current[k]!r}"
+        for k in RESUME_KEYS
+        if saved.get(k) != current[k]
+    ]
     if diffs:
         raise ValueError(f"train: cannot resume from {where}: " + "; ".join(diffs))
 
@@ -219,7 +259,8 @@ def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> 
     Args:
       config: The run configuration.
       data: Batches (see the module docstring).
-      resume: Continue from the latest checkpoint in ``config.checkpoint_dir`` if there is one.
+      resume: Continue from the latest checkpoint in ``config.checkpoint_dir`` if there is one;
+        with ``False`` existing checkpoints there are deleted and training starts afresh.
       mesh: Optional ``jax.sharding.Mesh`` with axes ("data", "model") (see
         :mod:`~gemma_scope_pz.train.sharding`); ``None`` runs on the default device.
 
@@ -233,6 +274,9 @@ def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> 
     source = as_batch_source(data, config)
     manager = _manager(config) if config.checkpoint_dir else None
     latest = manager.latest_step() if manager is not None and resume else None
+    if manager is not None and not resume:
+        for old_step in manager.all_steps():  # a fresh run replaces an earlier run's checkpoints
+            manager.delete(old_step)
     metrics_history: list[dict] = []
     if latest is not None:
         meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -256,8 +300,12 @@ def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> 
         state_sh = sharding.state_shardings(state, mesh, config.d_sae)
         batch_sh = sharding.batch_sharding(mesh)
         state = jax.device_put(state, state_sh)
-        jitted = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(state_sh, batch_sh, batch_sh),
-                         out_shardings=(state_sh, None))
+        jitted = jax.jit(
+            step_fn,
+            donate_argnums=(0,),
+            in_shardings=(state_sh, batch_sh, batch_sh),
+            out_shardings=(state_sh, None),
+        )
         put = lambda x: None if x is None else jax.device_put(x, batch_sh)  # noqa: E731
     else:
         state = jax.device_put(state)
@@ -266,7 +314,9 @@ def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> 
 
     start, total = int(jax.device_get(state["step"])), config.num_steps
     log_file = open(config.log_path, "a", encoding="utf-8") if config.log_path else None  # noqa: SIM115
-    bar = tqdm(total=total, initial=start, disable=not config.progress_bar, desc="train", leave=False)
+    bar = tqdm(
+        total=total, initial=start, disable=not config.progress_bar, desc="train", leave=False
+    )
     try:
         for step in range(start, total):
             x_in, x_out = _split_batch(source.batch_at(step), config, step)
@@ -290,8 +340,12 @@ def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> 
                 if log_file:
                     log_file.write(json.dumps(row) + "\n")
                     log_file.flush()
-                bar.set_postfix(loss=f"{row['loss']:.4g}", mse=f"{row['mse']:.3g}",
-                                l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
+                bar.set_postfix(
+                    loss=f"{row['loss']:.4g}",
+                    mse=f"{row['mse']:.3g}",
+                    l0=f"{row['l0']:.1f}",
+                    dead=f"{row['dead_fraction']:.2f}",
+                )
             bar.update(1)
             if manager is not None and (done % config.checkpoint_every == 0 or done == total):
                 _save(manager, done, state, config)
@@ -314,10 +368,15 @@ def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> 
 
 def _abstract_state(config: TrainConfig) -> Any:
     """Shapes/dtypes of the trainer state (what orbax restores into)."""
+
     def make():
         params = objectives.init_params(config, jax.random.PRNGKey(0))
-        norm = {"in_shift": np.zeros(config.d_in, np.float32), "in_scale": np.float32(1),
-                "out_shift": np.zeros(config.out_dim, np.float32), "out_scale": np.float32(1)}
+        norm = {
+            "in_shift": np.zeros(config.d_in, np.float32),
+            "in_scale": np.float32(1),
+            "out_shift": np.zeros(config.out_dim, np.float32),
+            "out_scale": np.float32(1),
+        }
         return step_lib.init_state(config, params, norm)
 
     shapes = jax.eval_shape(make)

@@ -1,0 +1,125 @@
+"""Throughput of the jitted SAE train step, next to this machine's dense matmul rate.
+
+Usage: python benchmarks/train_step.py [--quick] [--archs jumprelu,topk] [--steps 5]
+
+Prints one JSON object: for each architecture (and for TopK also the gather-based sparse
+variant, ``sparse_topk=True``) the seconds per step, tokens/s, and achieved FLOP/s, where the
+step is counted as ``6 * batch * d_in * d_sae`` FLOPs (the "6 x tokens x weights" rule for the
+two matrices' multiply-adds); ``dense_matmul`` is a jitted float32 ``[batch, d_in] @ [d_in,
+d_sae]`` on the same device. ``fraction_of_matmul`` = step FLOP/s / matmul FLOP/s. The exact
+dense step is ~10 * batch * d_in * d_sae FLOPs (encoder and decoder forward, decoder
+input-gradient, both weight gradients), so the hardware utilisation is ~5/3 of the reported
+fraction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_scope_pz.train import objectives
+from gemma_scope_pz.train import step as step_lib
+from gemma_scope_pz.train.config import TrainConfig
+
+
+def _time(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` (which must block) over ``repeats`` runs after a warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def dense_matmul_rate(batch: int, d_in: int, d_sae: int, repeats: int) -> dict:
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(key_a, (batch, d_in), jnp.float32)
+    b = jax.random.normal(key_b, (d_in, d_sae), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    seconds = _time(lambda: matmul(a, b).block_until_ready(), repeats)
+    return {"seconds": seconds, "flops_per_s": 2 * batch * d_in * d_sae / seconds}
+
+
+def step_rate(config: TrainConfig, repeats: int) -> dict:
+    params = objectives.init_params(config, jax.random.PRNGKey(0))
+    norm = {
+        "in_shift": np.zeros(config.d_in, np.float32),
+        "in_scale": np.float32(1),
+        "out_shift": np.zeros(config.d_in, np.float32),
+        "out_scale": np.float32(1),
+    }
+    state = step_lib.init_state(config, params, norm)
+    step_fn = jax.jit(step_lib.make_train_step(config), donate_argnums=(0,))
+    x = jax.random.normal(jax.random.PRNGKey(1), (config.batch_size, config.d_in), jnp.float32)
+    box = {"state": state}
+
+    def run():
+        box["state"], metrics = step_fn(box["state"], x, None)
+        jax.block_until_ready(metrics["loss"])
+
+    start = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - start
+    seconds = _time(run, repeats)
+    flops = 6 * config.batch_size * config.d_in * config.d_sae
+    return {
+        "seconds_per_step": seconds,
+        "compile_and_first_step_s": compile_s,
+        "tokens_per_s": config.batch_size / seconds,
+        "flops_per_s": flops / seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="d_in 128, d_sae 2048, batch 512")
+    parser.add_argument("--archs", default="jumprelu,topk")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    args = parser.parse_args()
+    d_in, d_sae, batch, k = (128, 2048, 512, 32) if args.quick else (640, 16384, 4096, 32)
+    dense = dense_matmul_rate(batch, d_in, d_sae, args.steps)
+    report = {
+        "device": str(jax.devices()[0]),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "jax": jax.__version__,
+        "shape": {"d_in": d_in, "d_sae": d_sae, "batch": batch, "k": k, "dtype": args.dtype},
+        "dense_matmul": dense,
+        "steps": {},
+    }
+    variants = []
+    for arch in args.archs.split(","):
+        variants.append((arch, {}))
+        if arch == "topk":
+            variants.append(("topk_sparse", {"sparse_topk": True}))
+    for name, extra in variants:
+        arch = "topk" if name.startswith("topk") else name
+        config = TrainConfig(
+            d_in=d_in,
+            d_sae=d_sae,
+            architecture=arch,
+            k=k,
+            batch_size=batch,
+            total_steps=1000,
+            dtype=args.dtype,
+            dead_window_tokens=batch * 2,
+            **extra,
+        )
+        result = step_rate(config, args.steps)
+        result["fraction_of_matmul"] = result["flops_per_s"] / dense["flops_per_s"]
+        report["steps"][name] = result
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The on-disk cache of SentencePiece models built from GGUF vocabularies.
+
+Building Gemma 3's 262144-piece model from GGUF metadata takes a few seconds, so
+:meth:`gemma_scope_pz.models.tokenizer.Gemma3Tokenizer.from_gguf` stores the serialized model
+as ``<cache_dir>/tokenizer-<hash>.model``, keyed by a digest of the vocabulary metadata and the
+version of the GGUF-to-SentencePiece mapping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["default_cache_dir", "model_cache_path", "write_atomically"]
+
+# Bump when the GGUF -> SentencePiece mapping changes, so stale cached models are not reused.
+_BUILDER_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """``$GEMMA_SCOPE_PZ_CACHE`` or ``~/.cache/gemma_scope_pz``."""
+    return Path(os.environ.get("GEMMA_SCOPE_PZ_CACHE", Path.home() / ".cache" / "gemma_scope_pz"))
+
+
+def model_cache_path(vocab_digest: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the model built from a vocabulary with digest ``vocab_digest`` is cached.
+
+    Args:
+      vocab_digest: the ``"_digest"`` of ``read_gguf_tokenizer_metadata``.
+      cache_dir: the cache folder (default :func:`default_cache_dir`).
+    """
+    key = hashlib.sha256(f"{vocab_digest}/v{_BUILDER_VERSION}".encode()).hexdigest()[:16]
+    return Path(cache_dir or default_cache_dir()) / f"tokenizer-{key}.model"
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Writes ``data`` to a temporary file next to ``path``, then renames it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise

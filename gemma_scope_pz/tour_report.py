@@ -1,0 +1,99 @@
+"""The tour's HTML report: one self-contained page plus the feature cards page it links to."""
+
+from __future__ import annotations
+
+import html
+import os
+import pathlib
+import tempfile
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from gemma_scope_pz.analysis.cards import write_feature_cards
+from gemma_scope_pz.scope.highlight import highlight_tokens_html
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f3f3f3}code,pre{background:#f6f6f6;padding:2px 4px;border-radius:3px}
+h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}.muted{color:#777}
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _metrics_table(rows: dict[str, dict]) -> str:
+    keys = ["fvu", "l0", "ce_clean", "ce_spliced", "delta_loss", "ce_recovered", "kl", "n_tokens", "dead_fraction"]
+    head = "".join(f"<th>{_e(k)}</th>" for k in ["dictionary", *keys])
+    body = ""
+    for name, metrics in rows.items():
+        cells = "".join(
+            f"<td>{metrics[k]:.4g}</td>" if isinstance(metrics[k], float) else f"<td>{_e(metrics[k])}</td>" for k in keys
+        )
+        body += f"<tr><td>{_e(name)}</td>{cells}</tr>"
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    *,
+    summary: dict,
+    sentence_tokens: Sequence[str],
+    sentence_latents: np.ndarray,
+    features: Sequence[int],
+    examples,
+    stats,
+    token_strings: Callable[[Sequence[int]], list[str]],
+    lens: dict[int, tuple[list, list]],
+) -> pathlib.Path:
+    """Writes ``report.html`` and ``feature_cards.html`` into ``out_dir``; returns the report path."""
+    out_dir = pathlib.Path(out_dir)
+    cards = write_feature_cards(
+        out_dir / "feature_cards.html", list(features), examples, stats, token_strings, lens,
+        title="Gemma Scope tour: feature cards", meta={"dictionaries": summary.get("dictionaries", "")},
+    )
+    strongest = summary["strongest_feature"]
+    values = np.array(sentence_latents[:, strongest], dtype=np.float32)
+    values[0] = 0.0  # BOS
+    lens_s = summary["logit_lens"]
+    steer = summary["steering"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Gemma Scope tour</title><style>{_STYLE}</style></head><body>",
+        "<h1>Gemma Scope tour</h1>",
+        f"<p class='muted'>Dictionaries: {_e(summary.get('dictionaries', ''))}</p>",
+        "<h2>Model</h2>",
+        "<p>Next-token predictions after <code>The capital of France is</code>: "
+        + ", ".join(f"<code>{_e(t)}</code> {p:.2f}" for t, p in summary["next_tokens"])
+        + "</p>",
+        f"<p>Greedy continuation: <code>The capital of France is{_e(summary['greedy'])}</code></p>",
+        "<h2>Reconstruction metrics (held-out text)</h2>",
+        _metrics_table({"SAE": summary["sae_metrics"], "transcoder": summary["transcoder_metrics"]}),
+        f"<h2>Feature #{strongest} on the sentence</h2>",
+        highlight_tokens_html(list(sentence_tokens), values, title=f"activation of feature #{strongest}"),
+        "<h3>Logit lens</h3><p>Promotes: "
+        + " ".join(f"<code>{_e(t)}</code>" for t, _ in lens_s["top"])
+        + "</p><p>Suppresses: "
+        + " ".join(f"<code>{_e(t)}</code>" for t, _ in lens_s["bottom"])
+        + "</p>",
+        f"<h3>Steering (coefficient {steer['coeff']} × ‖x‖ along feature #{strongest})</h3>",
+        f"<p>Without: <code>{_e(steer['prompt'] + steer['plain'])}</code></p>",
+        f"<p>With: <code>{_e(steer['prompt'] + steer['steered'])}</code></p>",
+        f"<h2>Feature cards</h2><p><a href='{_e(cards.name)}'>{len(features)} feature cards</a> "
+        "with max-activating contexts, logit lens and the density histogram.</p>",
+        "</body></html>",
+    ]
+    report = out_dir / "report.html"
+    _atomic_write(report, "\n".join(parts))
+    return report

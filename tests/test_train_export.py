@@ -1,0 +1,109 @@
+"""Export of trained SAEs to the Gemma Scope 2 and SAELens folder formats."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from gemma_scope_pz.train.config import TrainConfig
+from gemma_scope_pz.train.export import export_gemma_scope_2, export_saelens, hf_hook_point
+from gemma_scope_pz.train.trainer import train
+
+
+def _train(**kw):
+    rng = np.random.default_rng(0)
+    base = dict(
+        d_in=8,
+        d_sae=32,
+        architecture="jumprelu",
+        batch_size=32,
+        total_steps=4,
+        warmup_steps=1,
+        progress_bar=False,
+        norm_estimation_batches=2,
+        log_every=2,
+        model_name="gemma3-270m",
+        site_in="blocks.4.resid_post",
+    )
+    base.update(kw)
+    cfg = TrainConfig(**base)
+    x_in = (rng.normal(size=(256, 8)) * 5 + 1).astype(np.float32)
+    if cfg.is_transcoder:
+        return train(cfg, (x_in, rng.normal(size=(256, cfg.out_dim)).astype(np.float32)))
+    return train(cfg, x_in)
+
+
+def test_gemma_scope_2_sae_export(tmp_path):
+    result = _train()
+    folder = tmp_path / "gs2"
+    export_gemma_scope_2(result, folder)
+    export_gemma_scope_2(result, folder)  # overwriting an export is atomic too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gs2"]
+    config = json.loads((folder / "config.json").read_text())
+    tensors = load_file(folder / "params.safetensors")
+    assert config["type"] == "sae" and config["width"] == 32 and config["d_in"] == 8
+    assert config["architecture"] == "jump_relu" and config["l0"] == result.metrics[-1]["l0"]
+    assert config["hf_hook_point_in"] == "model.layers.4.output"
+    raw = result.raw_params()
+    assert set(tensors) == {"w_enc", "b_enc", "w_dec", "b_dec", "threshold"}
+    for key in tensors:
+        np.testing.assert_array_equal(tensors[key], raw[key])
+    checkpoints = pytest.importorskip("gemma_scope_pz.scope.checkpoints")
+    loaded = checkpoints.load_sae(folder)
+    assert loaded.meta.site_in == "blocks.4.resid_post"
+    for key, value in loaded.to_arrays().items():
+        np.testing.assert_array_equal(value, raw[key])
+
+
+def test_gemma_scope_2_transcoder_and_saelens_export(tmp_path):
+    result = _train(
+        d_out=6, affine_skip=True, site_in="blocks.2.mlp_in", site_out="blocks.2.mlp_out"
+    )
+    export_gemma_scope_2(result, tmp_path / "tc")
+    config = json.loads((tmp_path / "tc" / "config.json").read_text())
+    tensors = load_file(tmp_path / "tc" / "params.safetensors")
+    assert config["type"] == "transcoder" and config["affine_connection"] is True
+    assert tensors["affine_skip_connection"].shape == (8, 6)
+    np.testing.assert_array_equal(tensors["affine_skip_connection"], result.raw_params()["w_skip"])
+    export_saelens(result, tmp_path / "sl")
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    weights = load_file(tmp_path / "sl" / "sae_weights.safetensors")
+    assert set(weights) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip"}
+    assert cfg["d_in"] == 8 and cfg["d_sae"] == 32 and cfg["d_out"] == 6
+    assert cfg["hook_name"] == "blocks.2.mlp_in" and cfg["normalize_activations"] == "none"
+    np.testing.assert_array_equal(weights["W_dec"], result.raw_params()["w_dec"])
+
+
+def test_batchtopk_exports_as_jumprelu_with_global_threshold(tmp_path):
+    result = _train(architecture="batchtopk", k=4)
+    assert result.inference_threshold > 0
+    export_saelens(result, tmp_path / "sl")
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    weights = load_file(tmp_path / "sl" / "sae_weights.safetensors")
+    assert cfg["architecture"] == "jumprelu"
+    np.testing.assert_allclose(weights["threshold"], result.inference_threshold)
+
+
+def test_hf_hook_point_names():
+    assert hf_hook_point("blocks.0.mlp_out") == "model.layers.0.post_feedforward_layernorm.output"
+    assert hf_hook_point("custom") == "custom"
+
+
+def test_to_autoencoder_matches_raw_forward():
+    layers = pytest.importorskip("gemma_scope_pz.scope.layers")
+    if not hasattr(layers, "encode_arrays"):
+        pytest.skip("scope.layers has no encode_arrays yet")
+    import jax.numpy as jnp
+
+    result = _train()
+    sae = result.to_autoencoder()
+    raw = result.raw_params()
+    x = np.random.default_rng(1).normal(size=(5, 8)).astype(np.float32) * 5 + 1
+    params = {k: jnp.asarray(v) for k, v in sae.to_arrays().items()}
+    recon = layers.decode_arrays(
+        params, layers.encode_arrays(params, jnp.asarray(x), "jumprelu", None)
+    )
+    z = x @ raw["w_enc"] + raw["b_enc"]
+    expected = np.where(z > raw["threshold"], z, 0) @ raw["w_dec"] + raw["b_dec"]
+    np.testing.assert_allclose(np.asarray(recon), expected, rtol=1e-4, atol=1e-4)
