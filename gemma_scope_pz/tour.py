@@ -106,7 +106,12 @@ def _eval_batches(model, tok, n_contexts: int, skip_docs: int, context_len: int 
     return np.stack(rows)
 
 
-def _get_dictionaries(model, tok, s: TourSettings, log) -> tuple[object, object, str]:
+def tour_dictionaries(model, tok, s: TourSettings, log=print) -> tuple[object, object, str]:
+    """(SAE at blocks.{layer}.resid_post, transcoder at blocks.{transcoder_layer}, description).
+
+    Loads ``s.sae``/``s.transcoder`` when given; otherwise harvests the offline corpus once (one
+    forward pass for all three sites, cached on disk) and trains both, reusing cached exports.
+    """
     from gemma_scope_pz.scope.checkpoints import load_sae
     from gemma_scope_pz.train.config import TrainConfig
     from gemma_scope_pz.train.pipeline import default_cache_root, fingerprint, harvest_to_cache, train_dictionary
@@ -176,7 +181,7 @@ def run_tour(settings: TourSettings | None = None, log: Callable[[str], None] = 
     timings["model"] = time.perf_counter() - t
 
     t = _step(log, "2. Dictionaries (SAE + transcoder)")
-    sae, transcoder, source = _get_dictionaries(model, tok, s, log)
+    sae, transcoder, source = tour_dictionaries(model, tok, s, log)
     summary["dictionaries"] = source
     timings["dictionaries"] = time.perf_counter() - t
 

@@ -130,8 +130,8 @@ def test_capture_every_kind_matches_oracle(setup):
         _assert_close(early[name], sites[name], 1e-4, name)
         np.testing.assert_allclose(early[name], full[name], rtol=1e-6, atol=1e-6, err_msg=name)
     # resid_post of L is resid_pre of L+1 (the same array).
-    both = capture(model, TOKENS, ["blocks.3.resid_post", "blocks.4.resid_pre"])
-    np.testing.assert_array_equal(both["blocks.3.resid_post"], both["blocks.4.resid_pre"])
+    both = capture(model, TOKENS, ["blocks.1.resid_post", "blocks.2.resid_pre"])
+    np.testing.assert_array_equal(both["blocks.1.resid_post"], both["blocks.2.resid_pre"])
     # A single site name and a site needing only the embedding.
     single = capture(model, TOKENS, "blocks.0.resid_pre")["blocks.0.resid_pre"]
     _assert_close(single, sites["embed"], 1e-6, "embedding")
