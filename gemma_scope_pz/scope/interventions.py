@@ -164,6 +164,10 @@ def splice(
     _check_width(model, sae, site)
     site_out = getattr(meta, "site_out", None) if meta else None
     if site.kind == "mlp_in" and site_out and Site.parse(site_out).kind == "mlp_out":
+        if Site.parse(site_out).layer != Site.parse(meta.site_in or site).layer:
+            raise ValueError(
+                f"Transcoder {meta.site_in} -> {site_out} spans blocks; splice replaces one MLP"
+            )
         return _replace_mlp(model, sae, site.layer, include_error, ids, vals)
     return attach(model, site, SpliceSAE(sae, include_error, ids, vals))
 

@@ -65,6 +65,9 @@ def logit_lens(model: Gemma3LM, sae: pz.nn.Layer, features: int | Sequence[int],
     """Top/bottom-k tokens of each feature's decoder row (one batched, jitted readout)."""
     ids = [features] if isinstance(features, int | np.integer) else list(features)
     w_dec = jnp.asarray(sae.to_arrays()["w_dec"])
+    bad = [int(i) for i in ids if not 0 <= int(i) < w_dec.shape[0]]
+    if bad:  # jnp indexing would silently clamp (or wrap negative ids)
+        raise ValueError(f"logit_lens: features {bad} are outside 0..{w_dec.shape[0] - 1}")
     if w_dec.shape[-1] != model.config.d_model:
         raise ValueError(
             f"Logit lens needs a decoder writing to the residual stream (d_model={model.config.d_model}); "

@@ -26,7 +26,12 @@ over the batch. Architectures:
   exported as JumpReLU SAEs with that global threshold).
 * AuxK (Gao et al. 2024, TopK-style only): the ``aux_k`` largest pre-activations among *dead*
   latents reconstruct the (stop-gradient) residual ``x_out - y_hat``; the loss is normalised by
-  the residual's total variance and is exactly 0 when no latent is dead.
+  the residual's total variance and is exactly 0 when no latent is dead. Only ``aux_k`` latents
+  per token take part, so their decoder rows are gathered instead of a dense matmul.
+* ``sparse_topk=True`` (TopK): a gradient-free dense encoder pass only *selects* the k latents;
+  their pre-activations are recomputed from gathered encoder columns and decoded from gathered
+  decoder rows, so the backward pass costs O(batch * k * d) instead of three dense matmuls.
+  Loss and gradients equal the dense path's (tested).
 * ``matryoshka``: the reconstruction loss is summed over nested prefixes of the latents
   (``f[:, :m] @ w_dec[:m]`` for each prefix size m), computed with one matmul per group.
 """
@@ -156,15 +161,33 @@ def weighted_l1(f: jax.Array, w_dec: jax.Array) -> jax.Array:
 
 
 def auxk_loss(
-    z: jax.Array, residual: jax.Array, w_dec: jax.Array, dead: jax.Array, aux_k: int, dtype: str
+    z: jax.Array,
+    residual: jax.Array,
+    w_dec: jax.Array,
+    dead: jax.Array,
+    aux_k: int,
+    dtype: str,
+    pre_activations_at=None,
 ) -> jax.Array:
     """AuxK loss: dead latents' top-``aux_k`` reconstruct the (stop-gradient) residual.
 
+    Only ``aux_k`` latents per row take part, so the decoder side uses a gather of their rows
+    instead of a dense matmul. ``pre_activations_at(idx)`` recomputes the selected
+    pre-activations (sparse path); by default they are read from ``z``.
+
     Returns ``||e - e_hat||^2 / ||e - mean(e)||^2`` over the batch, or 0 if nothing is dead.
     """
-    masked = jnp.where(dead, z, -1e30)
-    f_aux = jnp.where(dead, topk_activation(masked, aux_k), 0.0)
-    return _aux_from_estimate(residual, matmul(f_aux, w_dec, dtype), dead)
+    idx = jax.lax.top_k(jnp.where(dead, jax.lax.stop_gradient(z), -1e30), aux_k)[1]
+    if pre_activations_at is None:
+        pre = jnp.take_along_axis(z, idx, axis=-1)
+    else:
+        pre = pre_activations_at(idx)
+    f_aux = jnp.where(dead[idx], jax.nn.relu(pre), 0.0)
+    rows = jnp.take(w_dec, idx, axis=0)
+    if dtype == "bfloat16":
+        f_aux, rows = f_aux.astype(jnp.bfloat16), rows.astype(jnp.bfloat16)
+    estimate = jnp.einsum("bk,bkd->bd", f_aux, rows, preferred_element_type=jnp.float32)
+    return _aux_from_estimate(residual, estimate, dead)
 
 
 def _aux_from_estimate(residual: jax.Array, estimate: jax.Array, dead: jax.Array) -> jax.Array:
@@ -183,7 +206,7 @@ def _gathered(params: Params, x_in: jax.Array, idx: jax.Array, dtype: str):
 
 
 def _sparse_topk_terms(params: Params, x_in: jax.Array, dead: jax.Array, config: TrainConfig):
-    """TopK reconstruction (without b_dec/skip), AuxK estimate and fired mask via gathers.
+    """Selection pre-activations, TopK reconstruction (without b_dec/skip), fired mask, L0.
 
     The dense encoder pass only *selects* latents (no gradient flows through it); gradients
     reach the encoder columns and decoder rows of the selected latents only.
@@ -194,14 +217,8 @@ def _sparse_topk_terms(params: Params, x_in: jax.Array, dead: jax.Array, config:
     f = jax.nn.relu(pre)
     recon = jnp.einsum("bk,bkd->bd", f.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
     counts = jnp.zeros(config.d_sae, jnp.int32).at[idx.reshape(-1)].add((f > 0).reshape(-1))
-    aux_estimate = None
-    if config.effective_aux_k > 0 and config.aux_k_coeff > 0:
-        aux_idx = jax.lax.top_k(jnp.where(dead, z, -1e30), config.effective_aux_k)[1]
-        aux_pre, aux_rows = _gathered(params, x_in, aux_idx, config.dtype)
-        aux_f = jnp.where(dead[aux_idx], jax.nn.relu(aux_pre), 0.0).astype(aux_rows.dtype)
-        aux_estimate = jnp.einsum("bk,bkd->bd", aux_f, aux_rows, preferred_element_type=jnp.float32)
     l0 = jnp.mean(jnp.sum(f > 0, axis=-1).astype(jnp.float32))
-    return recon, aux_estimate, counts > 0, l0
+    return z, recon, counts > 0, l0
 
 
 def matryoshka_reconstructions(
@@ -290,14 +307,22 @@ def _finish(recon_loss, full_sq_err, sparsity, aux, l0, x_out, fired, batch_thre
 
 
 def _sparse_topk_loss(params, x_in, x_out, dead, config):
-    recon, aux_estimate, fired, l0 = _sparse_topk_terms(params, x_in, dead, config)
+    z, recon, fired, l0 = _sparse_topk_terms(params, x_in, dead, config)
     recon = recon + params["b_dec"]
     if "w_skip" in params:
         recon = recon + matmul(x_in, params["w_skip"], config.dtype)
     sq_err = sum_sq(recon - x_out)
     aux = jnp.zeros((), jnp.float32)
-    if aux_estimate is not None:
-        aux = config.aux_k_coeff * _aux_from_estimate(x_out - recon, aux_estimate, dead)
+    if config.effective_aux_k > 0 and config.aux_k_coeff > 0:
+        aux = config.aux_k_coeff * auxk_loss(
+            z,
+            x_out - recon,
+            params["w_dec"],
+            dead,
+            config.effective_aux_k,
+            config.dtype,
+            lambda idx: _gathered(params, x_in, idx, config.dtype)[0],
+        )
     zero = jnp.zeros((), jnp.float32)
     return _finish(sq_err, sq_err, zero, aux, l0, x_out, fired, zero)
 

@@ -111,26 +111,38 @@ def make_train_step(config: TrainConfig) -> Callable:
         if config.unit_norm_decoder:
             grads["w_dec"] = project_out_parallel(grads["w_dec"], params["w_dec"])
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        if config.unit_norm_decoder:
-            w_dec = new_params["w_dec"]
-            new_params["w_dec"] = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
-        if "threshold" in new_params:
-            new_params["threshold"] = jnp.maximum(new_params["threshold"], _MIN_THRESHOLD)
-        since_fired = jnp.where(fired, 0, jnp.minimum(state["since_fired"] + 1, _SATURATE))
-        momentum = jnp.where(step == 0, 0.0, 0.99)
-        threshold_ema = momentum * state["inference_threshold"] + (1 - momentum) * batch_threshold
-
         ok = finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updated = {
-            "params": new_params,
-            "opt_state": opt_state,
-            "since_fired": since_fired,
-            "inference_threshold": threshold_ema,
-        }
-        kept = {key: state[key] for key in updated}
-        chosen = jax.tree_util.tree_map(lambda new, old: jnp.where(ok, new, old), updated, kept)
+
+        def apply_update(operands):
+            params, opt_state, grads, since_fired, threshold_ema = operands
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            if config.unit_norm_decoder:
+                w_dec = new_params["w_dec"]
+                new_params["w_dec"] = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
+            if "threshold" in new_params:
+                new_params["threshold"] = jnp.maximum(new_params["threshold"], _MIN_THRESHOLD)
+            since_fired = jnp.where(fired, 0, jnp.minimum(since_fired + 1, _SATURATE))
+            momentum = jnp.where(step == 0, 0.0, 0.99)
+            threshold_ema = momentum * threshold_ema + (1 - momentum) * batch_threshold
+            return new_params, opt_state, since_fired, threshold_ema
+
+        def skip_update(operands):
+            params, opt_state, _, since_fired, threshold_ema = operands
+            return params, opt_state, since_fired, threshold_ema
+
+        # lax.cond (not a select): the update runs only for good steps, with no extra pass.
+        operands = (
+            params,
+            state["opt_state"],
+            grads,
+            state["since_fired"],
+            state["inference_threshold"],
+        )
+        chosen = jax.lax.cond(ok, apply_update, skip_update, operands)
+        chosen = dict(
+            zip(("params", "opt_state", "since_fired", "inference_threshold"), chosen, strict=True)
+        )
         new_state = dict(state)
         new_state.update(chosen)
         new_state["step"] = step + 1
