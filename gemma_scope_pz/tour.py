@@ -115,7 +115,12 @@ def tour_dictionaries(model, tok, s: TourSettings, log=print) -> tuple[object, o
     """
     from gemma_scope_pz.scope.checkpoints import load_sae
     from gemma_scope_pz.train.config import TrainConfig
-    from gemma_scope_pz.train.pipeline import default_cache_root, fingerprint, harvest_to_cache, train_dictionary
+    from gemma_scope_pz.train.pipeline import (
+        default_cache_root,
+        fingerprint,
+        harvest_to_cache,
+        train_dictionary,
+    )
 
     sae_site = f"blocks.{s.layer}.resid_post"
     tc_in, tc_out = f"blocks.{s.transcoder_layer}.mlp_in", f"blocks.{s.transcoder_layer}.mlp_out"

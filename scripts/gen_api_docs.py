@@ -14,6 +14,7 @@ script's output, so rerun it after changing a docstring or a command-line option
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import os
@@ -119,8 +120,33 @@ def first_paragraph(doc: str | None) -> str:
     return " ".join(line.strip() for line in paragraph.splitlines())
 
 
+def _dataclass_signature(cls) -> str:
+    """``(field: type = default, ...)`` of a dataclass's ``__init__`` fields.
+
+    Penzai's ``pytree_dataclass`` hides the generated ``__init__`` behind ``(*args, **kwargs)``.
+    """
+    parts = []
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        annotation = (
+            field.type
+            if isinstance(field.type, str)
+            else getattr(field.type, "__name__", field.type)
+        )
+        text = f"{field.name}: {annotation}"
+        if field.default is not dataclasses.MISSING:
+            text += f" = {field.default!r}"
+        elif field.default_factory is not dataclasses.MISSING:
+            text += " = <factory>"
+        parts.append(text)
+    return "(" + ", ".join(parts) + ")"
+
+
 def signature(obj) -> str:
     """``(args) -> ret`` of a callable, with memory addresses removed; ``(...)`` if unknown."""
+    if inspect.isclass(obj) and dataclasses.is_dataclass(obj):
+        return _ADDRESS.sub("", _dataclass_signature(obj))
     try:
         text = str(inspect.signature(obj))
     except (TypeError, ValueError):

@@ -90,7 +90,7 @@ def attention(
 
     Args:
       x: The pre-attention-norm output, ``[batch, seq, d_model]``.
-      positions: ``[batch, seq]`` integer positions for RoPE.
+      positions: ``[batch, seq]`` RoPE positions (before any global RoPE scaling).
 
     Returns:
       ``(attn_out, projected)``: the concatenated heads entering the output projection

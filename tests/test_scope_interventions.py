@@ -273,6 +273,9 @@ def test_steered_generation_matches_uncached_greedy(setup):
     model = setup[1]
     direction = np.random.default_rng(11).standard_normal(CONFIG.d_model)
     steered = steer(model, f"blocks.{LAYER}.resid_post", direction, 4.0)
+    # A spliced SAE (ablating a latent) at another site also runs inside the KV-cached sampler.
+    sae = _random_sae(CONFIG.d_model, 24, "topk", seed=31, site_in="blocks.1.mlp_out")
+    steered = splice(steered, sae, include_error=True, clamp={3: 0.0})
     prompts = [TOKENS[0, :6].tolist(), TOKENS[1, :4].tolist()]  # left-padded together
     n_new = 5
     got = generate(steered, prompts, n_new, stop_token=None)

@@ -177,17 +177,24 @@ def auxk_loss(
 
     Returns ``||e - e_hat||^2 / ||e - mean(e)||^2`` over the batch, or 0 if nothing is dead.
     """
-    idx = jax.lax.top_k(jnp.where(dead, jax.lax.stop_gradient(z), -1e30), aux_k)[1]
-    if pre_activations_at is None:
-        pre = jnp.take_along_axis(z, idx, axis=-1)
-    else:
-        pre = pre_activations_at(idx)
-    f_aux = jnp.where(dead[idx], jax.nn.relu(pre), 0.0)
-    rows = jnp.take(w_dec, idx, axis=0)
-    if dtype == "bfloat16":
-        f_aux, rows = f_aux.astype(jnp.bfloat16), rows.astype(jnp.bfloat16)
-    estimate = jnp.einsum("bk,bkd->bd", f_aux, rows, preferred_element_type=jnp.float32)
-    return _aux_from_estimate(residual, estimate, dead)
+
+    def compute(z, residual, w_dec):
+        idx = jax.lax.top_k(jnp.where(dead, jax.lax.stop_gradient(z), -1e30), aux_k)[1]
+        if pre_activations_at is None:
+            pre = jnp.take_along_axis(z, idx, axis=-1)
+        else:
+            pre = pre_activations_at(idx)
+        f_aux = jnp.where(dead[idx], jax.nn.relu(pre), 0.0)
+        rows = jnp.take(w_dec, idx, axis=0)
+        if dtype == "bfloat16":
+            f_aux, rows = f_aux.astype(jnp.bfloat16), rows.astype(jnp.bfloat16)
+        estimate = jnp.einsum("bk,bkd->bd", f_aux, rows, preferred_element_type=jnp.float32)
+        return _aux_from_estimate(residual, estimate, dead)
+
+    # Skipped at run time (not just masked) while no latent is dead.
+    return jax.lax.cond(
+        jnp.any(dead), compute, lambda *_: jnp.zeros((), jnp.float32), z, residual, w_dec
+    )
 
 
 def _aux_from_estimate(residual: jax.Array, estimate: jax.Array, dead: jax.Array) -> jax.Array:

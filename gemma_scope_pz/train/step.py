@@ -29,6 +29,8 @@ from gemma_scope_pz.train.config import TrainConfig
 State = dict
 _SATURATE = 2**30
 _MIN_THRESHOLD = 1e-4
+# optax.tree.norm (optax >= 0.2.5) replaces the deprecated optax.global_norm.
+_global_norm = optax.tree.norm if hasattr(optax, "tree") else optax.global_norm
 
 
 def learning_rate(config: TrainConfig, step):
@@ -110,7 +112,7 @@ def make_train_step(config: TrainConfig) -> Callable:
         )
         if config.unit_norm_decoder:
             grads["w_dec"] = project_out_parallel(grads["w_dec"], params["w_dec"])
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = _global_norm(grads)
         ok = finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply_update(operands):
