@@ -40,11 +40,16 @@ def _load(args, need_sae: bool = False):
 
 
 def _corpus_batches(tok, spec, n_contexts: int, context_len: int = 128) -> np.ndarray:
+    """Contexts for evaluation. The default corpus is read from its END (documents in reverse), so
+    dictionaries trained on its beginning (the tour, short training runs) are evaluated on held-out text."""
     from gemma_scope_pz.train.corpus import load_corpus
     from gemma_scope_pz.train.harvest import pack_contexts
 
+    docs = list(load_corpus(spec))
+    if spec in (None, "default"):
+        docs = docs[::-1]
     rows = []
-    for ctx in pack_contexts(load_corpus(spec), tok, context_len):
+    for ctx in pack_contexts(docs, tok, context_len):
         rows.append(ctx)
         if len(rows) == n_contexts:
             break

@@ -126,11 +126,14 @@ def tour_dictionaries(model, tok, s: TourSettings, log=print) -> tuple[object, o
     tc_in, tc_out = f"blocks.{s.transcoder_layer}.mlp_in", f"blocks.{s.transcoder_layer}.mlp_out"
     if s.sae and s.transcoder:
         return load_sae(s.sae), load_sae(s.transcoder), "loaded"
+    from gemma_scope_pz.train.corpus import load_corpus
+
     root = default_cache_root() / "tour"
-    data_key = fingerprint(model.config.to_dict(), s.train_tokens, sae_site, tc_in, tc_out)
+    corpus = load_corpus(None)
+    data_key = fingerprint(model.config.to_dict(), corpus.label, s.train_tokens, sae_site, tc_in, tc_out)
     sites = [sae_site, tc_in, tc_out]
     log(f"harvesting {s.train_tokens} tokens at {sites} from the offline corpus (cached in {root})")
-    cache = harvest_to_cache(model, tok, None, sites, root / f"acts-{data_key}", n_tokens=s.train_tokens)
+    cache = harvest_to_cache(model, tok, corpus, sites, root / f"acts-{data_key}", n_tokens=s.train_tokens)
     common = dict(
         architecture="batchtopk", k=s.k, batch_size=s.batch_size, total_steps=s.train_steps,
         warmup_steps=max(s.train_steps // 20, 1), sparsity_warmup_steps=1, lr=1e-3,

@@ -216,7 +216,8 @@ def steer(
 ) -> Gemma3LM:
     """A copy of ``model`` that adds a steering vector at ``site`` (BOS untouched).
 
-    ``direction`` is normalised to unit length. ``coeff = 0`` returns an exactly equivalent model.
+    ``direction`` is normalised to unit length. ``coeff = 0`` computes the same function (logits agree
+    to float rounding; XLA may fuse the modified program differently).
     """
     d = jnp.asarray(direction, dtype=jnp.float32)
     norm = jnp.linalg.norm(d)
@@ -274,6 +275,10 @@ def capture(
 
     The forward stops after the last block any site needs unless ``stop_early=False``. ``pad_id``
     as in ``models.gemma3.forward`` (left padding masked out).
+
+    On a model that already has layers attached (steering, splicing), the value recorded at a site
+    is the one entering those layers, i.e. before the intervention at that same site; capture the
+    next site (e.g. ``blocks.{L+1}.resid_pre`` for ``blocks.{L}.resid_post``) to see its effect.
     """
     names = (sites,) if isinstance(sites, str) else tuple(sites)
     if not names:

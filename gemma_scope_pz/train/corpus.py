@@ -455,6 +455,10 @@ def _module_docs(name: str) -> Iterator[str]:
         obj = getattr(module, attr)
         if attr.startswith("_") or not (inspect.isclass(obj) or callable(obj)):
             continue
+        # Only objects the module defines itself: environments such as IPython replace some
+        # (builtins.input, sys.excepthook), and their docstrings would change the corpus.
+        if getattr(obj, "__module__", name) != name:
+            continue
         yield inspect.getdoc(obj) or ""
         if inspect.isclass(obj) and getattr(obj, "__module__", None) == name:
             for member in sorted(vars(obj)):
