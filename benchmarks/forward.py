@@ -10,24 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def _median_seconds(fn, repeats: int) -> list[float]:
-    jax.block_until_ready(fn())  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times
+from common import machine_info, median_seconds
 
 
 def main() -> None:
@@ -48,8 +35,8 @@ def main() -> None:
     tokens = rng.integers(3, 20_000, size=(args.batch, args.seq)).astype(np.int32)
     tokens[:, 0] = 2
     n_tokens = args.batch * args.seq
-    full = _median_seconds(lambda: gs.forward(model, tokens), args.repeats)
-    harvest = _median_seconds(
+    full = median_seconds(lambda: gs.forward(model, tokens), args.repeats)
+    harvest = median_seconds(
         lambda: gs.capture(model, tokens, ["blocks.9.resid_post"])["blocks.9.resid_post"], args.repeats
     )
     print(
@@ -62,14 +49,11 @@ def main() -> None:
                 "seq": args.seq,
                 "repeats": args.repeats,
                 "load_seconds": round(load_s, 2),
-                "full_logits_tokens_per_s": round(n_tokens / statistics.median(full), 1),
-                "full_logits_median_s": round(statistics.median(full), 4),
-                "stop_after_block_9_tokens_per_s": round(n_tokens / statistics.median(harvest), 1),
-                "stop_after_block_9_median_s": round(statistics.median(harvest), 4),
-                "devices": [str(d) for d in jax.devices()],
-                "cpu_count": os.cpu_count(),
-                "machine": platform.machine(),
-                "jax": jax.__version__,
+                "full_logits_tokens_per_s": round(n_tokens / full, 1),
+                "full_logits_median_s": round(full, 4),
+                "stop_after_block_9_tokens_per_s": round(n_tokens / harvest, 1),
+                "stop_after_block_9_median_s": round(harvest, 4),
+                **machine_info(),
             },
             indent=2,
         )

@@ -19,27 +19,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import machine_info, median_seconds
 from penzai import pz
 
 SITE = "blocks.9.resid_post"
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _harvest(
@@ -109,10 +97,10 @@ def main() -> None:
     xs = jnp.asarray(x)
     layer_fn = jax.jit(lambda s, v: s(v))
     frozen_sae = pz.freeze_params(sae)
-    layer_s = _median_seconds(lambda: layer_fn(frozen_sae, xs), args.repeats)
+    layer_s = median_seconds(lambda: layer_fn(frozen_sae, xs), args.repeats)
     params = {k: jnp.asarray(v) for k, v in sae.to_arrays().items()}
     plain_fn = jax.jit(lambda p, v: decode_arrays(p, encode_arrays(p, v, "jumprelu")))
-    plain_s = _median_seconds(lambda: plain_fn(params, xs), args.repeats)
+    plain_s = median_seconds(lambda: plain_fn(params, xs), args.repeats)
     latents = np.asarray(jax.jit(lambda p, v: encode_arrays(p, v, "jumprelu"))(params, xs))
     l0 = float((latents != 0).sum(-1).mean())
     x_hat = np.asarray(plain_fn(params, xs))
@@ -120,11 +108,11 @@ def main() -> None:
 
     # (b) Spliced forward vs clean forward (full logits).
     tokens = contexts[: args.batch]
-    clean_s = _median_seconds(lambda: gs.forward(model, tokens), args.repeats)
+    clean_s = median_seconds(lambda: gs.forward(model, tokens), args.repeats)
     spliced = gs.splice(model, sae, SITE)
-    spliced_s = _median_seconds(lambda: gs.forward(spliced, tokens), args.repeats)
+    spliced_s = median_seconds(lambda: gs.forward(spliced, tokens), args.repeats)
     with_error = gs.splice(model, sae, SITE, include_error=True)
-    with_error_s = _median_seconds(lambda: gs.forward(with_error, tokens), args.repeats)
+    with_error_s = median_seconds(lambda: gs.forward(with_error, tokens), args.repeats)
     n_forward = tokens.size
 
     print(
@@ -151,10 +139,7 @@ def main() -> None:
                 "spliced_with_error_over_clean": round(with_error_s / clean_s, 3),
                 "target_spliced_over_clean": 1.3,
                 "repeats": args.repeats,
-                "devices": [str(d) for d in jax.devices()],
-                "cpu_count": os.cpu_count(),
-                "machine": platform.machine(),
-                "jax": jax.__version__,
+                **machine_info(),
             },
             indent=2,
         )

@@ -46,7 +46,7 @@ def _corpus_batches(tok, spec, n_contexts: int, context_len: int = 128) -> np.nd
     from gemma_scope_pz.train.harvest import pack_contexts
 
     docs = list(load_corpus(spec))
-    if spec in (None, "default"):
+    if spec is None or str(spec).startswith("default"):
         docs = docs[::-1]
     rows = []
     for ctx in pack_contexts(docs, tok, context_len):

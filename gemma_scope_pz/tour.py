@@ -59,9 +59,9 @@ class TourSettings:
     train_steps: int = 1500
     batch_size: int = 1024
     k: int = 32
-    eval_contexts: int = 8
+    eval_contexts: int = 6
     card_contexts: int = 64
-    steer_coeff: float = 0.6
+    steer_coeff: float = 0.3
     quick: bool = False
     cache: bool = True
 
