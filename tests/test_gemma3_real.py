@@ -63,3 +63,13 @@ def test_mean_nll_of_energy_sentence(real_model):
     nll = -logp[np.arange(tokens.shape[1] - 1), tokens[0, 1:]].mean()
     assert abs(nll - p["mean_nll"]) < 2e-3, nll
     assert abs(nll - 1.41) < 0.01
+
+
+def test_long_context_beyond_the_sliding_window_matches_transformers(real_model):
+    # 600 tokens: positions >= 512 exercise the 512-token window of the local layers.
+    p = REFERENCE["long_context"]
+    logits = np.asarray(gs.forward(real_model, np.array([p["input_ids"]])))[0, p["positions"]]
+    subset = logits[:, p["subset_ids"]]
+    rel = np.abs(subset - np.asarray(p["subset_logits"])) / np.asarray(p["max_abs_logit"])[:, None]
+    assert rel.max() <= 1e-3, f"max |Δlogit| / max|logit| = {rel.max():.2e}"
+    assert [int(i) for i in np.argmax(logits, -1)] == [row[0] for row in p["top_ids"]]
