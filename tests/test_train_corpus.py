@@ -7,8 +7,9 @@ import types
 
 import pytest
 
-from gemma_scope_pz.train import corpus as corpus_mod
-from gemma_scope_pz.train.corpus import Corpus, default_corpus, hash_documents, load_corpus
+from gemma_scope_pz.train import default_corpus as corpus_mod
+from gemma_scope_pz.train.corpus import Corpus, hash_documents, load_corpus
+from gemma_scope_pz.train.default_corpus import default_corpus
 
 
 def test_texts_reiterable_and_fingerprint():

@@ -197,7 +197,7 @@ def test_harvest_bad_input(model_and_params):
 @pytest.mark.slow
 def test_pack_default_corpus_with_real_tokenizer():
     tokenizer_mod = pytest.importorskip("gemma_scope_pz.models.tokenizer")
-    from gemma_scope_pz.train.corpus import default_corpus
+    from gemma_scope_pz.train.default_corpus import default_corpus
 
     tok = tokenizer_mod.load_tokenizer()
     docs = default_corpus().head(40)
