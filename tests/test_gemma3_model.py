@@ -128,3 +128,27 @@ def test_sampling_distribution_follows_top_p():
     logits = np.asarray(forward(model, np.array([[2, 3]])))[0, -1]
     allowed = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits)[None], SamplingConfig(1.0, None, 0.3))))[0]
     assert all(allowed[t] for t in outs)
+
+
+def test_bfloat16_model_runs_interventions_and_generation():
+    from gemma_scope_pz.scope.interventions import splice, steer
+    from gemma_scope_pz.scope.layers import AutoEncoder
+
+    config = CONFIGS["gqa"]
+    model = Gemma3LM.from_params(config, ref.random_params(config, seed=4), dtype=jnp.bfloat16)
+    tokens = _tokens()
+    clean = np.asarray(forward(model, tokens).astype(jnp.float32))
+    rng = np.random.default_rng(0)
+    d, m = config.d_model, 64
+    sae = AutoEncoder.from_arrays(
+        rng.standard_normal((d, m)).astype(np.float32) / np.sqrt(d), np.zeros(m, np.float32),
+        rng.standard_normal((m, d)).astype(np.float32) / np.sqrt(m), np.zeros(d, np.float32),
+        activation="relu",
+    )
+    exact = np.asarray(forward(splice(model, sae, "blocks.2.resid_post", include_error=True), tokens).astype(jnp.float32))
+    # The error term is computed in float32 and cast back to bfloat16: equal up to bf16 rounding.
+    assert np.abs(exact - clean).max() <= 0.02 * np.abs(clean).max()
+    zero = np.asarray(forward(steer(model, "blocks.2.resid_post", np.ones(d), 0.0), tokens).astype(jnp.float32))
+    np.testing.assert_array_equal(zero, clean)
+    out = generate(model, [[2, 5, 6]], 4, stop_token=None)[0]
+    assert len(out) == 4 and all(0 <= t < config.vocab_size for t in out)

@@ -206,3 +206,24 @@ def test_pack_default_corpus_with_real_tokenizer():
     assert (contexts[:, 0] == tok.bos_id).all()
     assert not np.isin(contexts[mask], [tok.bos_id, tok.pad_id]).any()
     assert mask.sum() == sum(len(tok.encode(d, add_bos=False)) for d in docs)
+
+
+@pytest.mark.slow
+def test_gemma_library_like_tokenizer_is_accepted(real_tokenizer):
+    """A tokenizer without bos_id/pad_id (like gm.text.Gemma3Tokenizer) is wrapped by as_tokenizer."""
+    from gemma_scope_pz.train.harvest import pack_contexts
+
+    class GmLike:
+        def __init__(self, sp):
+            self._sp = sp
+
+        def encode(self, text, add_bos=False):
+            return ([2] if add_bos else []) + list(self._sp.EncodeAsIds(text))
+
+        def decode(self, ids):
+            return self._sp.DecodeIds(list(ids))
+
+    processor = real_tokenizer._sp
+    contexts = list(pack_contexts(["Energy cannot be created or destroyed."], GmLike(processor), 16))
+    expected = list(pack_contexts(["Energy cannot be created or destroyed."], real_tokenizer, 16))
+    assert len(contexts) == 1 and np.array_equal(contexts[0], expected[0])

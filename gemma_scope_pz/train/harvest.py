@@ -33,6 +33,15 @@ from gemma_scope_pz.scope.sites import Site
 from gemma_scope_pz.train.corpus import Corpus, load_corpus
 
 
+def text_tokenizer(tokenizer: Any) -> Any:
+    """``tokenizer`` if it has ``encode``/``bos_id``/``pad_id``, else wrapped by ``as_tokenizer``."""
+    if all(hasattr(tokenizer, name) for name in ("encode", "bos_id", "pad_id")):
+        return tokenizer
+    from gemma_scope_pz.models.tokenizer import as_tokenizer
+
+    return as_tokenizer(tokenizer)
+
+
 def pack_contexts(
     docs: Iterable[str],
     tokenizer: Any,
@@ -50,7 +59,8 @@ def pack_contexts(
     Args:
       docs: Documents (``str``), e.g. a ``Corpus``.
       tokenizer: Anything with ``encode(text, add_bos=False) -> list[int]``, ``bos_id`` and
-        ``pad_id`` (a ``Gemma3Tokenizer``).
+        ``pad_id`` (a ``Gemma3Tokenizer``); other tokenizers, such as the ``gemma`` library's
+        ``gm.text.Gemma3Tokenizer``, are wrapped with ``models.tokenizer.as_tokenizer``.
       context_len: Tokens per context, BOS included.
       add_bos: Start every context with ``tokenizer.bos_id``.
       tail: What to do with a document's last, short piece: "pad" (fill up with ``pad_id``) or
@@ -63,6 +73,7 @@ def pack_contexts(
     n_text = context_len - 1 if add_bos else context_len
     if n_text < 1:
         raise ValueError(f"context_len={context_len} leaves no room for document tokens")
+    tokenizer = text_tokenizer(tokenizer)
     pad_id = int(tokenizer.pad_id)
     for doc in docs:
         ids = np.asarray(tokenizer.encode(doc, add_bos=False), dtype=np.int32)
@@ -237,6 +248,7 @@ def harvest(
         raise ValueError(f"n_tokens and start_row must be >= 0, got {n_tokens}, {start_row}")
     if n_tokens is not None and start_row >= n_tokens:
         return
+    tokenizer = text_tokenizer(tokenizer)
     pad_id, vocab = int(tokenizer.pad_id), model.config.vocab_size
     contexts = pack_contexts(corpus, tokenizer, context_len, add_bos=add_bos, tail=tail)
     contexts, skip = _skip_rows(contexts, start_row, pad_id, add_bos)
