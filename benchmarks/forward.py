@@ -37,7 +37,8 @@ def main() -> None:
     n_tokens = args.batch * args.seq
     full = median_seconds(lambda: gs.forward(model, tokens), args.repeats)
     harvest = median_seconds(
-        lambda: gs.capture(model, tokens, ["blocks.9.resid_post"])["blocks.9.resid_post"], args.repeats
+        lambda: gs.capture(model, tokens, ["blocks.9.resid_post"])["blocks.9.resid_post"],
+        args.repeats,
     )
     print(
         json.dumps(

@@ -23,18 +23,24 @@ import numpy as np
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint source (default: offline Gemma 3 270M)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint source (default: offline Gemma 3 270M)"
+    )
 
 
 def _add_sae(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--sae", required=required, help="SAE folder, or REPO:FOLDER of a Gemma Scope 2 release")
+    p.add_argument(
+        "--sae", required=required, help="SAE folder, or REPO:FOLDER of a Gemma Scope 2 release"
+    )
 
 
 def _load(args, need_sae: bool = False):
     import gemma_scope_pz as gs
 
     model = gs.load_model(args.model)
-    tok = gs.load_tokenizer(args.model if args.model and str(args.model).endswith(".gguf") else None)
+    tok = gs.load_tokenizer(
+        args.model if args.model and str(args.model).endswith(".gguf") else None
+    )
     sae = gs.load_sae(args.sae) if need_sae else None
     return gs, model, tok, sae
 
@@ -62,16 +68,28 @@ def cmd_tour(args) -> None:
     from gemma_scope_pz.tour import TourSettings, run_tour
 
     make = TourSettings.quick_settings if args.quick else TourSettings
-    settings = make(out_dir=pathlib.Path(args.out), model=args.model, sae=args.sae,
-                    transcoder=args.transcoder, cache=not args.no_cache)
+    settings = make(
+        out_dir=pathlib.Path(args.out),
+        model=args.model,
+        sae=args.sae,
+        transcoder=args.transcoder,
+        cache=not args.no_cache,
+    )
     run_tour(settings)
 
 
 def cmd_generate(args) -> None:
     gs, model, tok, _ = _load(args)
     text = gs.format_chat(args.prompt) if args.chat else args.prompt
-    out = gs.generate(model, [tok.encode(text)], args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)[0]
+    out = gs.generate(
+        model,
+        [tok.encode(text)],
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )[0]
     print(args.prompt + tok.decode(out))
 
 
@@ -82,7 +100,9 @@ def cmd_inspect(args) -> None:
     strings = tok.token_strings(ids)
     print(f"{'token':>20}  top {args.k} features (id activation)")
     for pos in range(1, len(ids)):
-        cells = "  ".join(f"#{int(f)} {v:.2f}" for f, v in zip(feats["ids"][pos], feats["values"][pos]) if v > 0)
+        cells = "  ".join(
+            f"#{int(f)} {v:.2f}" for f, v in zip(feats["ids"][pos], feats["values"][pos]) if v > 0
+        )
         print(f"{strings[pos]!r:>20}  {cells or '-'}")
 
 
@@ -93,8 +113,14 @@ def cmd_train(args) -> None:
 
     path = pathlib.Path(args.config)
     if not path.exists():
-        raise SystemExit(f"error: config file {path} not found (JSON or YAML with TrainConfig fields)")
-    config = TrainConfig.from_yaml(path) if path.suffix in (".yaml", ".yml") else TrainConfig.from_json(path)
+        raise SystemExit(
+            f"error: config file {path} not found (JSON or YAML with TrainConfig fields)"
+        )
+    config = (
+        TrainConfig.from_yaml(path)
+        if path.suffix in (".yaml", ".yml")
+        else TrainConfig.from_json(path)
+    )
     if not config.site_in:
         raise SystemExit(f"error: {path} must set site_in (e.g. blocks.9.resid_post)")
     model = gs.load_model(args.model)
@@ -124,14 +150,29 @@ def cmd_features(args) -> None:
 
     gs, model, tok, sae = _load(args, need_sae=True)
     batches = _corpus_batches(tok, args.corpus, args.contexts)
-    ex = collect_max_activating([(b, real_token_mask(b, tok.pad_id)) for b in np.split(batches, range(8, len(batches), 8))],
-                                _encode_fn(model, sae), sae.meta.d_sae, k=args.k, window=10)
+    ex = collect_max_activating(
+        [(b, real_token_mask(b, tok.pad_id)) for b in np.split(batches, range(8, len(batches), 8))],
+        _encode_fn(model, sae),
+        sae.meta.d_sae,
+        k=args.k,
+        window=10,
+    )
     stats = FeatureStats.from_examples(ex)
     feats = args.features or [int(f) for f in np.argsort(-np.asarray(stats.density))[: args.n]]
-    lens = {r.feature: tuple(r.with_strings(tok.token_strings)[k] for k in ("top", "bottom"))
-            for r in gs.logit_lens(model, sae, feats, k=8)}
-    path = write_feature_cards(args.out, feats, ex, stats, tok.token_strings, lens,
-                               title=f"Feature cards: {args.sae}", meta={"site": sae.meta.site_in})
+    lens = {
+        r.feature: tuple(r.with_strings(tok.token_strings)[k] for k in ("top", "bottom"))
+        for r in gs.logit_lens(model, sae, feats, k=8)
+    }
+    path = write_feature_cards(
+        args.out,
+        feats,
+        ex,
+        stats,
+        tok.token_strings,
+        lens,
+        title=f"Feature cards: {args.sae}",
+        meta={"site": sae.meta.site_in},
+    )
     print(f"wrote {path}")
 
 
@@ -142,7 +183,9 @@ def cmd_steer(args) -> None:
     ids = tok.encode(args.prompt)
     direction = sae.to_arrays()["w_dec"][args.feature]
     plain = gs.generate(model, [ids], args.max_new_tokens)[0]
-    steered = gs.generate(gs.steer(model, sae.meta.site_in, direction, args.coeff), [ids], args.max_new_tokens)[0]
+    steered = gs.generate(
+        gs.steer(model, sae.meta.site_in, direction, args.coeff), [ids], args.max_new_tokens
+    )[0]
     print(f"without: {args.prompt}{tok.decode(plain)}")
     print(f"with #{args.feature} × {args.coeff}: {args.prompt}{tok.decode(steered)}")
 
@@ -151,13 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-scope-pz", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("tour", help="run the whole story on the offline model and write an HTML report")
+    p = sub.add_parser(
+        "tour", help="run the whole story on the offline model and write an HTML report"
+    )
     _add_model(p)
     _add_sae(p, required=False)
-    p.add_argument("--transcoder", default=None, help="transcoder folder or REPO:FOLDER (default: train one)")
+    p.add_argument(
+        "--transcoder", default=None, help="transcoder folder or REPO:FOLDER (default: train one)"
+    )
     p.add_argument("--out", default="gemma_scope_pz_tour", help="report directory")
     p.add_argument("--quick", action="store_true", help="tiny settings (smoke test, ~3 minutes)")
-    p.add_argument("--no-cache", action="store_true", help="retrain instead of reusing cached dictionaries")
+    p.add_argument(
+        "--no-cache", action="store_true", help="retrain instead of reusing cached dictionaries"
+    )
     p.set_defaults(func=cmd_tour)
 
     p = sub.add_parser("generate", help="continue a prompt (KV-cached, jitted)")
@@ -168,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the Gemma 3 chat template")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the Gemma 3 chat template"
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="table of the top SAE features per token of a text")
@@ -178,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=5)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("train", help="harvest activations and train an SAE/transcoder from a config file")
+    p = sub.add_parser(
+        "train", help="harvest activations and train an SAE/transcoder from a config file"
+    )
     _add_model(p)
     p.add_argument("--config", required=True, help="TrainConfig as JSON or YAML")
     p.add_argument("--corpus", default=None, help="corpus spec (default: offline Python docs)")
@@ -186,25 +239,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="gemma_scope_pz_train", help="output directory")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="FVU, L0, delta loss, CE recovered and KL of an SAE on a corpus")
+    p = sub.add_parser(
+        "eval", help="FVU, L0, delta loss, CE recovered and KL of an SAE on a corpus"
+    )
     _add_model(p)
     _add_sae(p)
     p.add_argument("--corpus", default=None)
     p.add_argument("--contexts", type=int, default=16, help="128-token contexts to evaluate on")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("features", help="write HTML feature cards (max-activating examples, logit lens)")
+    p = sub.add_parser(
+        "features", help="write HTML feature cards (max-activating examples, logit lens)"
+    )
     _add_model(p)
     _add_sae(p)
     p.add_argument("--corpus", default=None)
     p.add_argument("--contexts", type=int, default=128)
-    p.add_argument("--features", type=int, nargs="*", default=None, help="latent ids (default: most frequent)")
-    p.add_argument("--n", type=int, default=20, help="number of features when --features is not given")
+    p.add_argument(
+        "--features", type=int, nargs="*", default=None, help="latent ids (default: most frequent)"
+    )
+    p.add_argument(
+        "--n", type=int, default=20, help="number of features when --features is not given"
+    )
     p.add_argument("--k", type=int, default=8, help="examples per feature")
     p.add_argument("--out", default="feature_cards.html")
     p.set_defaults(func=cmd_features)
 
-    p = sub.add_parser("steer", help="generate with and without a feature's decoder direction added")
+    p = sub.add_parser(
+        "steer", help="generate with and without a feature's decoder direction added"
+    )
     _add_model(p)
     _add_sae(p)
     p.add_argument("prompt")

@@ -67,8 +67,16 @@ class TourSettings:
 
     @classmethod
     def quick_settings(cls, **overrides) -> TourSettings:
-        base = dict(train_tokens=8192, sae_width=512, transcoder_width=256, train_steps=120,
-                    batch_size=512, eval_contexts=2, card_contexts=8, quick=True)
+        base = dict(
+            train_tokens=8192,
+            sae_width=512,
+            transcoder_width=256,
+            train_steps=120,
+            batch_size=512,
+            eval_contexts=2,
+            card_contexts=8,
+            quick=True,
+        )
         base.update(overrides)
         return cls(**base)
 
@@ -92,13 +100,17 @@ def model_summary(model) -> str:
     )
 
 
-def _eval_batches(model, tok, n_contexts: int, skip_docs: int, context_len: int = 128) -> np.ndarray:
+def _eval_batches(
+    model, tok, n_contexts: int, skip_docs: int, context_len: int = 128
+) -> np.ndarray:
     """Held-out contexts: documents of the offline corpus after the ones used for training."""
     from gemma_scope_pz.train.corpus import load_corpus
     from gemma_scope_pz.train.harvest import pack_contexts
 
     docs = list(load_corpus(None))
-    held_out = docs[::-1][: max(skip_docs, 1)]  # the tail of the corpus is not harvested by short runs
+    held_out = docs[::-1][
+        : max(skip_docs, 1)
+    ]  # the tail of the corpus is not harvested by short runs
     rows = []
     for ctx in pack_contexts(held_out, tok, context_len):
         rows.append(ctx)
@@ -130,20 +142,38 @@ def tour_dictionaries(model, tok, s: TourSettings, log=print) -> tuple[object, o
 
     root = default_cache_root() / "tour"
     corpus = load_corpus(None)
-    data_key = fingerprint(model.config.to_dict(), corpus.label, s.train_tokens, sae_site, tc_in, tc_out)
+    data_key = fingerprint(
+        model.config.to_dict(), corpus.label, s.train_tokens, sae_site, tc_in, tc_out
+    )
     sites = [sae_site, tc_in, tc_out]
     log(f"harvesting {s.train_tokens} tokens at {sites} from the offline corpus (cached in {root})")
-    cache = harvest_to_cache(model, tok, corpus, sites, root / f"acts-{data_key}", n_tokens=s.train_tokens)
-    common = dict(
-        architecture="batchtopk", k=s.k, batch_size=s.batch_size, total_steps=s.train_steps,
-        warmup_steps=max(s.train_steps // 20, 1), sparsity_warmup_steps=1, lr=1e-3,
-        log_every=max(s.train_steps // 10, 1), checkpoint_every=max(s.train_steps // 2, 1),
-        model_name=model.config.name, corpus=cache.header["corpus"],
+    cache = harvest_to_cache(
+        model, tok, corpus, sites, root / f"acts-{data_key}", n_tokens=s.train_tokens
     )
-    sae_cfg = TrainConfig(d_in=model.config.d_model, d_sae=s.sae_width, site_in=sae_site, site_out=sae_site, **common)
+    common = dict(
+        architecture="batchtopk",
+        k=s.k,
+        batch_size=s.batch_size,
+        total_steps=s.train_steps,
+        warmup_steps=max(s.train_steps // 20, 1),
+        sparsity_warmup_steps=1,
+        lr=1e-3,
+        log_every=max(s.train_steps // 10, 1),
+        checkpoint_every=max(s.train_steps // 2, 1),
+        model_name=model.config.name,
+        corpus=cache.header["corpus"],
+    )
+    sae_cfg = TrainConfig(
+        d_in=model.config.d_model, d_sae=s.sae_width, site_in=sae_site, site_out=sae_site, **common
+    )
     tc_cfg = TrainConfig(
-        d_in=model.config.d_model, d_out=model.config.d_model, d_sae=s.transcoder_width,
-        site_in=tc_in, site_out=tc_out, affine_skip=True, **common,
+        d_in=model.config.d_model,
+        d_out=model.config.d_model,
+        d_sae=s.transcoder_width,
+        site_in=tc_in,
+        site_out=tc_out,
+        affine_skip=True,
+        **common,
     )
     sources = []
     out = []
@@ -183,7 +213,10 @@ def run_tour(settings: TourSettings | None = None, log: Callable[[str], None] = 
     probs /= probs.sum()
     top = np.argsort(-probs)[:5]
     summary["next_tokens"] = [(tok.token_strings([int(i)])[0], float(probs[i])) for i in top]
-    log(f"next-token predictions after {CAPITAL!r}: " + ", ".join(f"{t!r} {p:.2f}" for t, p in summary["next_tokens"]))
+    log(
+        f"next-token predictions after {CAPITAL!r}: "
+        + ", ".join(f"{t!r} {p:.2f}" for t, p in summary["next_tokens"])
+    )
     greedy = gs.generate(model, [prompt], max_new_tokens=15, stop_token=None)[0]
     summary["greedy"] = tok.decode(greedy)
     log(f"greedy continuation: {CAPITAL}{summary['greedy']!s}")
@@ -199,33 +232,53 @@ def run_tour(settings: TourSettings | None = None, log: Callable[[str], None] = 
     ev = gs.evaluate_sae(model, sae, [batches], progress=False)
     ev_tc = gs.evaluate_sae(model, transcoder, [batches], progress=False)
     summary["sae_metrics"], summary["transcoder_metrics"] = ev.to_dict(), ev_tc.to_dict()
-    for name, e in (("SAE " + sae.meta.site_in, ev), ("transcoder " + transcoder.meta.site_in + " → " + transcoder.meta.site_out, ev_tc)):
-        log(f"{name}: FVU {e.fvu:.3f}  L0 {e.l0:.1f}  CE clean {e.ce_clean:.3f} → spliced {e.ce_spliced:.3f} "
-            f"(delta loss {e.delta_loss:+.3f}, CE recovered {e.ce_recovered:.2f}, KL {e.kl:.3f}) on {e.n_tokens} tokens")
+    for name, e in (
+        ("SAE " + sae.meta.site_in, ev),
+        ("transcoder " + transcoder.meta.site_in + " → " + transcoder.meta.site_out, ev_tc),
+    ):
+        log(
+            f"{name}: FVU {e.fvu:.3f}  L0 {e.l0:.1f}  CE clean {e.ce_clean:.3f} → spliced {e.ce_spliced:.3f} "
+            f"(delta loss {e.delta_loss:+.3f}, CE recovered {e.ce_recovered:.2f}, KL {e.kl:.3f}) on {e.n_tokens} tokens"
+        )
     timings["metrics"] = time.perf_counter() - t
 
     t = _step(log, "4. Feature statistics and the top features of a sentence")
     contexts = _eval_batches(model, tok, s.card_contexts, skip_docs=400)
     examples = collect_max_activating(
-        [(c, real_token_mask(c, tok.pad_id)) for c in np.split(contexts, range(8, len(contexts), 8))],
-        _encode_fn(model, sae), sae.meta.d_sae, k=6, window=10, progress=False,
+        [
+            (c, real_token_mask(c, tok.pad_id))
+            for c in np.split(contexts, range(8, len(contexts), 8))
+        ],
+        _encode_fn(model, sae),
+        sae.meta.d_sae,
+        k=6,
+        window=10,
+        progress=False,
     )
     stats = FeatureStats.from_examples(examples)
-    summary["feature_stats"] = {k: v for k, v in stats.summary().items() if not isinstance(v, list | dict)}
-    log(f"over {int(examples.n_tokens)} tokens: {int(np.sum(stats.dead))} dead and "
-        f"{int(np.sum(stats.dense))} dense latents (density > {stats.dense_threshold})")
+    summary["feature_stats"] = {
+        k: v for k, v in stats.summary().items() if not isinstance(v, list | dict)
+    }
+    log(
+        f"over {int(examples.n_tokens)} tokens: {int(np.sum(stats.dead))} dead and "
+        f"{int(np.sum(stats.dense))} dense latents (density > {stats.dense_threshold})"
+    )
     ids = tok.encode(ENERGY)
     feats = gs.top_features(model, sae, ids, k=3)
     strings = tok.token_strings(ids)
     for pos in range(1, len(ids)):
-        cells = ", ".join(f"#{int(f)} {v:.1f}" for f, v in zip(feats["ids"][pos], feats["values"][pos]) if v > 0)
+        cells = ", ".join(
+            f"#{int(f)} {v:.1f}" for f, v in zip(feats["ids"][pos], feats["values"][pos]) if v > 0
+        )
         log(f"  {strings[pos]!r:>18}  {cells}")
     # The strongest feature of the sentence among those that are not dense (which fire everywhere).
     specific = np.where(np.asarray(stats.dense), 0.0, feats["mean"])
     strongest = int(np.argmax(specific if specific.max() > 0 else feats["mean"]))
     summary["strongest_feature"] = strongest
-    log(f"strongest (non-dense) feature over the sentence: #{strongest} "
-        f"(mean activation {feats['mean'][strongest]:.2f}, density {float(stats.density[strongest]):.4f})")
+    log(
+        f"strongest (non-dense) feature over the sentence: #{strongest} "
+        f"(mean activation {feats['mean'][strongest]:.2f}, density {float(stats.density[strongest]):.4f})"
+    )
     timings["features"] = time.perf_counter() - t
 
     t = _step(log, "5. Logit lens and steering")
@@ -239,18 +292,34 @@ def run_tour(settings: TourSettings | None = None, log: Callable[[str], None] = 
     plain = tok.decode(gs.generate(model, [steer_prompt], 20, stop_token=None)[0])
     steered_model = gs.steer(model, sae.meta.site_in, direction, s.steer_coeff)
     steered = tok.decode(gs.generate(steered_model, [steer_prompt], 20, stop_token=None)[0])
-    summary["steering"] = {"prompt": STEER_PROMPT, "coeff": s.steer_coeff, "plain": plain, "steered": steered}
+    summary["steering"] = {
+        "prompt": STEER_PROMPT,
+        "coeff": s.steer_coeff,
+        "plain": plain,
+        "steered": steered,
+    }
     log(f"without steering: {STEER_PROMPT}{plain}")
     log(f"steered (+{s.steer_coeff}·‖x‖·d_{strongest}): {STEER_PROMPT}{steered}")
     timings["lens_steer"] = time.perf_counter() - t
 
     t = _step(log, "6. Feature cards and report")
-    chosen = [strongest] + [int(f) for f in np.argsort(-specific)[:12] if specific[f] > 0 and f != strongest][:11]
-    lens_all = {r.feature: tuple(r.with_strings(tok.token_strings)[k] for k in ("top", "bottom"))
-                for r in gs.logit_lens(model, sae, chosen, k=8)}
+    chosen = [strongest] + [
+        int(f) for f in np.argsort(-specific)[:12] if specific[f] > 0 and f != strongest
+    ][:11]
+    lens_all = {
+        r.feature: tuple(r.with_strings(tok.token_strings)[k] for k in ("top", "bottom"))
+        for r in gs.logit_lens(model, sae, chosen, k=8)
+    }
     report = write_report(
-        s.out_dir, summary=summary, sentence_tokens=strings, sentence_latents=feats["latents"],
-        features=chosen, examples=examples, stats=stats, token_strings=tok.token_strings, lens=lens_all,
+        s.out_dir,
+        summary=summary,
+        sentence_tokens=strings,
+        sentence_latents=feats["latents"],
+        features=chosen,
+        examples=examples,
+        stats=stats,
+        token_strings=tok.token_strings,
+        lens=lens_all,
     )
     summary["report"] = str(report)
     timings["report"] = time.perf_counter() - t

@@ -26,12 +26,25 @@ def _e(x) -> str:
 
 
 def _metrics_table(rows: dict[str, dict]) -> str:
-    keys = ["fvu", "l0", "ce_clean", "ce_spliced", "delta_loss", "ce_recovered", "kl", "n_tokens", "dead_fraction"]
+    keys = [
+        "fvu",
+        "l0",
+        "ce_clean",
+        "ce_spliced",
+        "delta_loss",
+        "ce_recovered",
+        "kl",
+        "n_tokens",
+        "dead_fraction",
+    ]
     head = "".join(f"<th>{_e(k)}</th>" for k in ["dictionary", *keys])
     body = ""
     for name, metrics in rows.items():
         cells = "".join(
-            f"<td>{metrics[k]:.4g}</td>" if isinstance(metrics[k], float) else f"<td>{_e(metrics[k])}</td>" for k in keys
+            f"<td>{metrics[k]:.4g}</td>"
+            if isinstance(metrics[k], float)
+            else f"<td>{_e(metrics[k])}</td>"
+            for k in keys
         )
         body += f"<tr><td>{_e(name)}</td>{cells}</tr>"
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -61,8 +74,14 @@ def write_report(
     """Writes ``report.html`` and ``feature_cards.html`` into ``out_dir``; returns the report path."""
     out_dir = pathlib.Path(out_dir)
     cards = write_feature_cards(
-        out_dir / "feature_cards.html", list(features), examples, stats, token_strings, lens,
-        title="Gemma Scope tour: feature cards", meta={"dictionaries": summary.get("dictionaries", "")},
+        out_dir / "feature_cards.html",
+        list(features),
+        examples,
+        stats,
+        token_strings,
+        lens,
+        title="Gemma Scope tour: feature cards",
+        meta={"dictionaries": summary.get("dictionaries", "")},
     )
     strongest = summary["strongest_feature"]
     values = np.array(sentence_latents[:, strongest], dtype=np.float32)
@@ -79,9 +98,13 @@ def write_report(
         + "</p>",
         f"<p>Greedy continuation: <code>The capital of France is{_e(summary['greedy'])}</code></p>",
         "<h2>Reconstruction metrics (held-out text)</h2>",
-        _metrics_table({"SAE": summary["sae_metrics"], "transcoder": summary["transcoder_metrics"]}),
+        _metrics_table(
+            {"SAE": summary["sae_metrics"], "transcoder": summary["transcoder_metrics"]}
+        ),
         f"<h2>Feature #{strongest} on the sentence</h2>",
-        highlight_tokens_html(list(sentence_tokens), values, title=f"activation of feature #{strongest}"),
+        highlight_tokens_html(
+            list(sentence_tokens), values, title=f"activation of feature #{strongest}"
+        ),
         "<h3>Logit lens</h3><p>Promotes: "
         + " ".join(f"<code>{_e(t)}</code>" for t, _ in lens_s["top"])
         + "</p><p>Suppresses: "

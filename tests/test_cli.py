@@ -72,20 +72,48 @@ def test_quick_tour_end_to_end_and_cached_rerun(tmp_path):
     run = [
         ["inspect", "--sae", str(sae_dir), "The law of conservation of energy", "--k", "3"],
         ["eval", "--sae", str(sae_dir), "--contexts", "2"],
-        ["steer", "--sae", str(sae_dir), "--feature", strongest, "--coeff", "0.3", "I think that",
-         "--max-new-tokens", "8"],
-        ["features", "--sae", str(sae_dir), "--contexts", "8", "--n", "4", "--out", str(tmp_path / "c.html")],
+        [
+            "steer",
+            "--sae",
+            str(sae_dir),
+            "--feature",
+            strongest,
+            "--coeff",
+            "0.3",
+            "I think that",
+            "--max-new-tokens",
+            "8",
+        ],
+        [
+            "features",
+            "--sae",
+            str(sae_dir),
+            "--contexts",
+            "8",
+            "--n",
+            "4",
+            "--out",
+            str(tmp_path / "c.html"),
+        ],
         ["generate", "The capital of France is", "--max-new-tokens", "6"],
     ]
     outputs = {}
     for args in run:
-        result = subprocess.run([sys.executable, "-m", "gemma_scope_pz.cli", *args], env=env,
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-m", "gemma_scope_pz.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, (args, result.stderr[-2000:])
         outputs[args[0]] = result.stdout
     assert "' conservation'" in outputs["inspect"] and "#" in outputs["inspect"]
     metrics = json.loads(outputs["eval"])
     assert 0 < metrics["fvu"] < 1 and metrics["n_tokens"] > 0
-    assert outputs["steer"].startswith("without: I think that") and f"with #{strongest}" in outputs["steer"]
+    assert (
+        outputs["steer"].startswith("without: I think that")
+        and f"with #{strongest}" in outputs["steer"]
+    )
     assert "Feature cards" in (tmp_path / "c.html").read_text()
     assert outputs["generate"].startswith("The capital of France is the capital of the country")

@@ -35,10 +35,16 @@ def test_logits_and_sites_match_numpy_oracle(name):
     logits = np.asarray(forward(model, tokens))
     expected, sites = ref.forward_with_sites(config, params, tokens, dtype=np.float64)
     np.testing.assert_allclose(logits, expected, atol=2e-4 * np.abs(expected).max(), rtol=0)
-    names = [f"blocks.{L}.{k}" for L in (0, 3, 5) for k in ("resid_pre", "resid_post", "attn_out", "mlp_in", "mlp_out")]
+    names = [
+        f"blocks.{L}.{k}"
+        for L in (0, 3, 5)
+        for k in ("resid_pre", "resid_post", "attn_out", "mlp_in", "mlp_out")
+    ]
     got = capture(model, tokens, names)
     for site in names:
-        np.testing.assert_allclose(got[site], sites[site], atol=1e-4 * np.abs(sites[site]).max(), err_msg=site)
+        np.testing.assert_allclose(
+            got[site], sites[site], atol=1e-4 * np.abs(sites[site]).max(), err_msg=site
+        )
 
 
 def test_sliding_window_restricts_attention():
@@ -48,7 +54,9 @@ def test_sliding_window_restricts_attention():
     tokens = _tokens(batch=1, seq=12)
     changed = tokens.copy()
     changed[0, 1] = (changed[0, 1] + 7) % 60 + 3
-    diff = np.abs(np.asarray(forward(model, tokens)) - np.asarray(forward(model, changed))).max(-1)[0]
+    diff = np.abs(np.asarray(forward(model, tokens)) - np.asarray(forward(model, changed))).max(-1)[
+        0
+    ]
     assert np.all(diff[8:] == 0), diff
     assert np.all(diff[1:8] > 0), diff
     # A global model sees everything.
@@ -124,9 +132,14 @@ def test_top_p_keeps_smallest_set_reaching_p():
 
 def test_sampling_distribution_follows_top_p():
     model = Gemma3LM.random(Gemma3Config.tiny(vocab_size=16), seed=0)
-    outs = [generate(model, [[2, 3]], 1, temperature=1.0, top_p=0.3, seed=s, stop_token=None)[0][0] for s in range(8)]
+    outs = [
+        generate(model, [[2, 3]], 1, temperature=1.0, top_p=0.3, seed=s, stop_token=None)[0][0]
+        for s in range(8)
+    ]
     logits = np.asarray(forward(model, np.array([[2, 3]])))[0, -1]
-    allowed = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits)[None], SamplingConfig(1.0, None, 0.3))))[0]
+    allowed = np.isfinite(
+        np.asarray(filter_logits(jnp.asarray(logits)[None], SamplingConfig(1.0, None, 0.3)))
+    )[0]
     assert all(allowed[t] for t in outs)
 
 
@@ -141,14 +154,22 @@ def test_bfloat16_model_runs_interventions_and_generation():
     rng = np.random.default_rng(0)
     d, m = config.d_model, 64
     sae = AutoEncoder.from_arrays(
-        rng.standard_normal((d, m)).astype(np.float32) / np.sqrt(d), np.zeros(m, np.float32),
-        rng.standard_normal((m, d)).astype(np.float32) / np.sqrt(m), np.zeros(d, np.float32),
+        rng.standard_normal((d, m)).astype(np.float32) / np.sqrt(d),
+        np.zeros(m, np.float32),
+        rng.standard_normal((m, d)).astype(np.float32) / np.sqrt(m),
+        np.zeros(d, np.float32),
         activation="relu",
     )
-    exact = np.asarray(forward(splice(model, sae, "blocks.2.resid_post", include_error=True), tokens).astype(jnp.float32))
+    exact = np.asarray(
+        forward(splice(model, sae, "blocks.2.resid_post", include_error=True), tokens).astype(
+            jnp.float32
+        )
+    )
     # The error term is computed in float32 and cast back to bfloat16: equal up to bf16 rounding.
     assert np.abs(exact - clean).max() <= 0.02 * np.abs(clean).max()
-    zero = np.asarray(forward(steer(model, "blocks.2.resid_post", np.ones(d), 0.0), tokens).astype(jnp.float32))
+    zero = np.asarray(
+        forward(steer(model, "blocks.2.resid_post", np.ones(d), 0.0), tokens).astype(jnp.float32)
+    )
     np.testing.assert_array_equal(zero, clean)
     out = generate(model, [[2, 5, 6]], 4, stop_token=None)[0]
     assert len(out) == 4 and all(0 <= t < config.vocab_size for t in out)

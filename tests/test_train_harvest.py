@@ -224,6 +224,8 @@ def test_gemma_library_like_tokenizer_is_accepted(real_tokenizer):
             return self._sp.DecodeIds(list(ids))
 
     processor = real_tokenizer._sp
-    contexts = list(pack_contexts(["Energy cannot be created or destroyed."], GmLike(processor), 16))
+    contexts = list(
+        pack_contexts(["Energy cannot be created or destroyed."], GmLike(processor), 16)
+    )
     expected = list(pack_contexts(["Energy cannot be created or destroyed."], real_tokenizer, 16))
     assert len(contexts) == 1 and np.array_equal(contexts[0], expected[0])

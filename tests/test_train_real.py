@@ -14,7 +14,9 @@ SITE = "blocks.9.resid_post"
 
 @pytest.fixture(scope="module")
 def activations(real_model, real_tokenizer):
-    rows, info = harvest_array(real_model, real_tokenizer, None, [SITE], n_tokens=8192, progress=False)
+    rows, info = harvest_array(
+        real_model, real_tokenizer, None, [SITE], n_tokens=8192, progress=False
+    )
     assert info.sites == (SITE,) and rows[SITE].shape == (8192, 640)
     return rows[SITE]
 
@@ -25,9 +27,20 @@ def _mean(metrics, key, steps):
 
 def test_jumprelu_fvu_and_l0_fall_over_training(activations, real_model, real_tokenizer, tmp_path):
     config = TrainConfig(
-        d_in=640, d_sae=512, architecture="jumprelu", batch_size=256, total_steps=2500,
-        warmup_steps=50, sparsity_warmup_steps=500, l0_coeff=2.0, lr=1e-3, log_every=50,
-        progress_bar=False, site_in=SITE, site_out=SITE, model_name="270m",
+        d_in=640,
+        d_sae=512,
+        architecture="jumprelu",
+        batch_size=256,
+        total_steps=2500,
+        warmup_steps=50,
+        sparsity_warmup_steps=500,
+        l0_coeff=2.0,
+        lr=1e-3,
+        log_every=50,
+        progress_bar=False,
+        site_in=SITE,
+        site_out=SITE,
+        model_name="270m",
         log_path=str(tmp_path / "metrics.jsonl"),
     )
     result = train(config, activations[:7168])
@@ -44,6 +57,12 @@ def test_jumprelu_fvu_and_l0_fall_over_training(activations, real_model, real_to
     x_hat = np.asarray(sae(held_out))
     fvu = np.sum((held_out - x_hat) ** 2) / np.sum((held_out - held_out.mean(0)) ** 2)
     assert fvu < 0.5, fvu
-    tokens = np.array([real_tokenizer.encode("The law of conservation of energy states that energy cannot be created.")])
+    tokens = np.array(
+        [
+            real_tokenizer.encode(
+                "The law of conservation of energy states that energy cannot be created."
+            )
+        ]
+    )
     ev = gs.evaluate_sae(real_model, sae, tokens, site=SITE, progress=False)
     assert ev.fvu < 0.6 and np.isfinite(ev.delta_loss) and 0 < ev.l0 < 512

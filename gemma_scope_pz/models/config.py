@@ -57,7 +57,9 @@ class Gemma3Config:
             )
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff"):
             if getattr(self, field) <= 0:
-                raise ValueError(f"Gemma3Config.{field} must be positive, got {getattr(self, field)}")
+                raise ValueError(
+                    f"Gemma3Config.{field} must be positive, got {getattr(self, field)}"
+                )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
@@ -118,26 +120,64 @@ class Gemma3Config:
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "270m": dict(
-        vocab_size=262_144, d_model=640, n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256,
-        d_ff=2048, sliding_window=512, query_pre_attn_scalar=256,
+        vocab_size=262_144,
+        d_model=640,
+        n_layers=18,
+        n_heads=4,
+        n_kv_heads=1,
+        head_dim=256,
+        d_ff=2048,
+        sliding_window=512,
+        query_pre_attn_scalar=256,
     ),
     "1b": dict(
-        vocab_size=262_144, d_model=1152, n_layers=26, n_heads=4, n_kv_heads=1, head_dim=256,
-        d_ff=6912, sliding_window=512, query_pre_attn_scalar=256,
+        vocab_size=262_144,
+        d_model=1152,
+        n_layers=26,
+        n_heads=4,
+        n_kv_heads=1,
+        head_dim=256,
+        d_ff=6912,
+        sliding_window=512,
+        query_pre_attn_scalar=256,
     ),
     "4b": dict(
-        vocab_size=262_208, d_model=2560, n_layers=34, n_heads=8, n_kv_heads=4, head_dim=256,
-        d_ff=10240, sliding_window=1024, query_pre_attn_scalar=256, global_rope_scale=8.0,
+        vocab_size=262_208,
+        d_model=2560,
+        n_layers=34,
+        n_heads=8,
+        n_kv_heads=4,
+        head_dim=256,
+        d_ff=10240,
+        sliding_window=1024,
+        query_pre_attn_scalar=256,
+        global_rope_scale=8.0,
         max_seq_len=131_072,
     ),
     "12b": dict(
-        vocab_size=262_208, d_model=3840, n_layers=48, n_heads=16, n_kv_heads=8, head_dim=256,
-        d_ff=15360, sliding_window=1024, query_pre_attn_scalar=256, global_rope_scale=8.0,
+        vocab_size=262_208,
+        d_model=3840,
+        n_layers=48,
+        n_heads=16,
+        n_kv_heads=8,
+        head_dim=256,
+        d_ff=15360,
+        sliding_window=1024,
+        query_pre_attn_scalar=256,
+        global_rope_scale=8.0,
         max_seq_len=131_072,
     ),
     "27b": dict(
-        vocab_size=262_208, d_model=5376, n_layers=62, n_heads=32, n_kv_heads=16, head_dim=128,
-        d_ff=21504, sliding_window=1024, query_pre_attn_scalar=168, global_rope_scale=8.0,
+        vocab_size=262_208,
+        d_model=5376,
+        n_layers=62,
+        n_heads=32,
+        n_kv_heads=16,
+        head_dim=128,
+        d_ff=21504,
+        sliding_window=1024,
+        query_pre_attn_scalar=168,
+        global_rope_scale=8.0,
         max_seq_len=131_072,
     ),
 }

@@ -57,7 +57,9 @@ class ScaledRoPE(pz.nn.Layer):
     def __call__(self, x: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
         positions = side_inputs[self.positions_input_name]
         head_dim = x.named_shape[self.embedding_axis]
-        inv_freq = self.max_wavelength ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+        inv_freq = self.max_wavelength ** (
+            -jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+        )
 
         def rotate(vec, pos):
             angle = (pos.astype(jnp.float32) / self.position_scale) * inv_freq
@@ -155,14 +157,16 @@ def _linear(label, array, in_axes, out_axes, dtype, parallel_axes=()) -> pz.nn.L
 
 
 def _rms_norm(label: str, scale: np.ndarray, axis: str, eps: float, dtype) -> pz.nn.RMSLayerNorm:
-    return pz.nn.RMSLayerNorm([
-        pz.nn.RMSStandardize(across=(axis,), epsilon=jnp.asarray(eps, dtype=dtype)),
-        pz.nn.Linear(
-            weights=_param(f"{label}.scale", scale, (axis,), dtype),
-            in_axis_names=(),
-            out_axis_names=(),
-        ),
-    ])
+    return pz.nn.RMSLayerNorm(
+        [
+            pz.nn.RMSStandardize(across=(axis,), epsilon=jnp.asarray(eps, dtype=dtype)),
+            pz.nn.Linear(
+                weights=_param(f"{label}.scale", scale, (axis,), dtype),
+                in_axis_names=(),
+                out_axis_names=(),
+            ),
+        ]
+    )
 
 
 def head_axes(config: Gemma3Config) -> tuple[dict[str, int], dict[str, int]]:
@@ -213,87 +217,123 @@ def _attention(config: Gemma3Config, i: int, p: dict, dtype, act_dtype) -> pz.nn
     output_w = _split_query_heads(config, p[pre + "output"], 0)
     name = f"blocks.{i}.attention"
     return pz.nn.Attention(
-        input_to_query=pz.nn.Sequential([
-            _linear(f"{name}.query", query_w, ("embedding",), (*q_heads, "projection"), dtype),
-            _rms_norm(f"{name}.query_norm", p[pre + "query_norm"], "projection", config.norm_eps, dtype),
-            rope(),
-            pz.nn.ConstantRescale(by=jnp.array(config.query_scale, dtype=act_dtype)),
-        ]),
-        input_to_key=pz.nn.Sequential([
-            _linear(f"{name}.key", kv[0], ("embedding",), (*kv_heads, "projection"), dtype),
-            _rms_norm(f"{name}.key_norm", p[pre + "key_norm"], "projection", config.norm_eps, dtype),
-            rope(),
-        ]),
-        input_to_value=pz.nn.Sequential([
-            _linear(f"{name}.value", kv[1], ("embedding",), (*kv_heads, "projection"), dtype),
-        ]),
-        query_key_to_attn=pz.nn.Sequential([
-            pz.nn.NamedEinsum(
-                (
-                    {"seq": "tq", **einsum_common, **einsum_q, "projection": "p"},
-                    {"seq": "tkv", **einsum_common, "projection": "p"},
+        input_to_query=pz.nn.Sequential(
+            [
+                _linear(f"{name}.query", query_w, ("embedding",), (*q_heads, "projection"), dtype),
+                _rms_norm(
+                    f"{name}.query_norm",
+                    p[pre + "query_norm"],
+                    "projection",
+                    config.norm_eps,
+                    dtype,
                 ),
-                {"seq": "tq", **einsum_common, **einsum_q, "kv_seq": "tkv"},
-            ),
-            masker,
-            pz.nn.Softmax("kv_seq"),
-        ]),
-        attn_value_to_output=pz.nn.Sequential([
-            pz.nn.NamedEinsum(
-                (
+                rope(),
+                pz.nn.ConstantRescale(by=jnp.array(config.query_scale, dtype=act_dtype)),
+            ]
+        ),
+        input_to_key=pz.nn.Sequential(
+            [
+                _linear(f"{name}.key", kv[0], ("embedding",), (*kv_heads, "projection"), dtype),
+                _rms_norm(
+                    f"{name}.key_norm", p[pre + "key_norm"], "projection", config.norm_eps, dtype
+                ),
+                rope(),
+            ]
+        ),
+        input_to_value=pz.nn.Sequential(
+            [
+                _linear(f"{name}.value", kv[1], ("embedding",), (*kv_heads, "projection"), dtype),
+            ]
+        ),
+        query_key_to_attn=pz.nn.Sequential(
+            [
+                pz.nn.NamedEinsum(
+                    (
+                        {"seq": "tq", **einsum_common, **einsum_q, "projection": "p"},
+                        {"seq": "tkv", **einsum_common, "projection": "p"},
+                    ),
                     {"seq": "tq", **einsum_common, **einsum_q, "kv_seq": "tkv"},
-                    {"seq": "tkv", **einsum_common, "projection": "p"},
                 ),
-                {"seq": "tq", **einsum_common, **einsum_q, "projection": "p"},
-            ),
-            pz.nn.NamedGroup(
-                "attention_output",
-                [_linear(f"{name}.output", output_w, (*q_heads, "projection"), ("embedding",), dtype)],
-            ),
-        ]),
+                masker,
+                pz.nn.Softmax("kv_seq"),
+            ]
+        ),
+        attn_value_to_output=pz.nn.Sequential(
+            [
+                pz.nn.NamedEinsum(
+                    (
+                        {"seq": "tq", **einsum_common, **einsum_q, "kv_seq": "tkv"},
+                        {"seq": "tkv", **einsum_common, "projection": "p"},
+                    ),
+                    {"seq": "tq", **einsum_common, **einsum_q, "projection": "p"},
+                ),
+                pz.nn.NamedGroup(
+                    "attention_output",
+                    [
+                        _linear(
+                            f"{name}.output",
+                            output_w,
+                            (*q_heads, "projection"),
+                            ("embedding",),
+                            dtype,
+                        )
+                    ],
+                ),
+            ]
+        ),
     )
 
 
 def _mlp(config: Gemma3Config, i: int, p: dict, dtype) -> TransformerFeedForward:
     pre, name = f"blocks.{i}.mlp.", f"blocks.{i}.mlp"
     gelu = functools.partial(jax.nn.gelu, approximate=True)
-    return TransformerFeedForward([
-        pz.nn.BranchAndMultiplyTogether(
-            branches=[
-                pz.nn.NamedGroup(
-                    "gate",
-                    [
-                        _linear(f"{name}.gate", p[pre + "gate"], ("embedding",), ("neurons",), dtype),
-                        pz.nn.Elementwise(gelu),
-                    ],
-                ),
-                _linear(f"{name}.up", p[pre + "up"], ("embedding",), ("neurons",), dtype),
-            ]
-        ),
-        _linear(f"{name}.down", p[pre + "down"], ("neurons",), ("embedding",), dtype),
-    ])
+    return TransformerFeedForward(
+        [
+            pz.nn.BranchAndMultiplyTogether(
+                branches=[
+                    pz.nn.NamedGroup(
+                        "gate",
+                        [
+                            _linear(
+                                f"{name}.gate", p[pre + "gate"], ("embedding",), ("neurons",), dtype
+                            ),
+                            pz.nn.Elementwise(gelu),
+                        ],
+                    ),
+                    _linear(f"{name}.up", p[pre + "up"], ("embedding",), ("neurons",), dtype),
+                ]
+            ),
+            _linear(f"{name}.down", p[pre + "down"], ("neurons",), ("embedding",), dtype),
+        ]
+    )
 
 
 def _block(config: Gemma3Config, i: int, p: dict, dtype, act_dtype) -> TransformerBlock:
     def norm(kind: str) -> pz.nn.NamedGroup:
-        layer = _rms_norm(f"blocks.{i}.{kind}", p[f"blocks.{i}.{kind}"], "embedding", config.norm_eps, dtype)
+        layer = _rms_norm(
+            f"blocks.{i}.{kind}", p[f"blocks.{i}.{kind}"], "embedding", config.norm_eps, dtype
+        )
         return pz.nn.NamedGroup(kind, [layer])
 
     return TransformerBlock(
         sublayers=[
             pz.nn.Residual(
-                pz.nn.Sequential([
-                    norm("pre_attention_norm"),
-                    _attention(config, i, p, dtype, act_dtype),
-                    norm("post_attention_norm"),
-                ])
+                pz.nn.Sequential(
+                    [
+                        norm("pre_attention_norm"),
+                        _attention(config, i, p, dtype, act_dtype),
+                        norm("post_attention_norm"),
+                    ]
+                )
             ),
             pz.nn.Residual(
-                pz.nn.Sequential([
-                    norm("pre_ffw_norm"),
-                    _mlp(config, i, p, dtype),
-                    norm("post_ffw_norm"),
-                ])
+                pz.nn.Sequential(
+                    [
+                        norm("pre_ffw_norm"),
+                        _mlp(config, i, p, dtype),
+                        norm("post_ffw_norm"),
+                    ]
+                )
             ),
         ]
     )
@@ -311,7 +351,8 @@ def _build(config: Gemma3Config, p: dict, dtype, act_dtype) -> Gemma3LM:
     sublayers += [_block(config, i, p, dtype, act_dtype) for i in range(config.n_layers)]
     sublayers.append(
         pz.nn.NamedGroup(
-            "final_norm", [_rms_norm("final_norm", p["final_norm"], "embedding", config.norm_eps, dtype)]
+            "final_norm",
+            [_rms_norm("final_norm", p["final_norm"], "embedding", config.norm_eps, dtype)],
         )
     )
     sublayers.append(pz.nn.EmbeddingDecode(table))

@@ -58,9 +58,11 @@ def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         # A token is kept while the mass of strictly more likely tokens is still below p.
         keep_sorted = mass_before < config.top_p
-        keep = jnp.zeros_like(keep_sorted).at[
-            tuple(jnp.indices(order.shape)[:-1]) + (order,)
-        ].set(keep_sorted)
+        keep = (
+            jnp.zeros_like(keep_sorted)
+            .at[tuple(jnp.indices(order.shape)[:-1]) + (order,)]
+            .set(keep_sorted)
+        )
         logits = jnp.where(keep, logits, -jnp.inf)
     return logits
 
@@ -140,7 +142,9 @@ def generate(
     cache_len = length + max_new_tokens
     max_len = getattr(getattr(model, "config", None), "max_seq_len", None)
     if max_len is not None and cache_len > max_len:
-        raise ValueError(f"prompt ({length}) + max_new_tokens exceeds the model's {max_len} positions")
+        raise ValueError(
+            f"prompt ({length}) + max_new_tokens exceeds the model's {max_len} positions"
+        )
     sampler = KVCachingTransformerLM.from_uncached(
         model, cache_len=cache_len, batch_axes={"batch": batch}, pad_id=pad_id
     )
@@ -148,7 +152,13 @@ def generate(
     state = [v.freeze() for v in variables]
     out = np.asarray(
         _generate(
-            sampler_def, state, jnp.asarray(prompt), jax.random.key(seed), max_new_tokens, config, stop_token
+            sampler_def,
+            state,
+            jnp.asarray(prompt),
+            jax.random.key(seed),
+            max_new_tokens,
+            config,
+            stop_token,
         )
     )
     results = []

@@ -64,7 +64,9 @@ class ZeroOut(pz.nn.Layer):
         return pz.nx.nmap(jnp.where)(keep, x, jnp.zeros((), x.dtype))
 
 
-def counted_positions(tokens: jax.Array, positions: jax.Array, exclude_prefix: int = 0) -> jax.Array:
+def counted_positions(
+    tokens: jax.Array, positions: jax.Array, exclude_prefix: int = 0
+) -> jax.Array:
     """Bool [batch, seq]: real tokens after BOS and after ``exclude_prefix`` further positions."""
     return positions > exclude_prefix
 
@@ -93,11 +95,21 @@ def _batch_sums(clean, spliced, ablated, sae, tokens, positions, site_in, site_o
     w = counted.astype(jnp.float32)[..., None]
     n = jnp.sum(w)
     active = (latents.unwrap("batch", "seq", "latents") != 0) & counted[..., None]
-    spliced_logits = spliced(pz.nx.wrap(tokens).tag("batch", "seq"), token_positions=pz.nx.wrap(positions).tag("batch", "seq"))
-    ablated_logits = ablated(pz.nx.wrap(tokens).tag("batch", "seq"), token_positions=pz.nx.wrap(positions).tag("batch", "seq"))
+    spliced_logits = spliced(
+        pz.nx.wrap(tokens).tag("batch", "seq"),
+        token_positions=pz.nx.wrap(positions).tag("batch", "seq"),
+    )
+    ablated_logits = ablated(
+        pz.nx.wrap(tokens).tag("batch", "seq"),
+        token_positions=pz.nx.wrap(positions).tag("batch", "seq"),
+    )
     nll_clean, _, mask = _next_token_terms(logits, None, tokens, counted, positions)
-    nll_spliced, kl, _ = _next_token_terms(spliced_logits.unwrap("batch", "seq", "vocabulary"), logits, tokens, counted, positions)
-    nll_ablated, _, _ = _next_token_terms(ablated_logits.unwrap("batch", "seq", "vocabulary"), None, tokens, counted, positions)
+    nll_spliced, kl, _ = _next_token_terms(
+        spliced_logits.unwrap("batch", "seq", "vocabulary"), logits, tokens, counted, positions
+    )
+    nll_ablated, _, _ = _next_token_terms(
+        ablated_logits.unwrap("batch", "seq", "vocabulary"), None, tokens, counted, positions
+    )
     m = mask.astype(jnp.float32)
     return {
         "n": n,
@@ -149,7 +161,15 @@ def evaluate_sae(
         tokens = jnp.asarray(tokens, jnp.int32)
         positions = positions_for(tokens, pad_id)
         sums = _batch_sums(
-            clean, spliced, ablated, frozen_sae, tokens, positions, site_in, site_out, exclude_prefix
+            clean,
+            spliced,
+            ablated,
+            frozen_sae,
+            tokens,
+            positions,
+            site_in,
+            site_out,
+            exclude_prefix,
         )
         for key, value in sums.items():
             value = np.asarray(value, np.float64)
@@ -158,7 +178,9 @@ def evaluate_sae(
             else:
                 totals[key] = totals.get(key, 0.0) + value
     if not totals or totals["n"] == 0:
-        raise ValueError("evaluate_sae: no counted tokens (all positions are BOS, prefix or padding)")
+        raise ValueError(
+            "evaluate_sae: no counted tokens (all positions are BOS, prefix or padding)"
+        )
     n, n_pred = float(totals["n"]), max(float(totals["n_pred"]), 1.0)
     mean = totals["sum_x"] / n
     variance = float(totals["sum_sq"]) - n * float(np.sum(mean**2))

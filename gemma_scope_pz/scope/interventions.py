@@ -229,7 +229,9 @@ def steer(
             f"Steering direction has width {d.shape[0]} but site {Site.parse(site).name} has width "
             f"{Site.parse(site).width(config)}"
         )
-    layer = AddVector(pz.nx.wrap(d / norm).tag("embedding"), jnp.asarray(coeff, jnp.float32), norm_scaled)
+    layer = AddVector(
+        pz.nx.wrap(d / norm).tag("embedding"), jnp.asarray(coeff, jnp.float32), norm_scaled
+    )
     return attach(model, site, layer)
 
 
@@ -238,7 +240,11 @@ def steer(
 
 
 def run_with_captures(
-    model: Gemma3LM, tokens: jax.Array, positions: jax.Array, site_names: Sequence[str], stop_early: bool
+    model: Gemma3LM,
+    tokens: jax.Array,
+    positions: jax.Array,
+    site_names: Sequence[str],
+    stop_early: bool,
 ) -> tuple[jax.Array | None, dict[str, jax.Array]]:
     """Traceable core of ``capture``: (logits or None when stopped early, {site: activation}).
 
@@ -255,7 +261,9 @@ def run_with_captures(
     named_tokens = pz.nx.wrap(tokens).tag("batch", "seq")
     out = body(named_tokens, token_positions=pz.nx.wrap(positions).tag("batch", "seq"))
     logits = None if stop_early else out.unwrap("batch", "seq", "vocabulary")
-    return logits, {name: var.value.unwrap("batch", "seq", "embedding") for name, var in stores.items()}
+    return logits, {
+        name: var.value.unwrap("batch", "seq", "embedding") for name, var in stores.items()
+    }
 
 
 @functools.partial(jax.jit, static_argnames=("site_names", "stop_early"))

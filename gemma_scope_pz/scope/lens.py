@@ -41,7 +41,10 @@ def unembedding_readout(model: Gemma3LM) -> tuple[jax.Array, jax.Array, float]:
     """(final-norm scale [d_model], embedding table [vocab, d_model], norm epsilon) of ``model``."""
     frozen = pz.freeze_params(model)
     norm_group = (
-        pz.select(frozen).at_instances_of(pz.nn.NamedGroup).where(lambda g: g.name == "final_norm").get()
+        pz.select(frozen)
+        .at_instances_of(pz.nn.NamedGroup)
+        .where(lambda g: g.name == "final_norm")
+        .get()
     )
     scale = norm_group.sublayers[0].sublayers[1].weights.value.unwrap("embedding")
     table = pz.select(frozen).at_instances_of(pz.nn.EmbeddingDecode).get().table
@@ -61,7 +64,9 @@ def direction_logits(model: Gemma3LM, directions) -> jax.Array:
     return _lens_logits(jnp.atleast_2d(jnp.asarray(directions)), scale, table, eps)
 
 
-def logit_lens(model: Gemma3LM, sae: pz.nn.Layer, features: int | Sequence[int], k: int = 10) -> list[LensResult]:
+def logit_lens(
+    model: Gemma3LM, sae: pz.nn.Layer, features: int | Sequence[int], k: int = 10
+) -> list[LensResult]:
     """Top/bottom-k tokens of each feature's decoder row (one batched, jitted readout)."""
     ids = [features] if isinstance(features, int | np.integer) else list(features)
     w_dec = jnp.asarray(sae.to_arrays()["w_dec"])

@@ -24,7 +24,9 @@ from gemma_scope_pz.train.store import ActivationCache
 
 def default_cache_root() -> pathlib.Path:
     """``$GEMMA_SCOPE_PZ_CACHE`` or ``~/.cache/gemma_scope_pz``."""
-    return pathlib.Path(os.environ.get("GEMMA_SCOPE_PZ_CACHE", pathlib.Path.home() / ".cache" / "gemma_scope_pz"))
+    return pathlib.Path(
+        os.environ.get("GEMMA_SCOPE_PZ_CACHE", pathlib.Path.home() / ".cache" / "gemma_scope_pz")
+    )
 
 
 def fingerprint(*parts) -> str:
@@ -53,15 +55,24 @@ def harvest_to_cache(
     A cache written for another model, site list or corpus is refused with both named.
     """
     corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
-    info = harvest_info(model, corpus, sites, n_tokens=n_tokens, context_len=context_len, model_name=model_name)
+    info = harvest_info(
+        model, corpus, sites, n_tokens=n_tokens, context_len=context_len, model_name=model_name
+    )
     cache = ActivationCache.create_or_resume(path, **info.store_header())
     if cache.n_rows >= n_tokens:
         return cache
     pending: dict[str, list[np.ndarray]] = {s: [] for s in sites}
     pending_rows = 0
     stream = harvest(
-        model, tokenizer, corpus, sites, n_tokens=n_tokens, context_len=context_len,
-        batch_size=batch_size, start_row=cache.n_rows, progress=progress,
+        model,
+        tokenizer,
+        corpus,
+        sites,
+        n_tokens=n_tokens,
+        context_len=context_len,
+        batch_size=batch_size,
+        start_row=cache.n_rows,
+        progress=progress,
     )
     for rows in stream:
         for site in sites:
@@ -73,14 +84,18 @@ def harvest_to_cache(
     if pending_rows:
         cache.append(*(np.concatenate(pending[s]) for s in sites))
     if cache.n_rows == 0:
-        raise ValueError(f"Corpus {corpus.name!r} produced no tokens for the activation cache {path}")
+        raise ValueError(
+            f"Corpus {corpus.name!r} produced no tokens for the activation cache {path}"
+        )
     return cache
 
 
 def cache_batches(cache: ActivationCache, config: TrainConfig):
     """The trainer's data source for ``config`` from a cache holding its site(s)."""
     sites = cache.header["sites"]
-    wanted = [config.site_in] + ([config.site_out] if config.site_out and config.site_out != config.site_in else [])
+    wanted = [config.site_in] + (
+        [config.site_out] if config.site_out and config.site_out != config.site_in else []
+    )
     missing = [s for s in wanted if s not in sites]
     if missing:
         raise ValueError(f"Activation cache {cache.path} holds sites {sites}, not {missing}")
