@@ -45,23 +45,13 @@ def _load(args, need_sae: bool = False):
     return gs, model, tok, sae
 
 
-def _corpus_batches(tok, spec, n_contexts: int, context_len: int = 128) -> np.ndarray:
-    """Contexts for evaluation. The default corpus is read from its END (documents in reverse), so
-    dictionaries trained on its beginning (the tour, short training runs) are evaluated on held-out text."""
-    from gemma_scope_pz.train.corpus import load_corpus
-    from gemma_scope_pz.train.harvest import pack_contexts
+def _corpus_batches(tok, spec, n_contexts: int) -> np.ndarray:
+    """Evaluation contexts. The default corpora are read from their END, so that dictionaries
+    trained on their beginning (the tour, short training runs) are evaluated on held-out text."""
+    from gemma_scope_pz.train.harvest import corpus_contexts
 
-    docs = list(load_corpus(spec))
-    if spec is None or str(spec).startswith("default"):
-        docs = docs[::-1]
-    rows = []
-    for ctx in pack_contexts(docs, tok, context_len):
-        rows.append(ctx)
-        if len(rows) == n_contexts:
-            break
-    if not rows:
-        raise SystemExit(f"error: corpus {spec or 'default'!r} yielded no tokens")
-    return np.stack(rows)
+    from_end = spec is None or str(spec).startswith("default")
+    return corpus_contexts(tok, spec, n_contexts, from_end=from_end)
 
 
 def cmd_tour(args) -> None:

@@ -100,25 +100,6 @@ def model_summary(model) -> str:
     )
 
 
-def _eval_batches(
-    model, tok, n_contexts: int, skip_docs: int, context_len: int = 128
-) -> np.ndarray:
-    """Held-out contexts: documents of the offline corpus after the ones used for training."""
-    from gemma_scope_pz.train.corpus import load_corpus
-    from gemma_scope_pz.train.harvest import pack_contexts
-
-    docs = list(load_corpus(None))
-    held_out = docs[::-1][
-        : max(skip_docs, 1)
-    ]  # the tail of the corpus is not harvested by short runs
-    rows = []
-    for ctx in pack_contexts(held_out, tok, context_len):
-        rows.append(ctx)
-        if len(rows) == n_contexts:
-            break
-    return np.stack(rows)
-
-
 def tour_dictionaries(model, tok, s: TourSettings, log=print) -> tuple[object, object, str]:
     """(SAE at blocks.{layer}.resid_post, transcoder at blocks.{transcoder_layer}, description).
 
@@ -196,7 +177,7 @@ def run_tour(settings: TourSettings | None = None, log: Callable[[str], None] = 
     from gemma_scope_pz.analysis.examples import collect_max_activating
     from gemma_scope_pz.analysis.stats import FeatureStats
     from gemma_scope_pz.tour_report import write_report
-    from gemma_scope_pz.train.harvest import real_token_mask
+    from gemma_scope_pz.train.harvest import corpus_contexts, real_token_mask
 
     s = settings or TourSettings()
     s.out_dir = pathlib.Path(s.out_dir)
@@ -228,7 +209,7 @@ def run_tour(settings: TourSettings | None = None, log: Callable[[str], None] = 
     timings["dictionaries"] = time.perf_counter() - t
 
     t = _step(log, "3. Metrics on held-out text")
-    batches = _eval_batches(model, tok, s.eval_contexts, skip_docs=200)
+    batches = corpus_contexts(tok, None, s.eval_contexts, from_end=True)
     ev = gs.evaluate_sae(model, sae, [batches], progress=False)
     ev_tc = gs.evaluate_sae(model, transcoder, [batches], progress=False)
     summary["sae_metrics"], summary["transcoder_metrics"] = ev.to_dict(), ev_tc.to_dict()
@@ -243,7 +224,7 @@ def run_tour(settings: TourSettings | None = None, log: Callable[[str], None] = 
     timings["metrics"] = time.perf_counter() - t
 
     t = _step(log, "4. Feature statistics and the top features of a sentence")
-    contexts = _eval_batches(model, tok, s.card_contexts, skip_docs=400)
+    contexts = corpus_contexts(tok, None, s.card_contexts, from_end=True)
     examples = collect_max_activating(
         [
             (c, real_token_mask(c, tok.pad_id))

@@ -229,3 +229,16 @@ def test_gemma_library_like_tokenizer_is_accepted(real_tokenizer):
     )
     expected = list(pack_contexts(["Energy cannot be created or destroyed."], real_tokenizer, 16))
     assert len(contexts) == 1 and np.array_equal(contexts[0], expected[0])
+
+
+def test_corpus_contexts_reads_from_either_end():
+    from gemma_scope_pz.train.harvest import corpus_contexts
+
+    docs = ["alpha beta gamma", "delta epsilon", "zeta eta theta iota"]
+    first = corpus_contexts(TOK, docs, 2, context_len=8)
+    last = corpus_contexts(TOK, docs, 2, context_len=8, from_end=True)
+    np.testing.assert_array_equal(first, np.stack(list(pack_contexts(docs, TOK, 8))[:2]))
+    np.testing.assert_array_equal(last, np.stack(list(pack_contexts(docs[::-1], TOK, 8))[:2]))
+    assert not np.array_equal(first, last)
+    with pytest.raises(ValueError, match="yielded no tokens"):
+        corpus_contexts(TOK, [""], 2, context_len=8)

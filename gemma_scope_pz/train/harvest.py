@@ -91,6 +91,29 @@ def pack_contexts(
         yield from rows
 
 
+def corpus_contexts(
+    tokenizer: Any,
+    corpus: Corpus | Iterable[str] | str | None = None,
+    n_contexts: int = 8,
+    *,
+    context_len: int = 128,
+    from_end: bool = False,
+) -> np.ndarray:
+    """The first ``n_contexts`` packed contexts of a corpus, int32 ``[n, context_len]``.
+
+    With ``from_end`` the documents are read last to first: for a corpus whose beginning was
+    harvested for training (the tour, short runs), this gives held-out evaluation text.
+    """
+    corpus = _as_corpus(corpus)
+    docs = list(corpus)
+    if from_end:
+        docs.reverse()
+    rows = list(itertools.islice(pack_contexts(docs, tokenizer, context_len), n_contexts))
+    if not rows:
+        raise ValueError(f"Corpus {corpus.name!r} yielded no tokens")
+    return np.stack(rows)
+
+
 def real_token_mask(tokens: np.ndarray, pad_id: int, *, has_bos: bool = True) -> np.ndarray:
     """Boolean mask of document tokens: position 0 (with ``has_bos``) and trailing pads are False.
 
