@@ -5,12 +5,12 @@ from __future__ import annotations
 import html
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from gemma_scope_pz.analysis.cards import write_feature_cards
+from gemma_scope_pz.atomic_write import write_atomically
 from gemma_scope_pz.scope.highlight import highlight_tokens_html
 
 _STYLE = """
@@ -48,15 +48,6 @@ def _metrics_table(rows: dict[str, dict]) -> str:
         )
         body += f"<tr><td>{_e(name)}</td>{cells}</tr>"
     return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def write_report(
@@ -118,5 +109,5 @@ def write_report(
         "</body></html>",
     ]
     report = out_dir / "report.html"
-    _atomic_write(report, "\n".join(parts))
+    write_atomically(report, "\n".join(parts))
     return report

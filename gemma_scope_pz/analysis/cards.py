@@ -18,7 +18,6 @@ import dataclasses
 import html
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 
 from gemma_scope_pz.analysis.examples import Example
 from gemma_scope_pz.analysis.stats import FeatureStats
+from gemma_scope_pz.atomic_write import write_atomically
 
 TokenStrings = Callable[[Sequence[int]], list[str]]
 LogitLens = Mapping[int, tuple[Sequence[tuple[str, float]], Sequence[tuple[str, float]]]]
@@ -342,18 +342,4 @@ def write_feature_cards(
         f'<span id="fc-count">{len(cards)} cards</span></div>'
         f'<main id="fc-cards">{"".join(cards)}</main><script>{FILTER_JS}</script></body></html>\n'
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(page)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; use the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomically(path, page)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from gemma_scope_pz.atomic_write import write_atomically
 from gemma_scope_pz.models.chat_template import format_chat
 from gemma_scope_pz.models.gemma_library_tokenizer import DelegatingProcessor
 from gemma_scope_pz.models.gguf_vocab import (
@@ -46,11 +47,7 @@ from gemma_scope_pz.models.special_tokens import (
     START_OF_TURN_ID,
     UNK_ID,
 )
-from gemma_scope_pz.models.tokenizer_cache import (
-    default_cache_dir,
-    model_cache_path,
-    write_atomically,
-)
+from gemma_scope_pz.models.tokenizer_cache import default_cache_dir, model_cache_path
 
 __all__ = [
     "BOS_ID",

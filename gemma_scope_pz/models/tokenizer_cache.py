@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
-__all__ = ["default_cache_dir", "model_cache_path", "write_atomically"]
+__all__ = ["default_cache_dir", "model_cache_path"]
 
 # Bump when the GGUF -> SentencePiece mapping changes, so stale cached models are not reused.
 _BUILDER_VERSION = 1
@@ -33,16 +32,3 @@ def model_cache_path(vocab_digest: str, cache_dir: str | os.PathLike | None = No
     """
     key = hashlib.sha256(f"{vocab_digest}/v{_BUILDER_VERSION}".encode()).hexdigest()[:16]
     return Path(cache_dir or default_cache_dir()) / f"tokenizer-{key}.model"
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Writes ``data`` to a temporary file next to ``path``, then renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise

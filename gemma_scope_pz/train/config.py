@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from gemma_scope_pz.atomic_write import write_atomically
+
 ARCHITECTURES = ("relu", "jumprelu", "topk", "batchtopk", "matryoshka")
 BASE_ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
 NORMALIZATIONS = ("none", "unit_mean_sq_norm", "center_unit")
@@ -242,7 +244,7 @@ class TrainConfig:
         """JSON text of the config; also written atomically to ``path`` if given."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            _atomic_write_text(path, text)
+            write_atomically(path, text)
         return text
 
     @classmethod
@@ -255,7 +257,7 @@ class TrainConfig:
         """YAML text of the config; also written atomically to ``path`` if given."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=True)
         if path is not None:
-            _atomic_write_text(path, text)
+            write_atomically(path, text)
         return text
 
     @classmethod
@@ -276,11 +278,3 @@ def _read_text(text_or_path: str | os.PathLike) -> tuple[str, str]:
         with open(text_or_path, encoding="utf-8") as f:
             return f.read(), os.fspath(text_or_path)
     return str(text_or_path), "text"
-
-
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = os.fspath(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from gemma_scope_pz.atomic_write import write_atomically
+
 MANIFEST = "manifest.json"
 FORMAT = "gemma_scope_pz.activation_cache"
 _HEADER_KEYS = (
@@ -145,10 +147,7 @@ class ShuffleBuffer:
 
 # --------------------------------------------------------------------------- on-disk cache
 def _atomic_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(obj, indent=1))
 
 
 class ActivationCache:

@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from gemma_scope_pz.atomic_write import write_atomically
 from gemma_scope_pz.train import objectives
 from gemma_scope_pz.train import step as step_lib
 from gemma_scope_pz.train.config import TrainConfig
@@ -245,10 +246,7 @@ def _load_metrics(path: str | None, before_step: int) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     rows = [r for r in rows if r["step"] < before_step]
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
+    write_atomically(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
