@@ -135,14 +135,14 @@ def cmd_features(args) -> None:
     from gemma_scope_pz.analysis.cards import write_feature_cards
     from gemma_scope_pz.analysis.examples import collect_max_activating
     from gemma_scope_pz.analysis.stats import FeatureStats
-    from gemma_scope_pz.tour import _encode_fn
+    from gemma_scope_pz.scope.evaluate import latent_encoder
     from gemma_scope_pz.train.harvest import real_token_mask
 
     gs, model, tok, sae = _load(args, need_sae=True)
     batches = _corpus_batches(tok, args.corpus, args.contexts)
     ex = collect_max_activating(
         [(b, real_token_mask(b, tok.pad_id)) for b in np.split(batches, range(8, len(batches), 8))],
-        _encode_fn(model, sae),
+        latent_encoder(model, sae),
         sae.meta.d_sae,
         k=args.k,
         window=10,

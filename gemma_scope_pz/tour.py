@@ -176,6 +176,7 @@ def run_tour(settings: TourSettings | None = None, log: Callable[[str], None] = 
     import gemma_scope_pz as gs
     from gemma_scope_pz.analysis.examples import collect_max_activating
     from gemma_scope_pz.analysis.stats import FeatureStats
+    from gemma_scope_pz.scope.evaluate import latent_encoder
     from gemma_scope_pz.tour_report import write_report
     from gemma_scope_pz.train.harvest import corpus_contexts, real_token_mask
 
@@ -230,7 +231,7 @@ def run_tour(settings: TourSettings | None = None, log: Callable[[str], None] = 
             (c, real_token_mask(c, tok.pad_id))
             for c in np.split(contexts, range(8, len(contexts), 8))
         ],
-        _encode_fn(model, sae),
+        latent_encoder(model, sae),
         sae.meta.d_sae,
         k=6,
         window=10,
@@ -309,19 +310,3 @@ def run_tour(settings: TourSettings | None = None, log: Callable[[str], None] = 
     (s.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     log(f"\nReport: {report.resolve()}\nTotal {timings['total']:.0f} s")
     return summary
-
-
-def _encode_fn(model, sae):
-    import jax
-    from penzai import pz
-
-    from gemma_scope_pz.scope.interventions import capture
-
-    frozen = pz.freeze_params(sae)
-    encode = jax.jit(lambda s, x: s.encode(x))
-
-    def fn(tokens):
-        acts = capture(model, tokens, [sae.meta.site_in])[sae.meta.site_in]
-        return encode(frozen, acts)
-
-    return fn

@@ -19,7 +19,7 @@ from penzai import pz
 from tqdm.auto import tqdm
 
 from gemma_scope_pz.models.gemma3 import Gemma3LM, positions_for
-from gemma_scope_pz.scope.interventions import run_with_captures, splice
+from gemma_scope_pz.scope.interventions import capture, run_with_captures, splice
 from gemma_scope_pz.scope.sites import Site, attach
 
 
@@ -217,8 +217,6 @@ def top_features(
     Returns ``{"values": [seq, k], "ids": [seq, k], "latents": [seq, d_sae], "mean": [d_sae]}``;
     ``mean`` averages activations over the positions after BOS.
     """
-    from gemma_scope_pz.scope.interventions import capture
-
     site = site or sae.meta.site_in
     tokens = np.asarray(tokens, np.int32).reshape(1, -1)
     x = capture(model, tokens, [site])[site][0].astype(jnp.float32)
@@ -226,3 +224,21 @@ def top_features(
     latents = np.asarray(latents)
     mean = latents[1:].mean(axis=0) if latents.shape[0] > 1 else latents.mean(axis=0)
     return {"values": np.asarray(values), "ids": np.asarray(ids), "latents": latents, "mean": mean}
+
+
+@jax.jit
+def _encode(sae, x):
+    return sae.encode(x)
+
+
+def latent_encoder(model: Gemma3LM, sae: pz.nn.Layer):
+    """``tokens [batch, seq] -> latents [batch, seq, d_sae]`` at ``sae.meta.site_in`` (jitted).
+
+    The callable ``analysis.examples.collect_max_activating`` streams a corpus through.
+    """
+    frozen = pz.freeze_params(sae)
+
+    def encode(tokens):
+        return _encode(frozen, capture(model, tokens, [sae.meta.site_in])[sae.meta.site_in])
+
+    return encode
