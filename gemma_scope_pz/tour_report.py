@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from gemma_scope_pz.analysis.cards import write_feature_cards
-from gemma_scope_pz.atomic_write import write_atomically
+from gemma_scope_pz.io import write_atomically
 from gemma_scope_pz.scope.highlight import highlight_tokens_html
 
 _STYLE = """

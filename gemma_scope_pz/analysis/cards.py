@@ -26,7 +26,7 @@ import numpy as np
 
 from gemma_scope_pz.analysis.examples import Example
 from gemma_scope_pz.analysis.stats import FeatureStats
-from gemma_scope_pz.atomic_write import write_atomically
+from gemma_scope_pz.io import write_atomically
 
 TokenStrings = Callable[[Sequence[int]], list[str]]
 LogitLens = Mapping[int, tuple[Sequence[tuple[str, float]], Sequence[tuple[str, float]]]]

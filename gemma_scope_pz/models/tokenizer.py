@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
-from gemma_scope_pz.atomic_write import write_atomically
+from gemma_scope_pz.io import write_atomically
 from gemma_scope_pz.models.chat_template import format_chat
 from gemma_scope_pz.models.gemma_library_tokenizer import DelegatingProcessor
 from gemma_scope_pz.models.gguf_vocab import (

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from gemma_scope_pz.atomic_write import write_atomically
+from gemma_scope_pz.io import write_atomically
 
 ARCHITECTURES = ("relu", "jumprelu", "topk", "batchtopk", "matryoshka")
 BASE_ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")

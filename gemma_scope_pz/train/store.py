@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from gemma_scope_pz.atomic_write import write_atomically
+from gemma_scope_pz.io import write_atomically
 
 MANIFEST = "manifest.json"
 FORMAT = "gemma_scope_pz.activation_cache"

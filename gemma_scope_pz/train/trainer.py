@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from gemma_scope_pz.atomic_write import write_atomically
+from gemma_scope_pz.io import write_atomically
 from gemma_scope_pz.train import objectives
 from gemma_scope_pz.train import step as step_lib
 from gemma_scope_pz.train.config import TrainConfig
