@@ -6,12 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from gemma_scope_pz.train.store import (
-    ActivationCache,
-    ArrayBatches,
-    ShuffleBuffer,
-    batch_indices,
-)
+from gemma_scope_pz.train.sources import ArraySource, batch_indices
+from gemma_scope_pz.train.store import ActivationCache, ShuffleBuffer
 
 HEADER = dict(
     model_name="gemma3-270m",
@@ -80,11 +76,18 @@ def test_two_site_cache_gives_pairs(tmp_path):
     cache.append(_rows(0, 5), _rows(100, 5, width=2))
     x_in, x_out = cache.batches(4, seed=0).batch_at(2)
     np.testing.assert_array_equal(x_out[:, 0] - 100, x_in[:, 0])
+    # a subset of sites, in the order asked for, gives the same rows
+    out_only = cache.batches(4, seed=0, sites=["blocks.1.mlp_out"]).batch_at(2)
+    np.testing.assert_array_equal(out_only, x_out)
+    swapped = cache.batches(4, seed=0, sites=["blocks.1.mlp_out", "blocks.1.mlp_in"]).batch_at(2)
+    np.testing.assert_array_equal(swapped[1], x_in)
+    with pytest.raises(ValueError, match=r"holds sites .*not \['blocks\.2\.mlp_in'\]"):
+        cache.batches(4, sites=["blocks.2.mlp_in"])
 
 
 def test_array_batches_and_shuffle_buffer():
     x = _rows(0, 30)
-    batches = ArrayBatches(x, x * 2, batch_size=8, seed=0)
+    batches = ArraySource(x, x * 2, batch_size=8, seed=0)
     a, b = batches.batch_at(4)
     np.testing.assert_array_equal(b, 2 * a)
     stream = (_rows(i * 10, 10) for i in range(10))

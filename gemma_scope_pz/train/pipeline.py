@@ -92,24 +92,10 @@ def harvest_to_cache(
 
 def cache_batches(cache: ActivationCache, config: TrainConfig):
     """The trainer's data source for ``config`` from a cache holding its site(s)."""
-    sites = cache.header["sites"]
-    wanted = [config.site_in] + (
-        [config.site_out] if config.site_out and config.site_out != config.site_in else []
+    wanted = [config.sae.site_in] + (
+        [config.sae.site_out] if config.sae.site_out and config.sae.site_out != config.sae.site_in else []
     )
-    missing = [s for s in wanted if s not in sites]
-    if missing:
-        raise ValueError(f"Activation cache {cache.path} holds sites {sites}, not {missing}")
-    index = [sites.index(s) for s in wanted]
-    inner = cache.batches(config.batch_size, seed=config.seed)
-
-    class _Select:
-        def batch_at(self, step: int):
-            batch = inner.batch_at(step)
-            batch = batch if isinstance(batch, tuple) else (batch,)
-            picked = tuple(batch[i] for i in index)
-            return picked if len(picked) > 1 else picked[0]
-
-    return _Select()
+    return cache.batches(config.run.batch_size, seed=config.run.seed, sites=wanted)
 
 
 @dataclasses.dataclass
@@ -151,8 +137,8 @@ def train_dictionary(
         return TrainedDictionary(load_sae(folder), folder, True)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = config.replace(
-        checkpoint_dir=config.checkpoint_dir or str((out_dir / "checkpoints").resolve()),
-        log_path=config.log_path or str(out_dir / "metrics.jsonl"),
+        checkpoint_dir=config.run.checkpoint_dir or str((out_dir / "checkpoints").resolve()),
+        log_path=config.run.log_path or str(out_dir / "metrics.jsonl"),
     )
     config.to_json(out_dir / "train_config.json")
     result = train(config, cache_batches(cache, config))

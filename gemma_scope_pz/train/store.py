@@ -1,10 +1,7 @@
-"""Activation stores: random-access batches by step, an on-disk shard cache, a shuffle buffer.
+"""Activation stores: an on-disk shard cache served by step, and a shuffle buffer for streams.
 
-The trainer reads data through one interface, ``batch_at(step) -> x`` or ``(x_in, x_out)``,
-so that resuming at step ``s`` replays exactly the batches an uninterrupted run would have
-seen. Batches of epoch ``e`` follow a permutation of all rows drawn from
-``np.random.default_rng([seed, e])``; a batch that crosses an epoch boundary takes the tail of
-one permutation and the head of the next.
+``ActivationCache.batches(batch_size, seed)`` is a ``BatchSource`` (see ``train/sources.py``): batch
+``step`` is the same rows whenever it is asked for, so a resumed run replays an uninterrupted one.
 
 On-disk cache layout (``ActivationCache``)::
 
@@ -19,7 +16,6 @@ harvester that restarts from ``cache.n_rows`` leaves no duplicates or gaps).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -28,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from gemma_scope_pz.io import write_atomically
+from gemma_scope_pz.train.sources import batch_indices
 
 MANIFEST = "manifest.json"
 FORMAT = "gemma_scope_pz.activation_cache"
@@ -40,63 +37,6 @@ _HEADER_KEYS = (
     "corpus",
     "context_length",
 )
-
-
-# --------------------------------------------------------------------------- permutations
-@functools.lru_cache(maxsize=2)
-def _permutation(n_rows: int, seed: int, epoch: int) -> np.ndarray:
-    perm = np.random.default_rng([seed, epoch]).permutation(n_rows)
-    perm.flags.writeable = False
-    return perm
-
-
-def batch_indices(step: int, batch_size: int, n_rows: int, seed: int) -> np.ndarray:
-    """Row indices of batch ``step`` under per-epoch permutations seeded by ``(seed, epoch)``."""
-    if n_rows <= 0:
-        raise ValueError("batch_indices: the data set has no rows")
-    start = step * batch_size
-    parts, need = [], batch_size
-    while need > 0:
-        epoch, offset = divmod(start, n_rows)
-        perm = _permutation(n_rows, seed, epoch)
-        take = perm[offset : offset + need]
-        parts.append(take)
-        need -= take.size
-        start += take.size
-    return np.concatenate(parts)
-
-
-class ArrayBatches:
-    """In-memory arrays served as ``batch_at(step)`` with per-epoch shuffling.
-
-    Attributes:
-      x_in: ``[n, d_in]`` inputs.
-      x_out: ``[n, d_out]`` targets, or ``None`` (autoencoder).
-      batch_size: Rows per batch.
-      seed: Shuffle seed.
-    """
-
-    def __init__(self, x_in, x_out=None, *, batch_size: int, seed: int = 0):
-        self.x_in = np.asarray(x_in)
-        self.x_out = None if x_out is None else np.asarray(x_out)
-        if self.x_in.ndim != 2:
-            raise ValueError(f"ArrayBatches: x_in must be [n, d], got shape {self.x_in.shape}")
-        if self.x_out is not None and self.x_out.shape[0] != self.x_in.shape[0]:
-            raise ValueError(
-                f"ArrayBatches: x_in has {self.x_in.shape[0]} rows but x_out {self.x_out.shape[0]}"
-            )
-        self.batch_size, self.seed = int(batch_size), int(seed)
-
-    @property
-    def n_rows(self) -> int:
-        return self.x_in.shape[0]
-
-    def batch_at(self, step: int):
-        """Batch ``step``: an array, or ``(x_in, x_out)`` for transcoders."""
-        idx = batch_indices(step, self.batch_size, self.n_rows, self.seed)
-        if self.x_out is None:
-            return self.x_in[idx]
-        return self.x_in[idx], self.x_out[idx]
 
 
 # --------------------------------------------------------------------------- shuffle buffer
@@ -284,37 +224,68 @@ class ActivationCache:
             )
         return self._mmaps[key]
 
-    def read_rows(self, indices: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Rows at global ``indices`` (any order), one float32 array per site."""
+    def read_rows(self, indices: np.ndarray, sites: Sequence[int] | None = None) -> tuple:
+        """Rows at global ``indices`` (any order), one float32 array per site (or per index in
+        ``sites``, positions into ``header["sites"]``)."""
         indices = np.asarray(indices, np.int64)
+        sites = range(self.n_sites) if sites is None else list(sites)
         if indices.size and (indices.min() < 0 or indices.max() >= self.n_rows):
             raise IndexError(
                 f"ActivationCache {self.path}: row index out of range [0, {self.n_rows})"
             )
         bounds = np.cumsum([0] + [int(s["rows"]) for s in self.shards])
         shard_of = np.searchsorted(bounds, indices, side="right") - 1
-        out = [np.empty((indices.size, w), np.float32) for w in self.header["widths"]]
+        widths = self.header["widths"]
+        out = [np.empty((indices.size, widths[site]), np.float32) for site in sites]
         for shard in np.unique(shard_of):
             where = np.nonzero(shard_of == shard)[0]
             local = indices[where] - bounds[shard]
             order = np.argsort(local, kind="stable")
-            for site in range(self.n_sites):
-                out[site][where[order]] = self._mmap(int(shard), site)[local[order]]
+            for column, site in enumerate(sites):
+                out[column][where[order]] = self._mmap(int(shard), site)[local[order]]
         return tuple(out)
 
-    def batches(self, batch_size: int, seed: int = 0) -> CacheBatches:
-        """Random-access batches for the trainer."""
-        return CacheBatches(self, batch_size, seed)
+    def batches(
+        self, batch_size: int, seed: int = 0, sites: Sequence[str] | None = None
+    ) -> CacheBatches:
+        """Random-access batches for the trainer (a ``BatchSource``), of all sites or of ``sites``.
+
+        Raises:
+          ValueError: if a site in ``sites`` is not in this cache (the message names both).
+        """
+        return CacheBatches(self, batch_size, seed, sites=sites)
 
 
 class CacheBatches:
-    """``batch_at(step)`` over an :class:`ActivationCache` (arrays, or pairs for 2 sites)."""
+    """``batch_at(step)`` over an :class:`ActivationCache`: an array for one site, a tuple for more.
 
-    def __init__(self, cache: ActivationCache, batch_size: int, seed: int = 0):
+    Rows are shuffled per epoch as in ``train.sources.batch_indices``.
+
+    Attributes:
+      cache: The cache.
+      batch_size: Rows per batch.
+      seed: Shuffle seed.
+      sites: The sites served, in order (default: all of the cache's sites).
+    """
+
+    def __init__(
+        self,
+        cache: ActivationCache,
+        batch_size: int,
+        seed: int = 0,
+        *,
+        sites: Sequence[str] | None = None,
+    ):
         self.cache, self.batch_size, self.seed = cache, int(batch_size), int(seed)
+        stored = list(cache.header["sites"])
+        self.sites = stored if sites is None else list(sites)
+        missing = [s for s in self.sites if s not in stored]
+        if missing or not self.sites:
+            raise ValueError(f"Activation cache {cache.path} holds sites {stored}, not {missing}")
+        self._columns = [stored.index(s) for s in self.sites]
 
     def batch_at(self, step: int):
-        rows = self.cache.read_rows(
-            batch_indices(step, self.batch_size, self.cache.n_rows, self.seed)
-        )
+        """Batch ``step``: an array (one site) or a tuple of arrays (several sites)."""
+        indices = batch_indices(step, self.batch_size, self.cache.n_rows, self.seed)
+        rows = self.cache.read_rows(indices, self._columns)
         return rows[0] if len(rows) == 1 else rows

@@ -1,8 +1,8 @@
 """The SAE / transcoder training loop: ``train(config, data) -> TrainResult``.
 
-Data interface: ``data`` is any of
+Data interface (see :mod:`~gemma_scope_pz.train.sources`): ``data`` is any of
 
-* an object with ``batch_at(step)`` (e.g. :class:`~gemma_scope_pz.train.store.CacheBatches`),
+* a ``BatchSource``: an object with ``batch_at(step)`` (e.g. ``ActivationCache.batches(...)``),
 * a callable ``batch_at(step)``,
 * an array ``[n, d_in]`` or a pair of arrays ``(x_in, x_out)`` (shuffled per epoch from the
   config seed),
@@ -37,7 +37,7 @@ from gemma_scope_pz.train import objectives
 from gemma_scope_pz.train import step as step_lib
 from gemma_scope_pz.train.config import TrainConfig
 from gemma_scope_pz.train.normalize import Normaliser, fold_normaliser, geometric_median
-from gemma_scope_pz.train.store import ArrayBatches
+from gemma_scope_pz.train.sources import as_source
 
 # Config fields that must match when resuming from a checkpoint.
 RESUME_KEYS = (
@@ -78,14 +78,14 @@ class TrainResult:
     def raw_params(self) -> dict[str, np.ndarray]:
         """Parameters for raw activations (normaliser folded in; BatchTopK → JumpReLU threshold)."""
         params = fold_normaliser(self.params, self.normaliser)
-        if self.config.activation == "batchtopk":
-            params["threshold"] = np.full(self.config.d_sae, self.inference_threshold, np.float32)
+        if self.config.sae.activation == "batchtopk":
+            params["threshold"] = np.full(self.config.sae.d_sae, self.inference_threshold, np.float32)
         return params
 
     @property
     def export_activation(self) -> str:
         """Activation of the exported SAE: "relu", "jumprelu" or "topk"."""
-        kind = self.config.activation
+        kind = self.config.sae.activation
         return "jumprelu" if kind == "batchtopk" else kind
 
     def to_autoencoder(self, extra: dict | None = None):
@@ -103,19 +103,19 @@ def to_autoencoder(result: TrainResult, extra: dict | None = None):
 
     p = result.raw_params()
     cfg = result.config
-    k = cfg.k if result.export_activation == "topk" else None
-    info = {"train_config": cfg.to_dict(), "model_name": cfg.model_name}
+    k = cfg.sae.k if result.export_activation == "topk" else None
+    info = {"train_config": cfg.to_dict(), "model_name": cfg.run.model_name}
     if result.metrics:
         info["l0"] = result.metrics[-1]["l0"]
     info.update(extra or {})
     meta = SaeMeta(
-        d_in=cfg.d_in,
-        d_sae=cfg.d_sae,
-        d_out=cfg.out_dim,
+        d_in=cfg.sae.d_in,
+        d_sae=cfg.sae.d_sae,
+        d_out=cfg.sae.out_dim,
         activation=result.export_activation,
         k=k,
-        site_in=cfg.site_in,
-        site_out=cfg.site_out or cfg.site_in,
+        site_in=cfg.sae.site_in,
+        site_out=cfg.sae.site_out or cfg.sae.site_in,
         extra=info,
     )
     return AutoEncoder.from_arrays(
@@ -131,40 +131,7 @@ def to_autoencoder(result: TrainResult, extra: dict | None = None):
     )
 
 
-# --------------------------------------------------------------------------- data sources
-class _IteratorSource:
-    def __init__(self, iterator, keep: int):
-        self.iterator, self.position, self.cache, self.keep = iter(iterator), 0, {}, keep
-
-    def batch_at(self, step: int):
-        while self.position <= step:
-            try:
-                self.cache[self.position] = next(self.iterator)
-            except StopIteration:
-                raise ValueError(f"train: the data iterator ended before step {step}") from None
-            self.position += 1
-        if step not in self.cache:
-            raise ValueError(f"train: iterator data cannot go back to step {step}")
-        batch = self.cache[step]
-        if step >= self.keep:  # the first `keep` batches are read twice (normaliser, step)
-            for old in [s for s in self.cache if s <= step]:
-                del self.cache[old]
-        return batch
-
-
-def as_batch_source(data: Any, config: TrainConfig):
-    """Wraps ``data`` (see the module docstring) into an object with ``batch_at(step)``."""
-    if hasattr(data, "batch_at"):
-        return data
-    if isinstance(data, np.ndarray | jax.Array):
-        return ArrayBatches(data, batch_size=config.batch_size, seed=config.seed)
-    if isinstance(data, tuple) and len(data) == 2 and all(hasattr(a, "shape") for a in data):
-        return ArrayBatches(data[0], data[1], batch_size=config.batch_size, seed=config.seed)
-    if callable(data):
-        return type("_CallableSource", (), {"batch_at": staticmethod(data)})()
-    return _IteratorSource(data, keep=config.norm_estimation_batches)
-
-
+# --------------------------------------------------------------------------- batches
 def _split_batch(
     batch: Any, config: TrainConfig, step: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -176,22 +143,22 @@ def _split_batch(
         x_in, x_out = batch
     else:
         x_in, x_out = batch, None
-    if config.is_transcoder and x_out is None:
+    if config.sae.is_transcoder and x_out is None:
         raise ValueError(
             f"train: transcoder config needs (x_in, x_out) batches; step {step} gave one"
         )
     x_in = np.asarray(x_in, np.float32)
-    if x_in.shape != (config.batch_size, config.d_in):
+    if x_in.shape != (config.run.batch_size, config.sae.d_in):
         raise ValueError(
             f"train: x_in at step {step} has shape {x_in.shape}, expected "
-            f"({config.batch_size}, {config.d_in})"
+            f"({config.run.batch_size}, {config.sae.d_in})"
         )
     if x_out is not None:
         x_out = np.asarray(x_out, np.float32)
-        if x_out.shape != (config.batch_size, config.out_dim):
+        if x_out.shape != (config.run.batch_size, config.sae.out_dim):
             raise ValueError(
                 f"train: x_out at step {step} has shape {x_out.shape}, expected "
-                f"({config.batch_size}, {config.out_dim})"
+                f"({config.run.batch_size}, {config.sae.out_dim})"
             )
     return x_in, x_out
 
@@ -200,33 +167,33 @@ def _split_batch(
 def initial_state(config: TrainConfig, source) -> tuple[step_lib.State, Normaliser]:
     """Estimates the normaliser and b_dec from the first batches; initialises parameters."""
     batches = [
-        _split_batch(source.batch_at(i), config, i) for i in range(config.norm_estimation_batches)
+        _split_batch(source.batch_at(i), config, i) for i in range(config.sae.norm_estimation_batches)
     ]
     x_in = [b[0] for b in batches]
     x_out = None if batches[0][1] is None else [b[1] for b in batches]
-    if config.normalization == "none":
-        norm = Normaliser.identity(config.d_in, config.out_dim)
+    if config.sae.normalization == "none":
+        norm = Normaliser.identity(config.sae.d_in, config.sae.out_dim)
     else:
-        norm = Normaliser.estimate(config.normalization, x_in, x_out)
+        norm = Normaliser.estimate(config.sae.normalization, x_in, x_out)
     targets = norm.apply_out(np.concatenate(x_out if x_out is not None else x_in)[:16384])
     targets = targets[np.all(np.isfinite(targets), axis=1)]
-    if config.b_dec_init == "geometric_median":
+    if config.sae.b_dec_init == "geometric_median":
         b_dec = geometric_median(targets)
-    elif config.b_dec_init == "mean":
+    elif config.sae.b_dec_init == "mean":
         b_dec = targets.mean(0).astype(np.float32)
     else:
-        b_dec = np.zeros(config.out_dim, np.float32)
-    if config.affine_skip:
-        b_dec = np.zeros(config.out_dim, np.float32)  # the skip path models the mean itself
-    params = objectives.init_params(config, jax.random.PRNGKey(config.seed), b_dec)
+        b_dec = np.zeros(config.sae.out_dim, np.float32)
+    if config.sae.affine_skip:
+        b_dec = np.zeros(config.sae.out_dim, np.float32)  # the skip path models the mean itself
+    params = objectives.init_params(config, jax.random.PRNGKey(config.run.seed), b_dec)
     return step_lib.init_state(config, params, norm.to_arrays()), norm
 
 
 def _manager(config: TrainConfig) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=False
+        max_to_keep=config.run.keep_checkpoints, create=True, enable_async_checkpointing=False
     )
-    return ocp.CheckpointManager(os.path.abspath(config.checkpoint_dir), options=options)
+    return ocp.CheckpointManager(os.path.abspath(config.run.checkpoint_dir), options=options)
 
 
 def _check_resume(saved: dict, config: TrainConfig, where: str) -> None:
@@ -257,7 +224,7 @@ def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> 
     Args:
       config: The run configuration.
       data: Batches (see the module docstring).
-      resume: Continue from the latest checkpoint in ``config.checkpoint_dir`` if there is one;
+      resume: Continue from the latest checkpoint in ``config.run.checkpoint_dir`` if there is one;
         with ``False`` existing checkpoints there are deleted and training starts afresh.
       mesh: Optional ``jax.sharding.Mesh`` with axes ("data", "model") (see
         :mod:`~gemma_scope_pz.train.sharding`); ``None`` runs on the default device.
@@ -269,8 +236,13 @@ def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> 
       FloatingPointError: with ``nan_policy="error"``, on the first non-finite batch or gradient.
       ValueError: on malformed batches or a checkpoint from a different run setup.
     """
-    source = as_batch_source(data, config)
-    manager = _manager(config) if config.checkpoint_dir else None
+    source = as_source(
+        data,
+        batch_size=config.run.batch_size,
+        seed=config.run.seed,
+        replay=config.sae.norm_estimation_batches,
+    )
+    manager = _manager(config) if config.run.checkpoint_dir else None
     latest = manager.latest_step() if manager is not None and resume else None
     if manager is not None and not resume:
         for old_step in manager.all_steps():  # a fresh run replaces an earlier run's checkpoints
@@ -278,24 +250,24 @@ def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> 
     metrics_history: list[dict] = []
     if latest is not None:
         meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        _check_resume(meta["config"], config, f"{config.checkpoint_dir} step {latest}")
+        _check_resume(meta["config"], config, f"{config.run.checkpoint_dir} step {latest}")
         abstract = _abstract_state(config)
         state = manager.restore(
             latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         )["state"]
-        norm = Normaliser.from_arrays(jax.device_get(state["norm"]), config.normalization)
-        metrics_history = _load_metrics(config.log_path, int(state["step"]))
+        norm = Normaliser.from_arrays(jax.device_get(state["norm"]), config.sae.normalization)
+        metrics_history = _load_metrics(config.run.log_path, int(state["step"]))
     else:
         state, norm = initial_state(config, source)
-        if config.log_path and os.path.exists(config.log_path):
-            os.remove(config.log_path)
+        if config.run.log_path and os.path.exists(config.run.log_path):
+            os.remove(config.run.log_path)
 
     step_fn = step_lib.make_train_step(config)
     if mesh is not None:
         from gemma_scope_pz.train import sharding
 
-        sharding.check_divisible(mesh, config.batch_size, config.d_sae)
-        state_sh = sharding.state_shardings(state, mesh, config.d_sae)
+        sharding.check_divisible(mesh, config.run.batch_size, config.sae.d_sae)
+        state_sh = sharding.state_shardings(state, mesh, config.sae.d_sae)
         batch_sh = sharding.batch_sharding(mesh)
         state = jax.device_put(state, state_sh)
         jitted = jax.jit(
@@ -311,14 +283,14 @@ def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> 
         put = lambda x: None if x is None else jax.device_put(x)  # noqa: E731
 
     start, total = int(jax.device_get(state["step"])), config.num_steps
-    log_file = open(config.log_path, "a", encoding="utf-8") if config.log_path else None  # noqa: SIM115
+    log_file = open(config.run.log_path, "a", encoding="utf-8") if config.run.log_path else None  # noqa: SIM115
     bar = tqdm(
-        total=total, initial=start, disable=not config.progress_bar, desc="train", leave=False
+        total=total, initial=start, disable=not config.run.progress_bar, desc="train", leave=False
     )
     try:
         for step in range(start, total):
             x_in, x_out = _split_batch(source.batch_at(step), config, step)
-            if config.nan_policy == "error":
+            if config.run.nan_policy == "error":
                 for name, x in (("x_in", x_in), ("x_out", x_out)):
                     if x is not None and not np.all(np.isfinite(x)):
                         raise FloatingPointError(
@@ -327,9 +299,9 @@ def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> 
                         )
             state, metrics = jitted(state, put(x_in), put(x_out))
             done = step + 1
-            if done % config.log_every == 0 or done == total:
+            if done % config.run.log_every == 0 or done == total:
                 row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-                if config.nan_policy == "error" and row["skipped"] > 0:
+                if config.run.nan_policy == "error" and row["skipped"] > 0:
                     bad = int(jax.device_get(state["first_bad_step"]))
                     raise FloatingPointError(
                         f"train: non-finite loss or gradient at step {bad}; nan_policy='error'"
@@ -345,7 +317,7 @@ def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> 
                     dead=f"{row['dead_fraction']:.2f}",
                 )
             bar.update(1)
-            if manager is not None and (done % config.checkpoint_every == 0 or done == total):
+            if manager is not None and (done % config.run.checkpoint_every == 0 or done == total):
                 _save(manager, done, state, config)
     finally:
         bar.close()
@@ -370,9 +342,9 @@ def _abstract_state(config: TrainConfig) -> Any:
     def make():
         params = objectives.init_params(config, jax.random.PRNGKey(0))
         norm = {
-            "in_shift": np.zeros(config.d_in, np.float32),
+            "in_shift": np.zeros(config.sae.d_in, np.float32),
             "in_scale": np.float32(1),
-            "out_shift": np.zeros(config.out_dim, np.float32),
+            "out_shift": np.zeros(config.sae.out_dim, np.float32),
             "out_scale": np.float32(1),
         }
         return step_lib.init_state(config, params, norm)
