@@ -502,6 +502,11 @@ def test_top_features_matches_numpy(setup):
     sae = _random_sae(CONFIG.d_model, 24, "relu", seed=29, site_in=site)
     out = top_features(model, sae, TOKENS[0], k=3)
     f = _np_encode(sae, sites[site][0])
+    raw = top_features(model, sae, TOKENS[0], k=3, exclude_bos=False)
+    _assert_close(raw["latents"], f, 1e-4, "latents with BOS")
+    _assert_close(raw["mean"], f.mean(0), 1e-4, "mean with BOS")
+    f[0] = 0.0  # BOS does not count by default: its latents are zeroed
+    np.testing.assert_array_equal(out["mask"], np.arange(TOKENS.shape[1]) > 0)
     assert out["ids"].shape == (TOKENS.shape[1], 3) and out["latents"].shape == (
         TOKENS.shape[1],
         24,

@@ -89,48 +89,46 @@ def test_kl(data):
     assert abs(float(metrics.kl_divergence(clean, clean, mask))) < 1e-6
 
 
+def test_fvu_from_streamed_sums(data):
+    x, x_hat, mask = data
+    sel, sel_hat = x[mask].astype(np.float64), x_hat[mask].astype(np.float64)
+    halves = np.array_split(np.arange(len(sel)), 2)  # two "batches" summed on the host
+    sums = [
+        (((sel[i] - sel_hat[i]) ** 2).sum(), sel[i].sum(0), (sel[i] ** 2).sum(), len(i))
+        for i in halves
+    ]
+    sq_err, sum_x, sum_sq, n = (sum(parts) for parts in zip(*sums, strict=True))
+    want = ((sel - sel_hat) ** 2).sum() / ((sel - sel.mean(axis=0)) ** 2).sum()
+    assert metrics.fvu_from_sums(sq_err, sum_x, sum_sq, n) == pytest.approx(want, rel=1e-10)
+
+
+def test_per_token_terms_and_prediction_mask(data):
+    _, _, mask = data
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(B, S, V)).astype(np.float32)
+    tokens = rng.integers(0, V, size=(B, S)).astype(np.int32)
+    lp = numpy_log_softmax(logits)
+    want = -np.take_along_axis(lp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(metrics.next_token_nll(logits, tokens), want, rtol=1e-5)
+    real = rng.random((B, S)) > 0.2
+    pred = np.asarray(metrics.prediction_mask(mask, real))
+    for b in range(B):
+        for t in range(S - 1):
+            assert pred[b, t] == (mask[b, t] and real[b, t + 1])
+
+
 def test_scalars_and_dead_fraction():
     assert float(metrics.delta_loss(2.0, 2.5)) == pytest.approx(0.5)
     assert float(metrics.ce_recovered(2.0, 2.5, 4.0)) == pytest.approx((4.0 - 2.5) / (4.0 - 2.0))
     assert float(metrics.ce_recovered(2.0, 2.0, 4.0)) == pytest.approx(1.0)
+    assert np.isnan(metrics.ce_recovered(2.0, 2.5, 2.0))  # ablating changes nothing
+    traced = jax.jit(metrics.ce_recovered)(jnp.float32(2.0), jnp.float32(3.0), jnp.float32(4.0))
+    assert isinstance(traced, jax.Array) and float(traced) == pytest.approx(0.5)
+    assert np.isnan(jax.jit(metrics.ce_recovered)(jnp.float32(2.0), 2.5, jnp.float32(2.0)))
     counts = np.array([0, 3, 0, 1, 5, 0, 0, 2])
     assert float(jax.jit(metrics.dead_fraction)(counts)) == pytest.approx(4 / 8)
 
 
-def test_token_mask_and_bad_mask():
-    tokens = np.array([[2, 5, 7, 0], [2, 9, 1, 0]], np.int32)
-    np.testing.assert_array_equal(metrics.token_mask(tokens), [[0, 1, 1, 0], [0, 1, 1, 0]])
+def test_bad_mask():
     with pytest.raises(ValueError, match=r"mask has shape \(2, 3\)"):
         metrics.l0(np.ones((2, 4, 3)), np.ones((2, 3), bool))
-
-
-# Token highlighting lives in scope/highlight.py; its tests sit here with the other reporting code.
-
-
-def test_highlight_escapes_and_scales():
-    import re
-
-    from gemma_scope_pz.scope.highlight import display_tokens, highlight_tokens_html
-
-    tokens = ["<script>alert(1)</script>", " and", "\n", "&amp;", '"q"', ""]
-    values = np.array([2.0, 1.0, 0.0, -4.0, np.nan, 8.0])
-    out = highlight_tokens_html(tokens, values, title="<b>latent 7</b>", max_value=4.0)
-    assert "<script>" not in out and "&lt;script&gt;" in out
-    assert "&lt;b&gt;latent 7&lt;/b&gt;" in out
-    assert "&amp;amp;" in out and "↵" in out and "∅" in out
-    spans = re.findall(
-        r'<span title="([^"]*)" style="background-color: rgba\(([\d, ]+), ([\d.]+)\)', out
-    )
-    assert len(spans) == len(tokens)
-    alphas = [float(a) for _, _, a in spans]
-    assert alphas == [0.5, 0.25, 0.0, 1.0, 0.0, 1.0]  # |v| / max_value, clipped, NaN -> 0
-    assert spans[3][1] != spans[0][1]  # negative values use another colour
-    assert (
-        "2" in spans[0][0] and "&lt;script&gt;" in spans[0][0]
-    )  # tooltip: escaped token and value
-    default = highlight_tokens_html(["a", "b"], [1.0, 4.0])
-    assert "0.250" in default and "1.000" in default  # default max is max |value|
-    with pytest.raises(ValueError, match="2 tokens but 3 values"):
-        highlight_tokens_html(["a", "b"], [1, 2, 3])
-    shown = display_tokens(["x"], [1.0])
-    assert "x" in (shown if isinstance(shown, str) else shown.data)

@@ -1,9 +1,15 @@
-"""How good is a dictionary at its site: FVU, L0, delta loss, CE recovered, KL — one jit per batch.
+"""How good is a dictionary at its site, and what it reads there: evaluation, latents, top features.
 
-Token positions counted: every valid (non-pad) position except BOS (position 0) and, optionally, the
-first ``exclude_prefix`` positions after it (e.g. an instruction-tuned chat template). For the language
-modelling metrics, the prediction made at position t (of token t+1) counts when t is counted and t+1 is a
-real token. "Ablated" replaces the site's activation (a transcoder's MLP output) by zeros.
+`evaluate_sae` gives FVU, L0, delta loss, CE recovered and KL with one jit per batch; the formulas
+live in `gemma_scope_pz.scope.metrics`, the counted positions in `gemma_scope_pz.scope.tokens`
+(every real token except BOS, and optionally the first ``exclude_prefix`` positions after it, e.g.
+an instruction-tuned chat template). For the language-modelling metrics, the prediction made at
+position t (of token t+1) counts when t is counted and t+1 is a real token. "Ablated" replaces the
+site's activation (a transcoder's MLP output) by zeros.
+
+`latents` encodes a batch at the dictionary's site, `top_features` gives one sequence's strongest
+latents per token (BOS excluded by default) and `token_losses` the per-token loss with and without
+the dictionary spliced in (for `gemma_scope_pz.analysis.plots.token_loss_svg`).
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from penzai import pz
 from tqdm.auto import tqdm
 
 from gemma_scope_pz.models.gemma3 import Gemma3LM, positions_for
+from gemma_scope_pz.scope import metrics
 from gemma_scope_pz.scope.interventions import capture, run_with_captures, splice
 from gemma_scope_pz.scope.sites import Site, attach
+from gemma_scope_pz.scope.tokens import token_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,66 +72,83 @@ class ZeroOut(pz.nn.Layer):
         return pz.nx.nmap(jnp.where)(keep, x, jnp.zeros((), x.dtype))
 
 
-def counted_positions(
-    tokens: jax.Array, positions: jax.Array, exclude_prefix: int = 0
-) -> jax.Array:
-    """Bool [batch, seq]: real tokens after BOS and after ``exclude_prefix`` further positions."""
-    return positions > exclude_prefix
+def _logits_of(model, tokens, positions) -> jax.Array:
+    out = model(
+        pz.nx.wrap(tokens).tag("batch", "seq"),
+        token_positions=pz.nx.wrap(positions).tag("batch", "seq"),
+    )
+    return out.unwrap("batch", "seq", "vocabulary")
 
 
-def _next_token_terms(logits, ref_logits, tokens, counted, positions):
-    """Per-position NLL of the next token, KL to ``ref_logits``, and the prediction mask."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
-    mask = counted[:, :-1] & (positions[:, 1:] >= 0)  # the next token is real (not ``pad_id``)
-    if ref_logits is None:
-        return nll, None, mask
-    ref = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)[:, :-1]
-    kl = jnp.sum(jnp.exp(ref) * (ref - logp[:, :-1]), axis=-1)
-    return nll, kl, mask
-
-
-@functools.partial(jax.jit, static_argnames=("site_in", "site_out", "exclude_prefix"))
-def _batch_sums(clean, spliced, ablated, sae, tokens, positions, site_in, site_out, exclude_prefix):
-    sites = tuple(dict.fromkeys((site_in, site_out)))
-    logits, acts = run_with_captures(clean, tokens, positions, sites, stop_early=False)
-    counted = counted_positions(tokens, positions, exclude_prefix)
-    x_in = pz.nx.wrap(acts[site_in].astype(jnp.float32)).tag("batch", "seq", "embedding")
-    latents = sae.encode(x_in)
-    x_hat = sae(x_in).unwrap("batch", "seq", "embedding")
-    target = acts[site_out].astype(jnp.float32)
+def _activation_sums(sae, x_in, target, counted) -> dict[str, jax.Array]:
+    """Per-batch sums for FVU, L0 and dead latents over the counted tokens."""
+    x_named = pz.nx.wrap(x_in.astype(jnp.float32)).tag("batch", "seq", "embedding")
+    f = sae.encode(x_named).unwrap("batch", "seq", "latents")
+    x_hat = sae(x_named).unwrap("batch", "seq", "embedding")
+    target = target.astype(jnp.float32)
     w = counted.astype(jnp.float32)[..., None]
-    n = jnp.sum(w)
-    active = (latents.unwrap("batch", "seq", "latents") != 0) & counted[..., None]
-    spliced_logits = spliced(
-        pz.nx.wrap(tokens).tag("batch", "seq"),
-        token_positions=pz.nx.wrap(positions).tag("batch", "seq"),
-    )
-    ablated_logits = ablated(
-        pz.nx.wrap(tokens).tag("batch", "seq"),
-        token_positions=pz.nx.wrap(positions).tag("batch", "seq"),
-    )
-    nll_clean, _, mask = _next_token_terms(logits, None, tokens, counted, positions)
-    nll_spliced, kl, _ = _next_token_terms(
-        spliced_logits.unwrap("batch", "seq", "vocabulary"), logits, tokens, counted, positions
-    )
-    nll_ablated, _, _ = _next_token_terms(
-        ablated_logits.unwrap("batch", "seq", "vocabulary"), None, tokens, counted, positions
-    )
-    m = mask.astype(jnp.float32)
+    active = (f != 0) & counted[..., None]
     return {
-        "n": n,
+        "n": jnp.sum(w),
         "sq_err": jnp.sum(w * (target - x_hat) ** 2),
         "sum_x": jnp.sum(w * target, axis=(0, 1)),
         "sum_sq": jnp.sum(w * target**2),
         "active": jnp.sum(active),
         "fired": jnp.any(active, axis=(0, 1)),
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("site_in", "site_out", "exclude_prefix", "pad_id"))
+def _batch_sums(
+    clean, spliced, ablated, sae, tokens, positions, site_in, site_out, exclude_prefix, pad_id
+):
+    sites = tuple(dict.fromkeys((site_in, site_out)))
+    logits, acts = run_with_captures(clean, tokens, positions, sites, stop_early=False)
+    counted = token_mask(tokens, pad_id=pad_id, exclude_prefix=exclude_prefix)
+    real = tokens != pad_id if pad_id is not None else jnp.ones(tokens.shape, bool)
+    m = metrics.prediction_mask(counted, real).astype(jnp.float32)
+    spliced_logits = _logits_of(spliced, tokens, positions)
+    nll = {
+        "ce_clean": metrics.next_token_nll(logits, tokens),
+        "ce_spliced": metrics.next_token_nll(spliced_logits, tokens),
+        "ce_ablated": metrics.next_token_nll(_logits_of(ablated, tokens, positions), tokens),
+    }
+    kl = metrics.kl_per_token(logits[:, :-1], spliced_logits[:, :-1])
+    return {
+        **_activation_sums(sae, acts[site_in], acts[site_out], counted),
         "n_pred": jnp.sum(m),
-        "ce_clean": jnp.sum(m * nll_clean),
-        "ce_spliced": jnp.sum(m * nll_spliced),
-        "ce_ablated": jnp.sum(m * nll_ablated),
+        **{key: jnp.sum(m * value) for key, value in nll.items()},
         "kl": jnp.sum(m * kl),
     }
+
+
+def _finish(totals: dict[str, np.ndarray]) -> SaeEvaluation:
+    """Metrics from the summed per-batch terms (host side, float64)."""
+    if not totals or totals["n"] == 0:
+        raise ValueError(
+            "evaluate_sae: no counted tokens (all positions are BOS, prefix or padding)"
+        )
+    n, n_pred = float(totals["n"]), max(float(totals["n_pred"]), 1.0)
+    ce = {key: float(totals[key]) / n_pred for key in ("ce_clean", "ce_spliced", "ce_ablated")}
+    return SaeEvaluation(
+        fvu=metrics.fvu_from_sums(totals["sq_err"], totals["sum_x"], totals["sum_sq"], n),
+        l0=float(totals["active"]) / n,
+        **ce,
+        delta_loss=float(metrics.delta_loss(ce["ce_clean"], ce["ce_spliced"])),
+        ce_recovered=float(
+            metrics.ce_recovered(ce["ce_clean"], ce["ce_spliced"], ce["ce_ablated"])
+        ),
+        kl=float(totals["kl"]) / n_pred,
+        n_tokens=int(n),
+        dead_fraction=float(metrics.dead_fraction(totals["fired"].astype(np.int32))),
+    )
+
+
+def _sites_of(sae, site: str | None, site_out: str | None) -> tuple[str, str]:
+    meta = getattr(sae, "meta", None)
+    site_in = Site.parse(site or getattr(meta, "site_in", None) or "").name
+    out_name = site_out or getattr(meta, "site_out", None) or site_in
+    return site_in, Site.parse(out_name).name
 
 
 def evaluate_sae(
@@ -142,93 +167,63 @@ def evaluate_sae(
     ``site``/``site_out`` default to the SAE's ``meta.site_in``/``meta.site_out``. Batches after the
     first should keep its shape so that the evaluation compiles once.
     """
-    meta = getattr(sae, "meta", None)
-    site_in = Site.parse(site or getattr(meta, "site_in", None) or "").name
-    out_name = site_out or getattr(meta, "site_out", None) or site_in
-    site_out = Site.parse(out_name).name
-    clean = pz.freeze_params(model)
+    site_in, site_out = _sites_of(sae, site, site_out)
     spliced = pz.freeze_params(splice(model, sae, site_in)).body
-    if Site.parse(site_out).kind == "mlp_out" and Site.parse(site_in).kind == "mlp_in":
-        ablate_site = site_out
-    else:
-        ablate_site = site_in
+    transcoder = Site.parse(site_out).kind == "mlp_out" and Site.parse(site_in).kind == "mlp_in"
+    ablate_site = site_out if transcoder else site_in
     ablated = pz.freeze_params(attach(model, ablate_site, ZeroOut())).body
-    frozen_sae = pz.freeze_params(sae)
+    frozen = (pz.freeze_params(model), spliced, ablated, pz.freeze_params(sae))
     if isinstance(batches, np.ndarray | jax.Array):
         batches = [np.asarray(batches)]
     totals: dict[str, np.ndarray] = {}
     for tokens in tqdm(batches, desc="evaluate", disable=not progress):
         tokens = jnp.asarray(tokens, jnp.int32)
         positions = positions_for(tokens, pad_id)
-        sums = _batch_sums(
-            clean,
-            spliced,
-            ablated,
-            frozen_sae,
-            tokens,
-            positions,
-            site_in,
-            site_out,
-            exclude_prefix,
-        )
+        sums = _batch_sums(*frozen, tokens, positions, site_in, site_out, exclude_prefix, pad_id)
         for key, value in sums.items():
             value = np.asarray(value, np.float64)
             if key == "fired":
                 totals[key] = totals.get(key, False) | value.astype(bool)
             else:
                 totals[key] = totals.get(key, 0.0) + value
-    if not totals or totals["n"] == 0:
-        raise ValueError(
-            "evaluate_sae: no counted tokens (all positions are BOS, prefix or padding)"
-        )
-    n, n_pred = float(totals["n"]), max(float(totals["n_pred"]), 1.0)
-    mean = totals["sum_x"] / n
-    variance = float(totals["sum_sq"]) - n * float(np.sum(mean**2))
-    ce_clean = float(totals["ce_clean"]) / n_pred
-    ce_spliced = float(totals["ce_spliced"]) / n_pred
-    ce_ablated = float(totals["ce_ablated"]) / n_pred
-    denom = ce_ablated - ce_clean
-    return SaeEvaluation(
-        fvu=float(totals["sq_err"]) / max(variance, 1e-30),
-        l0=float(totals["active"]) / n,
-        ce_clean=ce_clean,
-        ce_spliced=ce_spliced,
-        delta_loss=ce_spliced - ce_clean,
-        ce_ablated=ce_ablated,
-        ce_recovered=(ce_ablated - ce_spliced) / denom if abs(denom) > 1e-12 else float("nan"),
-        kl=float(totals["kl"]) / n_pred,
-        n_tokens=int(n),
-        dead_fraction=float(1.0 - np.mean(totals["fired"])),
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("k",))
-def _top_features(sae, x, k):
-    latents = sae.encode(pz.nx.wrap(x).tag("seq", "embedding")).unwrap("seq", "latents")
-    values, ids = jax.lax.top_k(latents, k)
-    return values, ids, latents
-
-
-def top_features(
-    model: Gemma3LM, sae: pz.nn.Layer, tokens, *, k: int = 5, site: str | None = None
-) -> dict[str, np.ndarray]:
-    """Per-token top-k latents for ONE sequence ``tokens`` [seq].
-
-    Returns ``{"values": [seq, k], "ids": [seq, k], "latents": [seq, d_sae], "mean": [d_sae]}``;
-    ``mean`` averages activations over the positions after BOS.
-    """
-    site = site or sae.meta.site_in
-    tokens = np.asarray(tokens, np.int32).reshape(1, -1)
-    x = capture(model, tokens, [site])[site][0].astype(jnp.float32)
-    values, ids, latents = _top_features(pz.freeze_params(sae), x, k)
-    latents = np.asarray(latents)
-    mean = latents[1:].mean(axis=0) if latents.shape[0] > 1 else latents.mean(axis=0)
-    return {"values": np.asarray(values), "ids": np.asarray(ids), "latents": latents, "mean": mean}
+    return _finish(totals)
 
 
 @jax.jit
 def _encode(sae, x):
     return sae.encode(x)
+
+
+def _as_batch(tokens) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(
+            f"tokens must be int ids [seq] or [batch, seq], got {tokens.dtype}{tokens.shape}"
+        )
+    return tokens.astype(np.int32)
+
+
+def latents(
+    model: Gemma3LM,
+    sae: pz.nn.Layer,
+    tokens,
+    *,
+    site: str | None = None,
+    pad_id: int | None = None,
+) -> jax.Array:
+    """The dictionary's latents ``[batch, seq, d_sae]`` (float32) for ``tokens`` [batch, seq].
+
+    Captures ``site`` (default ``sae.meta.site_in``) in one jitted forward that stops after its
+    block and encodes it. Every position is encoded, BOS and padding included: select the
+    positions that count with `gemma_scope_pz.scope.tokens.token_mask`. ``pad_id`` as in
+    `gemma_scope_pz.scope.interventions.capture` (left padding masked out of attention).
+    """
+    site = site or sae.meta.site_in
+    x = capture(model, _as_batch(tokens), [site], pad_id=pad_id)[site].astype(jnp.float32)
+    named = pz.nx.wrap(x).tag("batch", "seq", "embedding")
+    return _encode(pz.freeze_params(sae), named).unwrap("batch", "seq", "latents")
 
 
 def latent_encoder(model: Gemma3LM, sae: pz.nn.Layer):
@@ -242,3 +237,62 @@ def latent_encoder(model: Gemma3LM, sae: pz.nn.Layer):
         return _encode(frozen, capture(model, tokens, [sae.meta.site_in])[sae.meta.site_in])
 
     return encode
+
+
+def top_features(
+    model: Gemma3LM,
+    sae: pz.nn.Layer,
+    tokens,
+    *,
+    k: int = 5,
+    site: str | None = None,
+    exclude_bos: bool = True,
+) -> dict[str, np.ndarray]:
+    """Per-token top-k latents for ONE sequence ``tokens`` [seq].
+
+    Returns ``{"values": [seq, k], "ids": [seq, k], "latents": [seq, d_sae], "mean": [d_sae],
+    "mask": [seq]}``. With ``exclude_bos`` (the default) BOS (position 0, whose huge activations
+    would dwarf every real token) does not count: its latents are zeroed (so its ids are 0..k-1 with
+    value 0) and ``mean`` averages the counted positions only; ``mask`` says which positions count.
+    """
+    tokens = _as_batch(tokens)
+    if tokens.shape[0] != 1:
+        raise ValueError(f"top_features takes one sequence [seq], got shape {tokens.shape}")
+    mask = token_mask(tokens[0], pad_id=None, exclude_bos=exclude_bos)
+    f = np.asarray(latents(model, sae, tokens, site=site))[0]
+    f = np.where(mask[:, None], f, 0.0).astype(np.float32)
+    values, ids = jax.lax.top_k(jnp.asarray(f), k)
+    mean = f[mask].mean(axis=0) if mask.any() else f.mean(axis=0)
+    return {
+        "values": np.asarray(values),
+        "ids": np.asarray(ids),
+        "latents": f,
+        "mean": mean,
+        "mask": mask,
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("pad_id",))
+def _token_nll(model, spliced, tokens, pad_id):
+    positions = positions_for(tokens, pad_id)
+    clean = metrics.next_token_nll(_logits_of(model, tokens, positions), tokens)
+    return clean, metrics.next_token_nll(_logits_of(spliced, tokens, positions), tokens)
+
+
+def token_losses(
+    model: Gemma3LM, sae: pz.nn.Layer, tokens, *, site: str | None = None
+) -> dict[str, np.ndarray]:
+    """Next-token loss (nats) at every position of ONE sequence, clean and with ``sae`` spliced in.
+
+    Returns ``{"clean": [seq - 1], "spliced": [seq - 1]}``; entry t is the loss of predicting
+    token t + 1 (so the first entry is the prediction made at BOS).
+    """
+    tokens = _as_batch(tokens)
+    if tokens.shape[0] != 1 or tokens.shape[1] < 2:
+        raise ValueError(
+            f"token_losses takes one sequence of >= 2 tokens, got shape {tokens.shape}"
+        )
+    site = Site.parse(site or sae.meta.site_in).name
+    spliced = pz.freeze_params(splice(model, sae, site)).body
+    clean, with_sae = _token_nll(pz.freeze_params(model).body, spliced, jnp.asarray(tokens), None)
+    return {"clean": np.asarray(clean)[0], "spliced": np.asarray(with_sae)[0]}

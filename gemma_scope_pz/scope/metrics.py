@@ -1,18 +1,21 @@
-"""Reconstruction and downstream metrics for sparse autoencoders, on masked token batches.
+"""The metric formulas for sparse autoencoders: FVU, L0, cross-entropy, KL, CE recovered, dead fraction.
 
-All functions are pure ``jax.numpy`` and jittable. Activations are plain arrays
-``[batch, seq, d]`` (any leading shape works, the mask must match it) or NamedArrays
-(unwrapped by a small adapter: leading axes "batch", "seq", the feature axis last).
-``mask`` is a bool array over the token positions, False at excluded positions (BOS,
-padding); ``None`` means every position counts. Reductions accumulate in float32.
+The one home of these formulas: `gemma_scope_pz.scope.evaluate` streams a corpus through them
+(per-token terms summed on device, finished on the host), and they work on single masked batches.
+
+All functions are pure ``jax.numpy`` and jittable. Activations are plain arrays ``[batch, seq, d]``
+(any leading shape works, the mask must match it) or NamedArrays (unwrapped by a small adapter:
+leading axes "batch", "seq", the feature axis last). ``mask`` is a bool array over the token
+positions, False at excluded positions (build it with `gemma_scope_pz.scope.tokens.token_mask`);
+``None`` means every position counts. Reductions accumulate in float32.
 
 Conventions:
 
-* `fvu`: fraction of variance unexplained, ``sum_t ||x_t - x_hat_t||^2 /
-  sum_t ||x_t - mean(x)||^2`` where the sums and the mean run over the masked tokens only
-  (one mean vector for the whole batch, not per sequence).
-* `cross_entropy`: logits at position t predict token t+1; the mask selects predicting
-  positions t (so ``mask[:, -1]`` is ignored), the result is the mean NLL in nats.
+* `fvu`: fraction of variance unexplained, ``sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2``
+  where the sums and the mean run over the masked tokens only (one mean vector for the whole batch,
+  not per sequence). `fvu_from_sums` is the same formula from streamed sums.
+* `cross_entropy`: logits at position t predict token t+1; the mask selects predicting positions t
+  (so ``mask[:, -1]`` is ignored), the result is the mean NLL in nats.
 * `kl_divergence`: ``KL(clean || other)`` per position, averaged over masked positions.
 """
 
@@ -22,9 +25,8 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from penzai import pz
-
-BOS_ID, EOS_ID, PAD_ID = 2, 1, 0
 
 
 def _plain(x, feature_axis: str | None = None) -> jax.Array:
@@ -48,10 +50,9 @@ def _weights(mask, shape: Sequence[int]) -> jax.Array:
     return mask.astype(jnp.float32)
 
 
-def token_mask(tokens: jax.Array, exclude: Sequence[int] = (BOS_ID, PAD_ID)) -> jax.Array:
-    """Bool mask that is False where ``tokens`` is one of ``exclude`` (default BOS and PAD)."""
-    tokens = jnp.asarray(tokens)
-    return ~jnp.isin(tokens, jnp.asarray(exclude, tokens.dtype))
+def _masked_mean(values: jax.Array, mask) -> jax.Array:
+    w = _weights(mask, values.shape)
+    return (w * values).sum() / jnp.maximum(w.sum(), 1.0)
 
 
 def fvu(x, x_hat, mask=None) -> jax.Array:
@@ -72,12 +73,50 @@ def fvu(x, x_hat, mask=None) -> jax.Array:
     return residual / total
 
 
+def fvu_from_sums(sq_err: float, sum_x: np.ndarray, sum_sq: float, n: float) -> float:
+    """`fvu` from streamed float64 sums over ``n`` counted tokens (host side).
+
+    Args:
+      sq_err: ``sum_t ||x_t - x_hat_t||^2``.
+      sum_x: ``sum_t x_t`` [d].
+      sum_sq: ``sum_t ||x_t||^2``.
+      n: Number of tokens summed.
+    """
+    mean = np.asarray(sum_x, np.float64) / float(n)
+    variance = float(sum_sq) - float(n) * float(np.sum(mean**2))
+    return float(sq_err) / max(variance, 1e-30)
+
+
 def l0(latents, mask=None) -> jax.Array:
     """Mean number of nonzero latents per masked token. ``latents``: [..., d_sae]."""
     latents = _plain(latents, "latents")
-    w = _weights(mask, latents.shape[:-1])
     counts = jnp.count_nonzero(latents, axis=-1).astype(jnp.float32)
-    return (w * counts).sum() / jnp.maximum(w.sum(), 1.0)
+    return _masked_mean(counts, mask)
+
+
+def next_token_nll(logits, tokens) -> jax.Array:
+    """Per-position NLL (nats) of the next token: [batch, seq - 1], float32.
+
+    Args:
+      logits: [batch, seq, vocab]; position t predicts ``tokens[:, t + 1]``.
+      tokens: int [batch, seq].
+    """
+    logits = _plain(logits, "vocabulary").astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    targets = _plain(tokens)[:, 1:, None].astype(jnp.int32)
+    return -jnp.take_along_axis(log_probs, targets, axis=-1)[..., 0]
+
+
+def kl_per_token(clean_logits, other_logits) -> jax.Array:
+    """``KL(softmax(clean) || softmax(other))`` in nats at every position: [...] for [..., vocab]."""
+    clean = jax.nn.log_softmax(_plain(clean_logits, "vocabulary").astype(jnp.float32), axis=-1)
+    other = jax.nn.log_softmax(_plain(other_logits, "vocabulary").astype(jnp.float32), axis=-1)
+    return (jnp.exp(clean) * (clean - other)).sum(axis=-1)
+
+
+def prediction_mask(counted, real) -> jax.Array:
+    """Bool [batch, seq - 1]: the prediction at t counts when t is counted and t + 1 is real."""
+    return jnp.asarray(counted)[:, :-1] & jnp.asarray(real)[:, 1:]
 
 
 def cross_entropy(logits, tokens, mask=None) -> jax.Array:
@@ -88,30 +127,37 @@ def cross_entropy(logits, tokens, mask=None) -> jax.Array:
       tokens: int [batch, seq].
       mask: Bool [batch, seq] over predicting positions; the last column is unused.
     """
-    logits = _plain(logits, "vocabulary").astype(jnp.float32)
+    nll = next_token_nll(logits, tokens)
     tokens = _plain(tokens)
     w = _weights(mask, tokens.shape)[:, :-1]
-    log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    targets = tokens[:, 1:, None].astype(jnp.int32)
-    nll = -jnp.take_along_axis(log_probs, targets, axis=-1)[..., 0]
     return (w * nll).sum() / jnp.maximum(w.sum(), 1.0)
 
 
-def delta_loss(clean_ce, spliced_ce) -> jax.Array:
+def _host_or_device(*values):
+    """NumPy float64 for host numbers, ``jax.numpy`` float32 when any value is a JAX array."""
+    if any(isinstance(v, jax.Array) for v in values):
+        return jnp, tuple(jnp.asarray(v, jnp.float32) for v in values)
+    return np, tuple(np.asarray(v, np.float64) for v in values)
+
+
+def delta_loss(clean_ce, spliced_ce):
     """Increase of the loss when the SAE is spliced in: ``spliced - clean``."""
-    return jnp.asarray(spliced_ce) - jnp.asarray(clean_ce)
+    _, (clean, spliced) = _host_or_device(clean_ce, spliced_ce)
+    return spliced - clean
 
 
-def ce_recovered(clean_ce, spliced_ce, ablated_ce) -> jax.Array:
+def ce_recovered(clean_ce, spliced_ce, ablated_ce):
     """Fraction of the ablation's loss increase that splicing recovers.
 
     ``(ablated - spliced) / (ablated - clean)``: 1 when the spliced model is as good as the
-    clean one, 0 when it is as bad as ablating the site (e.g. zero- or mean-ablation).
+    clean one, 0 when it is as bad as ablating the site (e.g. zero- or mean-ablation); NaN when
+    ablating changes nothing (``|ablated - clean| <= 1e-12``). Host numbers give a float64 NumPy
+    scalar, JAX arrays (also under ``jit``) a float32 ``jax.Array``.
     """
-    clean, spliced, ablated = (
-        jnp.asarray(v, jnp.float32) for v in (clean_ce, spliced_ce, ablated_ce)
-    )
-    return (ablated - spliced) / (ablated - clean)
+    xp, (clean, spliced, ablated) = _host_or_device(clean_ce, spliced_ce, ablated_ce)
+    denom = ablated - clean
+    defined = xp.abs(denom) > 1e-12
+    return xp.where(defined, (ablated - spliced) / xp.where(defined, denom, 1.0), xp.nan)
 
 
 def kl_divergence(clean_logits, other_logits, mask=None) -> jax.Array:
@@ -119,11 +165,7 @@ def kl_divergence(clean_logits, other_logits, mask=None) -> jax.Array:
 
     Both logits are [..., vocab]; ``mask`` is over the leading (token) axes.
     """
-    clean = jax.nn.log_softmax(_plain(clean_logits, "vocabulary").astype(jnp.float32), axis=-1)
-    other = jax.nn.log_softmax(_plain(other_logits, "vocabulary").astype(jnp.float32), axis=-1)
-    kl = (jnp.exp(clean) * (clean - other)).sum(axis=-1)
-    w = _weights(mask, kl.shape)
-    return (w * kl).sum() / jnp.maximum(w.sum(), 1.0)
+    return _masked_mean(kl_per_token(clean_logits, other_logits), mask)
 
 
 def dead_fraction(fire_counts) -> jax.Array:
