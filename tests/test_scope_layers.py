@@ -179,3 +179,47 @@ def test_jit_and_treescope():
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_skip_connection_is_zero_without_skip_and_named_axes_kept():
+    p = random_params(15)  # d_out = 4 != d_in = 6
+    sae = AutoEncoder.from_arrays(**p)
+    x = np.random.default_rng(16).normal(size=(2, 3, D_IN)).astype(np.float32)
+    np.testing.assert_array_equal(sae.skip_connection(x), np.zeros((2, 3, D_OUT)))
+    named = sae.skip_connection(named_input(x))
+    assert dict(named.named_shape) == {"batch": 2, "seq": 3, "embedding": D_OUT}
+    # decode(encode(x)) + skip_connection(x) is the layer's output for both classes
+    for s in (sae, AutoEncoder.from_arrays(**random_params(15, skip=True))):
+        np.testing.assert_allclose(s.decode(s.encode(x)) + s.skip_connection(x), s(x), rtol=1e-6)
+
+
+def test_activation_layer_found_by_type_after_insertion():
+    p = random_params(17)
+    sae = AutoEncoder.from_arrays(**p, activation="topk", k=4)
+    assert isinstance(sae.activation_layer, layers.TopK) and sae.activation_layer.k == 4
+    # a layer inserted in front of the activation does not change what the accessors find
+    edited = pz.select(sae).at_instances_of(layers.TopK).insert_before(pz.nn.Identity())
+    assert isinstance(edited.activation_layer, layers.TopK)
+    back = edited.to_arrays()
+    for key in ("w_enc", "b_enc", "w_dec", "b_dec"):
+        np.testing.assert_array_equal(back[key], p[key])
+    x = np.random.default_rng(18).normal(size=(3, D_IN)).astype(np.float32)
+    np.testing.assert_allclose(edited(x), sae(x), rtol=1e-6)
+
+
+def test_layer_activations_equal_the_sae_math():
+    from gemma_scope_pz.scope import sae as sae_math
+
+    z = np.random.default_rng(19).normal(size=(2, 3, D_SAE)).astype(np.float32)
+    z[0, 0, :4] = 5.0  # ties: the lowest indices win in both
+    named = pz.nx.wrap(jnp.asarray(z), "batch", "seq", "latents")
+    topk = layers.TopK(k=3)(named).unwrap("batch", "seq", "latents")
+    np.testing.assert_array_equal(topk, sae_math.topk(z, 3))
+    np.testing.assert_array_equal(topk[0, 0, :4], [5.0, 5.0, 5.0, 0.0])
+    threshold = np.abs(z[0, 0]) * 0.5
+    jump = layers.JumpReLU(
+        pz.Parameter(value=pz.nx.wrap(jnp.asarray(threshold), "latents"), label="t")
+    )
+    np.testing.assert_array_equal(
+        jump(named).unwrap("batch", "seq", "latents"), sae_math.jumprelu(z, threshold)
+    )

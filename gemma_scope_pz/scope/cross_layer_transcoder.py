@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
+from gemma_scope_pz.scope import sae as sae_math
 from gemma_scope_pz.scope.checkpoint_files import (
     CONFIG_FILE,
     CheckpointError,
@@ -28,7 +29,7 @@ from gemma_scope_pz.scope.checkpoint_files import (
     split_source,
 )
 from gemma_scope_pz.scope.hook_points import site_from_hook
-from gemma_scope_pz.scope.layers import SaeMeta, decode_arrays, encode_arrays
+from gemma_scope_pz.scope.layers import SaeMeta
 from gemma_scope_pz.scope.safetensors_io import (
     check_shapes,
     check_tensors,
@@ -80,12 +81,8 @@ class CrossLayerTranscoder(pz.Struct):
 
     def encode(self, x: jax.Array, layer: int) -> jax.Array:
         """Latents [..., d_sae] of source layer ``layer`` for its input ``x`` [..., d_model]."""
-        params = {
-            "w_enc": self.w_enc[layer],
-            "b_enc": self.b_enc[layer],
-            "threshold": self.threshold[layer],
-        }
-        return encode_arrays(params, x, "jumprelu")
+        z = sae_math.pre_activations(x, self.w_enc[layer], self.b_enc[layer])
+        return sae_math.jumprelu(z, self.threshold[layer])
 
     def decode_to_layer(self, latents_by_layer: Sequence[jax.Array], target: int) -> jax.Array:
         """Reconstruction at ``target`` from latents of source layers 0..target (skip excluded)."""
@@ -93,16 +90,14 @@ class CrossLayerTranscoder(pz.Struct):
             raise ValueError(
                 f"need latents of layers 0..{target}, got {len(latents_by_layer)} layers"
             )
-        out = decode_arrays(
-            {"w_dec": self.w_dec[0][:, target], "b_dec": self.b_dec[target]}, latents_by_layer[0]
-        )
+        out = sae_math.decode(latents_by_layer[0], self.w_dec[0][:, target], self.b_dec[target])
         for i in range(1, target + 1):
-            out = out + latents_by_layer[i] @ self.w_dec[i][:, target - i]
+            out = out + sae_math.matmul(latents_by_layer[i], self.w_dec[i][:, target - i])
         return out
 
     def skip_to_layer(self, x: jax.Array, layer: int) -> jax.Array:
         """The affine skip term ``x @ w_skip[layer]`` (zeros when there is no skip)."""
-        return jnp.zeros_like(x) if self.w_skip is None else x @ self.w_skip[layer]
+        return jnp.zeros_like(x) if self.w_skip is None else sae_math.skip(x, self.w_skip[layer])
 
     def __call__(self, inputs_by_layer: Sequence[jax.Array]) -> list[jax.Array]:
         """Outputs for every layer, given the MLP inputs of every layer."""

@@ -8,9 +8,10 @@ sparse ``"latents"`` and decodes them back to ``"embedding"``::
     y_hat = x_hat + x @ W_skip          # transcoders with an affine skip only
 
 Every other axis (``"batch"``, ``"seq"``, ...) is carried along untouched. The
-same computation on plain ``[..., d]`` arrays is available as
-`encode_arrays` / `decode_arrays` / `reconstruct_arrays` for training loops and
-benchmarks that do not want named-axis bookkeeping.
+activation formulas live in `gemma_scope_pz.scope.sae` (the one home of the SAE
+math); the layers here map them over named axes. The same computation on plain
+``[..., d]`` arrays with a parameter dict is `encode_arrays` / `decode_arrays` /
+`reconstruct_arrays`, for benchmarks that do not want named-axis bookkeeping.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
+
+from gemma_scope_pz.scope import sae as sae_math
 
 Activation = Literal["jumprelu", "relu", "topk"]
 # Inputs of the AutoEncoder methods: a NamedArray, or a plain array whose last axis is the
@@ -84,27 +87,6 @@ class SaeMeta:
         return hash((*fields, json.dumps(dict(self.extra), sort_keys=True, default=str)))
 
 
-def _activation_fn(x: jax.Array, activation: str, k: int | None, threshold) -> jax.Array:
-    """Applies an activation along the last axis of a plain array."""
-    if activation == "jumprelu":
-        return x * (x > threshold).astype(x.dtype)
-    if activation == "relu":
-        return jax.nn.relu(x)
-    if activation == "topk":
-        if k is None:
-            raise ValueError("activation 'topk' needs k")
-        values, indices = jax.lax.top_k(x, k)
-        kept = jax.nn.relu(values)
-        out = jnp.zeros_like(x)
-        if x.ndim == 1:
-            return out.at[indices].set(kept)
-        flat_out = out.reshape(-1, x.shape[-1])
-        rows = jnp.arange(flat_out.shape[0])[:, None]
-        flat_out = flat_out.at[rows, indices.reshape(-1, k)].set(kept.reshape(-1, k))
-        return flat_out.reshape(x.shape)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-
-
 @pz.pytree_dataclass
 class JumpReLU(pz.nn.Layer):
     """JumpReLU activation: ``z * H(z - threshold)`` with a strict ``z > threshold``.
@@ -116,7 +98,7 @@ class JumpReLU(pz.nn.Layer):
     threshold: pz.nn.ParameterLike[pz.nx.NamedArray]
 
     def __call__(self, z: pz.nx.NamedArray, **_unused_side_inputs) -> pz.nx.NamedArray:
-        return z * (z > self.threshold.value).astype(z.dtype)
+        return pz.nx.nmap(sae_math.jumprelu)(z, self.threshold.value)
 
 
 @pz.pytree_dataclass
@@ -124,15 +106,15 @@ class ReLU(pz.nn.Layer):
     """ReLU activation of the latents (no attributes)."""
 
     def __call__(self, z: pz.nx.NamedArray, **_unused_side_inputs) -> pz.nx.NamedArray:
-        return pz.nx.nmap(jax.nn.relu)(z)
+        return pz.nx.nmap(sae_math.relu)(z)
 
 
 @pz.pytree_dataclass
 class TopK(pz.nn.Layer):
     """Keeps the ``k`` largest pre-activations of each token along "latents", ReLU'd.
 
-    All other latents are zero. Exactly ``k`` latents are kept per token (ties are
-    broken by ``jax.lax.top_k``'s order).
+    All other latents are zero. Exactly ``k`` latents are kept per token; among equal
+    values the lowest index wins (see `gemma_scope_pz.scope.sae.topk`).
 
     Attributes:
       k: Number of latents kept per token (static).
@@ -141,8 +123,11 @@ class TopK(pz.nn.Layer):
     k: int = dataclasses.field(metadata={"pytree_node": False})
 
     def __call__(self, z: pz.nx.NamedArray, **_unused_side_inputs) -> pz.nx.NamedArray:
-        keep = functools.partial(_activation_fn, activation="topk", k=self.k, threshold=None)
+        keep = functools.partial(sae_math.topk, k=self.k)
         return pz.nx.nmap(keep)(z.untag("latents")).tag("latents")
+
+
+ActivationLayer = JumpReLU | ReLU | TopK
 
 
 def _named(x: Any, axis: str) -> tuple[pz.nx.NamedArray, tuple[str, ...] | None]:
@@ -167,12 +152,87 @@ def _param(value: np.ndarray | jax.Array, label: str, names: tuple[str, ...], dt
     return pz.Parameter(value=pz.nx.wrap(jnp.asarray(value, dtype=dtype), *names), label=label)
 
 
+def _only(tree: Any, kind: type | tuple[type, ...]) -> Any:
+    """The single instance of ``kind`` inside ``tree`` (selected by type, not by position)."""
+    found = pz.select(tree).at_instances_of(kind).get_sequence()
+    if len(found) != 1:
+        name = getattr(kind, "__name__", str(kind))
+        raise ValueError(f"expected one {name} in {type(tree).__name__}, found {len(found)}")
+    return found[0]
+
+
+def _check_arrays(arrays: Mapping[str, Any], activation: str) -> tuple[int, int, int]:
+    """(d_in, d_sae, d_out) from the arrays; one error listing every inconsistent shape."""
+    shapes = {n: tuple(np.shape(a)) for n, a in arrays.items() if a is not None}
+    if len(shapes["w_enc"]) != 2 or len(shapes["w_dec"]) != 2:
+        raise ValueError(f"w_enc and w_dec must be 2-D, got shapes {shapes}")
+    d_in, d_sae = shapes["w_enc"]
+    d_out = shapes["w_dec"][1]
+    expected = {
+        "w_enc": (d_in, d_sae),
+        "b_enc": (d_sae,),
+        "w_dec": (d_sae, d_out),
+        "b_dec": (d_out,),
+        "threshold": (d_sae,),
+        "w_skip": (d_in, d_out),
+    }
+    if activation == "jumprelu" and "threshold" not in shapes:
+        raise ValueError("activation 'jumprelu' needs a threshold array [d_sae]")
+    bad = [
+        f"{n} has shape {shapes[n]}, expected {expected[n]}"
+        for n in expected
+        if n in shapes
+        and shapes[n] != expected[n]
+        and (n != "threshold" or activation == "jumprelu")
+    ]
+    if bad:
+        raise ValueError(f"inconsistent autoencoder arrays: {', '.join(bad)}")
+    return d_in, d_sae, d_out
+
+
+def _activation_layer(
+    activation: str, threshold, k: int | None, name: str, dtype
+) -> ActivationLayer:
+    if activation == "jumprelu":
+        return JumpReLU(_param(threshold, f"{name}/threshold", ("latents",), dtype))
+    if activation == "relu":
+        return ReLU()
+    if activation == "topk":
+        if k is None:
+            raise ValueError("activation 'topk' needs k")
+        return TopK(k=int(k))
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _linear(w, label: str, axis_in: str, axis_out: str, dtype) -> pz.nn.Linear:
+    return pz.nn.Linear(
+        weights=_param(w, label, (axis_in, axis_out), dtype),
+        in_axis_names=(axis_in,),
+        out_axis_names=(axis_out,),
+    )
+
+
+def _bias(b, label: str, axis: str, dtype) -> pz.nn.AddBias:
+    return pz.nn.AddBias(_param(b, label, (axis,), dtype), new_axis_names=())
+
+
+def _skip_layer(w_skip, name: str, dtype) -> pz.nn.Sequential:
+    """``Sequential([Linear W_skip ("embedding" -> "embedding_out"), RenameAxes back])``."""
+    matrix = jnp.asarray(w_skip).T if SKIP_TRANSPOSED else w_skip
+    return pz.nn.Sequential(
+        [
+            _linear(matrix, f"{name}/w_skip", "embedding", "embedding_out", dtype),
+            pz.nn.RenameAxes(old="embedding_out", new="embedding"),
+        ]
+    )
+
+
 @pz.pytree_dataclass
 class AutoEncoder(pz.nn.Layer):
     """A sparse autoencoder: "embedding" -> "latents" -> "embedding".
 
     Build one with `AutoEncoder.from_arrays` (or a loader in
-    `gemma_scope_pz.scope.checkpoints`). Methods accept NamedArrays with an
+    `gemma_scope_pz.scope.formats`). Methods accept NamedArrays with an
     "embedding" (resp. "latents") axis, or plain arrays whose last axis is that axis.
 
     Attributes:
@@ -195,6 +255,13 @@ class AutoEncoder(pz.nn.Layer):
         named, names = _named(f, "latents")
         return _plain(self.decoder(named), names, "embedding")
 
+    def skip_connection(self, x: ArrayLike) -> ArrayLike:
+        """The affine skip term: zeros of width ``d_out`` here (no skip), see `AutoEncoderSkip`."""
+        named, names = _named(x, "embedding")
+        zeros = functools.partial(jnp.zeros, (self.meta.d_out,))
+        out = pz.nx.nmap(lambda v: zeros(v.dtype))(named.untag("embedding")).tag("embedding")
+        return _plain(out, names, "embedding")
+
     def __call__(self, x: ArrayLike, **_unused_side_inputs) -> ArrayLike:
         """Reconstruction of ``x``: ``decode(encode(x))``."""
         return self.decode(self.encode(x))
@@ -204,9 +271,9 @@ class AutoEncoder(pz.nn.Layer):
         return x - self(x)
 
     @property
-    def activation_layer(self) -> pz.nn.Layer:
+    def activation_layer(self) -> ActivationLayer:
         """The encoder's activation (`JumpReLU`, `ReLU` or `TopK`)."""
-        return self.encoder.sublayers[-1]
+        return _only(self.encoder, (JumpReLU, ReLU, TopK))
 
     @classmethod
     def from_arrays(
@@ -243,86 +310,30 @@ class AutoEncoder(pz.nn.Layer):
         Returns:
           An `AutoEncoder`, or `AutoEncoderSkip` if ``w_skip`` is not None.
         """
-        shapes = {
-            n: tuple(np.shape(a))
-            for n, a in dict(w_enc=w_enc, b_enc=b_enc, w_dec=w_dec, b_dec=b_dec).items()
-        }
-        if len(shapes["w_enc"]) != 2 or len(shapes["w_dec"]) != 2:
-            raise ValueError(f"w_enc and w_dec must be 2-D, got shapes {shapes}")
-        d_in, d_sae = shapes["w_enc"]
-        d_out = shapes["w_dec"][1]
-        expected = {
-            "w_enc": (d_in, d_sae),
-            "b_enc": (d_sae,),
-            "w_dec": (d_sae, d_out),
-            "b_dec": (d_out,),
-        }
-        if activation == "jumprelu":
-            if threshold is None:
-                raise ValueError("activation 'jumprelu' needs a threshold array [d_sae]")
-            shapes["threshold"] = tuple(np.shape(threshold))
-            expected["threshold"] = (d_sae,)
-        if w_skip is not None:
-            shapes["w_skip"] = tuple(np.shape(w_skip))
-            expected["w_skip"] = (d_in, d_out)
-        bad = {n: (shapes[n], expected[n]) for n in expected if shapes[n] != expected[n]}
-        if bad:
-            detail = ", ".join(
-                f"{n} has shape {got}, expected {want}" for n, (got, want) in bad.items()
-            )
-            raise ValueError(f"inconsistent autoencoder arrays: {detail}")
-
+        arrays = dict(w_enc=w_enc, b_enc=b_enc, w_dec=w_dec, b_dec=b_dec)
+        d_in, d_sae, d_out = _check_arrays(
+            {**arrays, "threshold": threshold, "w_skip": w_skip}, activation
+        )
         base = meta if meta is not None else SaeMeta(d_in=d_in, d_sae=d_sae, d_out=d_out)
         meta = dataclasses.replace(
             base, d_in=d_in, d_sae=d_sae, d_out=d_out, activation=activation, k=k
         )
-
-        if activation == "jumprelu":
-            act_layer = JumpReLU(_param(threshold, f"{name}/threshold", ("latents",), dtype))
-        elif activation == "relu":
-            act_layer = ReLU()
-        else:
-            act_layer = TopK(k=int(k))
         encoder = pz.nn.Sequential(
             [
-                pz.nn.Linear(
-                    weights=_param(w_enc, f"{name}/w_enc", ("embedding", "latents"), dtype),
-                    in_axis_names=("embedding",),
-                    out_axis_names=("latents",),
-                ),
-                pz.nn.AddBias(
-                    _param(b_enc, f"{name}/b_enc", ("latents",), dtype), new_axis_names=()
-                ),
-                act_layer,
+                _linear(w_enc, f"{name}/w_enc", "embedding", "latents", dtype),
+                _bias(b_enc, f"{name}/b_enc", "latents", dtype),
+                _activation_layer(activation, threshold, k, name, dtype),
             ]
         )
         decoder = pz.nn.Sequential(
             [
-                pz.nn.Linear(
-                    weights=_param(w_dec, f"{name}/w_dec", ("latents", "embedding"), dtype),
-                    in_axis_names=("latents",),
-                    out_axis_names=("embedding",),
-                ),
-                pz.nn.AddBias(
-                    _param(b_dec, f"{name}/b_dec", ("embedding",), dtype), new_axis_names=()
-                ),
+                _linear(w_dec, f"{name}/w_dec", "latents", "embedding", dtype),
+                _bias(b_dec, f"{name}/b_dec", "embedding", dtype),
             ]
         )
         if w_skip is None:
             return AutoEncoder(encoder=encoder, decoder=decoder, meta=meta)
-        skip_matrix = jnp.asarray(w_skip).T if SKIP_TRANSPOSED else w_skip
-        skip = pz.nn.Sequential(
-            [
-                pz.nn.Linear(
-                    weights=_param(
-                        skip_matrix, f"{name}/w_skip", ("embedding", "embedding_out"), dtype
-                    ),
-                    in_axis_names=("embedding",),
-                    out_axis_names=("embedding_out",),
-                ),
-                pz.nn.RenameAxes(old="embedding_out", new="embedding"),
-            ]
-        )
+        skip = _skip_layer(w_skip, name, dtype)
         return AutoEncoderSkip(encoder=encoder, decoder=decoder, meta=meta, skip=skip)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -331,16 +342,15 @@ class AutoEncoder(pz.nn.Layer):
         Keys: w_enc [d_in, d_sae], b_enc, w_dec [d_sae, d_out], b_dec, plus threshold
         (JumpReLU) and w_skip [d_in, d_out] (skip transcoders).
         """
-        enc_linear, enc_bias = self.encoder.sublayers[0], self.encoder.sublayers[1]
-        dec_linear, dec_bias = self.decoder.sublayers
         out = {
-            "w_enc": enc_linear.weights.value.unwrap("embedding", "latents"),
-            "b_enc": enc_bias.bias.value.unwrap("latents"),
-            "w_dec": dec_linear.weights.value.unwrap("latents", "embedding"),
-            "b_dec": dec_bias.bias.value.unwrap("embedding"),
+            "w_enc": _only(self.encoder, pz.nn.Linear).weights.value.unwrap("embedding", "latents"),
+            "b_enc": _only(self.encoder, pz.nn.AddBias).bias.value.unwrap("latents"),
+            "w_dec": _only(self.decoder, pz.nn.Linear).weights.value.unwrap("latents", "embedding"),
+            "b_dec": _only(self.decoder, pz.nn.AddBias).bias.value.unwrap("embedding"),
         }
-        if isinstance(self.activation_layer, JumpReLU):
-            out["threshold"] = self.activation_layer.threshold.value.unwrap("latents")
+        activation = self.activation_layer
+        if isinstance(activation, JumpReLU):
+            out["threshold"] = activation.threshold.value.unwrap("latents")
         return {key: np.asarray(value) for key, value in out.items()}
 
 
@@ -369,7 +379,8 @@ class AutoEncoderSkip(AutoEncoder):
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = super().to_arrays()
-        w = np.asarray(self.skip.sublayers[0].weights.value.unwrap("embedding", "embedding_out"))
+        linear = _only(self.skip, pz.nn.Linear)
+        w = np.asarray(linear.weights.value.unwrap("embedding", "embedding_out"))
         out["w_skip"] = w.T if SKIP_TRANSPOSED else w
         return out
 
@@ -381,13 +392,14 @@ def encode_arrays(
 
     ``params`` holds w_enc, b_enc and (for "jumprelu") threshold. Returns [..., d_sae].
     """
-    pre = x @ params["w_enc"] + params["b_enc"]
-    return _activation_fn(pre, activation, k, params.get("threshold"))
+    return sae_math.encode(
+        x, params["w_enc"], params["b_enc"], activation, k=k, threshold=params.get("threshold")
+    )
 
 
 def decode_arrays(params: Mapping[str, jax.Array], f: jax.Array) -> jax.Array:
     """Plain-array decoder: ``f @ w_dec + b_dec`` for ``f`` of shape [..., d_sae]."""
-    return f @ params["w_dec"] + params["b_dec"]
+    return sae_math.decode(f, params["w_dec"], params["b_dec"])
 
 
 def reconstruct_arrays(
@@ -396,5 +408,5 @@ def reconstruct_arrays(
     """Plain-array forward pass, including ``x @ w_skip`` when params has "w_skip"."""
     out = decode_arrays(params, encode_arrays(params, x, activation, k))
     if params.get("w_skip") is not None:
-        out = out + x @ params["w_skip"]
+        out = out + sae_math.skip(x, params["w_skip"])
     return out
