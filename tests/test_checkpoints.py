@@ -12,10 +12,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from gemma_scope_pz.models import checkpoints
+from gemma_scope_pz.models import checkpoints, sources
 from gemma_scope_pz.models.checkpoints import load_params
+from gemma_scope_pz.models.checkpoints.hf import config_from_hf
 from gemma_scope_pz.models.config import Gemma3Config, param_shapes
-from gemma_scope_pz.models.hf_format import config_from_hf
 from tests import fixtures_checkpoints as fx
 
 GQA = Gemma3Config.tiny()
@@ -260,7 +260,7 @@ def test_kaggle_download_finds_orbax_dir(tmp_path, monkeypatch):
 
 def test_default_source_is_the_offline_gguf(monkeypatch, tmp_path):
     path, config, params = fx.write_checkpoint("gguf", tmp_path)
-    monkeypatch.setattr(checkpoints, "resolve_default_gguf", lambda: path)
+    monkeypatch.setattr(sources, "resolve_default_gguf", lambda: path)
     loaded_config, loaded = load_params()
     same_config(loaded_config, config)
     assert_params_equal(loaded, params, config)
@@ -393,7 +393,7 @@ def test_real_offline_270m_gguf():
 @pytest.mark.slow
 def test_real_gguf_norm_convention_gives_a_working_model():
     """The loaded (1 + w) norms predict text far better than w or 2 + w would."""
-    from gemma_scope_pz.models.gguf_format import read_gguf
+    from gemma_scope_pz.models.checkpoints.gguf import read_gguf
     from tests import reference_gemma3
 
     file = read_gguf(checkpoints.resolve_default_gguf(), string_arrays=True)

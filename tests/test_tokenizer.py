@@ -396,14 +396,14 @@ def test_load_tokenizer_sources(tiny_tok, tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_hf_hub_download(repo_id, filename, **kwargs):
-        calls.append((repo_id, filename))
-        return str(tmp_path / "direct" / "tokenizer.model")
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        calls.append((repo_id, tuple(allow_patterns)))
+        return str(tmp_path / "direct")
 
     monkeypatch.setitem(
         sys.modules,
         "huggingface_hub",
-        types.SimpleNamespace(hf_hub_download=fake_hf_hub_download),
+        types.SimpleNamespace(snapshot_download=fake_snapshot_download),
     )
     monkeypatch.setitem(
         sys.modules,
@@ -412,7 +412,10 @@ def test_load_tokenizer_sources(tiny_tok, tmp_path, monkeypatch):
     )
     assert load_tokenizer("hf:google/gemma-3-270m").encode("ab ab c") == expected
     assert load_tokenizer("kaggle:google/gemma-3/flax/gemma3-270m").encode("ab ab c") == expected
-    assert calls == [("google/gemma-3-270m", "tokenizer.model"), "google/gemma-3/flax/gemma3-270m"]
+    assert calls == [
+        ("google/gemma-3-270m", ("tokenizer.model",)),
+        "google/gemma-3/flax/gemma3-270m",
+    ]
 
 
 def test_bad_inputs_name_the_file(tmp_path):

@@ -111,7 +111,28 @@ class Gemma3LM(model_parts.TransformerLM):
 
     @property
     def blocks(self) -> list[TransformerBlock]:
-        return [layer for layer in self.body.sublayers if isinstance(layer, TransformerBlock)]
+        """The decoder blocks in order (``model.blocks[9]`` is block 9)."""
+        return list(pz.select(self.body).at_instances_of(TransformerBlock).get_sequence())
+
+    def final_norm(self) -> pz.nn.RMSLayerNorm:
+        """The RMSNorm applied after the last block (inside ``NamedGroup("final_norm")``)."""
+        group = (
+            pz.select(self.body)
+            .at_instances_of(pz.nn.NamedGroup)
+            .where(lambda g: g.name == "final_norm")
+            .get()
+        )
+        return pz.select(group).at_instances_of(pz.nn.RMSLayerNorm).get()
+
+    def final_norm_scale(self) -> jax.Array:
+        """The final RMSNorm's multiplier ``[d_model]`` (the effective ``1 + w``)."""
+        scale = pz.select(self.final_norm()).at_instances_of(pz.nn.Linear).get()
+        return scale.weights.value.unwrap("embedding")
+
+    def embedding_table(self) -> jax.Array:
+        """The tied token embedding ``[vocab, d_model]`` (unscaled; also the unembedding)."""
+        lookup = pz.select(self.body).at_instances_of(pz.nn.EmbeddingLookup).get()
+        return lookup.table.embeddings.value.unwrap("vocabulary", "embedding")
 
 
 def check_params(config: Gemma3Config, params: dict[str, np.ndarray]) -> None:

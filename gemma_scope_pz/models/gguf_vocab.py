@@ -2,7 +2,7 @@
 
 llama.cpp stores the tokenizer in a GGUF file's metadata (``tokenizer.ggml.tokens``,
 ``.scores``, ``.token_type`` and the special ids). :func:`read_gguf_tokenizer_metadata` reads
-those keys with :func:`gemma_scope_pz.models.gguf_format.read_gguf` (Gemma 3's 262144-token
+those keys with :func:`gemma_scope_pz.models.checkpoints.gguf.read_gguf` (Gemma 3's 262144-token
 vocabulary in a fraction of a second) and :func:`sentencepiece_proto_from_gguf_metadata` turns
 them back into a serialized SentencePiece ``ModelProto`` equivalent to Gemma's own
 ``tokenizer.model``.
@@ -45,7 +45,7 @@ _LLAMA_CPP_TYPES = {
 def read_gguf_tokenizer_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Reads the ``tokenizer.*`` key/value pairs of a GGUF file.
 
-    The header is parsed by :func:`gemma_scope_pz.models.gguf_format.read_gguf` with string
+    The header is parsed by :func:`gemma_scope_pz.models.checkpoints.gguf.read_gguf` with string
     arrays decoded (unlike ``gguf.GGUFReader``, which builds a numpy view per string and takes
     ~10 s on Gemma's vocabulary).
 
@@ -60,7 +60,7 @@ def read_gguf_tokenizer_metadata(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
       ValueError: naming the file, if it is not a readable GGUF file.
     """
-    from gemma_scope_pz.models.gguf_format import read_gguf  # imports gguf: kept lazy
+    from gemma_scope_pz.models.checkpoints.gguf import read_gguf  # imports gguf: kept lazy
 
     try:
         metadata = read_gguf(path, string_arrays=True).metadata

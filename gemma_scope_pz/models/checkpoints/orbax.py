@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from gemma_scope_pz.models import checkpoints
+from gemma_scope_pz.models.checkpoints import layout
 from gemma_scope_pz.models.config import Gemma3Config
+from gemma_scope_pz.models.sources import find_orbax_dir
 
 __all__ = ["CONFIG_SIDECAR", "find_orbax_dir", "load_orbax"]
 
 CONFIG_SIDECAR = "gemma3_config.json"
-_MARKERS = ("_METADATA", "manifest.ocdbt", "checkpoint", "_CHECKPOINT_METADATA")
 _NORMS = {
     "pre_attention_norm": "pre_attention_norm",
     "post_attention_norm": "post_attention_norm",
@@ -43,19 +43,6 @@ _NORMS = {
 }
 _LAYER = re.compile(r"^layer_(\d+)/(.+)$")
 _SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
-
-
-def find_orbax_dir(root: str | os.PathLike, max_depth: int = 3) -> pathlib.Path | None:
-    """The shallowest directory under ``root`` (itself included) that is an orbax checkpoint."""
-    level = [pathlib.Path(root)]
-    for _ in range(max_depth + 1):
-        for directory in level:
-            if any((directory / marker).is_file() for marker in _MARKERS):
-                return directory
-        level = sorted(sub for d in level for sub in d.iterdir() if sub.is_dir())
-        if not level:
-            break
-    return None
 
 
 def _restore(directory: pathlib.Path) -> dict[str, Any]:
@@ -133,7 +120,7 @@ def _config(flat: dict[str, np.ndarray], directory: pathlib.Path) -> Gemma3Confi
                         f"tensors imply {shapes[field]}"
                     )
             return Gemma3Config(**{**config.to_dict(), **shapes})
-    preset = checkpoints.matching_preset(n_layers, d_model)
+    preset = layout.matching_preset(n_layers, d_model)
     if preset is None:
         raise ValueError(
             f"{directory}: no Gemma 3 preset has n_layers={n_layers}, d_model={d_model}, and no "
@@ -212,11 +199,9 @@ def load_orbax(
     for key, (stored, shape, to_canonical) in table.items():
         if stored not in flat:
             raise ValueError(f"{directory}: missing tensor {stored!r} (for {key})")
-        checkpoints.check_shape(directory, stored, flat[stored].shape, shape)
-        shift = 1.0 if checkpoints.canonical_kind(key) == "norm" else 0.0
-        params[key] = checkpoints.materialize(
-            to_canonical(flat[stored]), dtype, owned=True, shift=shift
-        )
+        layout.check_shape(directory, stored, flat[stored].shape, shape)
+        shift = 1.0 if layout.canonical_kind(key) == "norm" else 0.0
+        params[key] = layout.materialize(to_canonical(flat[stored]), dtype, owned=True, shift=shift)
         remaining_uses[stored] -= 1
         if not remaining_uses[stored]:
             del flat[stored]

@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
-from gemma_scope_pz.models import checkpoints
+from gemma_scope_pz.models.checkpoints import layout
 from gemma_scope_pz.models.config import Gemma3Config
 
 __all__ = ["GGUFFile", "TensorInfo", "config_from_gguf", "load_gguf", "read_gguf"]
@@ -50,6 +50,8 @@ _PLAIN_TYPES = {
     gguf.GGMLQuantizationType.F16: np.float16,
     gguf.GGMLQuantizationType.F64: np.float64,
 }
+# Files smaller than this load in seconds and show no progress bar.
+_PROGRESS_MIN_BYTES = 1 << 30
 # llama.cpp block tensor name -> canonical name within "blocks.{i}.".
 _BLOCK_NAMES = {
     "attn_norm": "pre_attention_norm",
@@ -261,7 +263,7 @@ def config_from_gguf(file: GGUFFile) -> Gemma3Config:
     if "token_embd.weight" not in file.tensors:
         raise ValueError(f"{path}: missing tensor 'token_embd.weight'")
     embed_shape = file.tensors["token_embd.weight"].shape
-    preset = checkpoints.matching_preset(n_layers, d_model)
+    preset = layout.matching_preset(n_layers, d_model)
     pattern = meta.get("gemma3.attention.sliding_window_pattern")
     if pattern is None:
         pattern = preset.sliding_window_pattern if preset else 6
@@ -320,11 +322,13 @@ def load_gguf(
     if missing:
         raise ValueError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
     params: dict[str, np.ndarray] = {}
-    for name, key in tqdm(names.items(), desc=f"GGUF {path.name}", leave=False):
-        kind = checkpoints.canonical_kind(key)
-        expected = checkpoints.out_in_stored_shape(key, config)
-        checkpoints.check_shape(path, name, file.tensors[name].shape, expected)
+    # A bar only where reading takes a while: not for the 270M (a few seconds), nor from cache.
+    quiet = path.stat().st_size < _PROGRESS_MIN_BYTES
+    for name, key in tqdm(names.items(), desc=f"GGUF {path.name}", leave=False, disable=quiet):
+        kind = layout.canonical_kind(key)
+        expected = layout.out_in_stored_shape(key, config)
+        layout.check_shape(path, name, file.tensors[name].shape, expected)
         values, owned = file.dequantized(name)
-        view = checkpoints.out_in_to_canonical(kind, values, config)
-        params[key] = checkpoints.materialize(view, dtype, owned=owned)
+        view = layout.out_in_to_canonical(kind, values, config)
+        params[key] = layout.materialize(view, dtype, owned=owned)
     return config, params
