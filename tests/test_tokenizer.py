@@ -176,7 +176,7 @@ def test_toy_vocabulary_encodes_with_bpe_user_defined_and_byte_fallback(tiny_tok
 
 
 def test_proto_settings_match_gemma_tokenizer_model(tok):
-    proto = sp_pb2.ModelProto.FromString(tok._sp.serialized_model_proto())
+    proto = sp_pb2.ModelProto.FromString(tok.processor.serialized_model_proto())
     assert len(proto.pieces) == tok.vocab_size == 262144
     norm, trainer = proto.normalizer_spec, proto.trainer_spec
     assert (norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces) == (
@@ -210,7 +210,7 @@ def test_cache_is_written_once_and_reused(tiny_gguf, tmp_path, monkeypatch):
     cached[0].write_bytes(b"corrupt")  # an unreadable cache entry is rebuilt and replaced
     third = Gemma3Tokenizer.from_gguf(tiny_gguf, cache_dir=tmp_path)
     assert third.encode("ab c") == first.encode("ab c")
-    assert cached[0].read_bytes() == first._sp.serialized_model_proto()
+    assert cached[0].read_bytes() == first.processor.serialized_model_proto()
 
 
 # ------------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def test_round_trip_and_split(tok, text):
     pieces = tok.split(text)
     assert "".join(pieces) == text
     assert len(pieces) == len(ids)
-    assert pieces == _sp_surfaces(tok._sp, text)  # agrees with SentencePiece's surfaces
+    assert pieces == _sp_surfaces(tok.processor, text)  # agrees with SentencePiece's surfaces
     assert tok.split(text, add_bos=True) == ["<bos>"] + pieces
 
 
@@ -347,9 +347,9 @@ def test_chat_prompt_tokens(tok):
 
 
 def test_from_gemma_prefers_the_sentencepiece_processor(tiny_tok):
-    fake = types.SimpleNamespace(_sp=tiny_tok._sp, encode=None, decode=None)
+    fake = types.SimpleNamespace(_sp=tiny_tok.processor, encode=None, decode=None)
     wrapped = Gemma3Tokenizer.from_gemma(fake)
-    assert wrapped._sp is tiny_tok._sp
+    assert wrapped.processor is tiny_tok.processor
     assert wrapped.encode("ab c") == tiny_tok.encode("ab c")
     assert as_tokenizer(fake).encode("ab") == tiny_tok.encode("ab")
     assert as_tokenizer(tiny_tok) is tiny_tok
@@ -381,7 +381,7 @@ def test_from_gemma_without_piece_list():
 
 
 def test_load_tokenizer_sources(tiny_tok, tmp_path, monkeypatch):
-    model_bytes = tiny_tok._sp.serialized_model_proto()
+    model_bytes = tiny_tok.processor.serialized_model_proto()
     (tmp_path / "direct").mkdir()
     (tmp_path / "direct" / "tokenizer.model").write_bytes(model_bytes)
     nested = tmp_path / "kaggle" / "gemma-3" / "1"

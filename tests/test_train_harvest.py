@@ -6,7 +6,7 @@ import pytest
 from gemma_scope_pz.models.config import Gemma3Config
 from gemma_scope_pz.models.gemma3 import Gemma3LM, random_params
 from gemma_scope_pz.scope.interventions import capture
-from gemma_scope_pz.train.corpus import Corpus
+from gemma_scope_pz.data.corpus import Corpus
 from gemma_scope_pz.train.harvest import (
     HarvestInfo,
     batch_contexts,
@@ -197,7 +197,7 @@ def test_harvest_bad_input(model_and_params):
 @pytest.mark.slow
 def test_pack_default_corpus_with_real_tokenizer():
     tokenizer_mod = pytest.importorskip("gemma_scope_pz.models.tokenizer")
-    from gemma_scope_pz.train.default_corpus import default_corpus
+    from gemma_scope_pz.data.corpus import default_corpus
 
     tok = tokenizer_mod.load_tokenizer()
     docs = default_corpus().head(40)
@@ -211,7 +211,7 @@ def test_pack_default_corpus_with_real_tokenizer():
 @pytest.mark.slow
 def test_gemma_library_like_tokenizer_is_accepted(real_tokenizer):
     """A tokenizer without bos_id/pad_id (like gm.text.Gemma3Tokenizer) is wrapped by as_tokenizer."""
-    from gemma_scope_pz.train.harvest import pack_contexts
+    from gemma_scope_pz.data.packing import pack_contexts
 
     class GmLike:
         def __init__(self, sp):
@@ -223,7 +223,7 @@ def test_gemma_library_like_tokenizer_is_accepted(real_tokenizer):
         def decode(self, ids):
             return self._sp.DecodeIds(list(ids))
 
-    processor = real_tokenizer._sp
+    processor = real_tokenizer.processor
     contexts = list(
         pack_contexts(["Energy cannot be created or destroyed."], GmLike(processor), 16)
     )
@@ -232,7 +232,7 @@ def test_gemma_library_like_tokenizer_is_accepted(real_tokenizer):
 
 
 def test_corpus_contexts_reads_from_either_end():
-    from gemma_scope_pz.train.harvest import corpus_contexts
+    from gemma_scope_pz.data.packing import corpus_contexts
 
     docs = ["alpha beta gamma", "delta epsilon", "zeta eta theta iota"]
     first = corpus_contexts(TOK, docs, 2, context_len=8)

@@ -120,6 +120,11 @@ class Gemma3Tokenizer:
             if found.replace(" ", SPACE_SYMBOL) != piece:
                 raise ValueError(f"{source}: id {token_id} is {found!r}, expected {piece!r}")
 
+    @property
+    def processor(self) -> spm.SentencePieceProcessor | Any:
+        """The wrapped ``sentencepiece.SentencePieceProcessor`` (or look-alike), for direct use."""
+        return self._sp
+
     def __repr__(self) -> str:
         return f"Gemma3Tokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
 
