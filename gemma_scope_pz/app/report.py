@@ -9,9 +9,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from gemma_scope_pz.analysis.cards import write_feature_cards
+import gemma_scope_pz as gs
 from gemma_scope_pz.io import write_atomically
-from gemma_scope_pz.scope.highlight import highlight_tokens_html
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222;line-height:1.45}
@@ -64,7 +63,7 @@ def write_report(
 ) -> pathlib.Path:
     """Writes ``report.html`` and ``feature_cards.html`` into ``out_dir``; returns the report path."""
     out_dir = pathlib.Path(out_dir)
-    cards = write_feature_cards(
+    cards = gs.write_cards(
         out_dir / "feature_cards.html",
         list(features),
         examples,
@@ -93,7 +92,7 @@ def write_report(
             {"SAE": summary["sae_metrics"], "transcoder": summary["transcoder_metrics"]}
         ),
         f"<h2>Feature #{strongest} on the sentence</h2>",
-        highlight_tokens_html(
+        gs.highlight_tokens_html(
             list(sentence_tokens), values, title=f"activation of feature #{strongest}"
         ),
         "<h3>Logit lens</h3><p>Promotes: "
