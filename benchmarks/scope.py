@@ -35,8 +35,8 @@ def _harvest(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(activations [n, d_model] at SITE without BOS, the token contexts used)."""
     import gemma_scope_pz as gs
-    from gemma_scope_pz.train.default_corpus import default_corpus
-    from gemma_scope_pz.train.harvest import pack_contexts
+    from gemma_scope_pz.data.corpus import default_corpus
+    from gemma_scope_pz.data.packing import pack_contexts
 
     n_contexts = -(-n_tokens // (seq - 1))
     n_contexts = -(-n_contexts // batch) * batch

@@ -16,8 +16,8 @@ import gemma_scope_pz as gs
 from gemma_scope_pz.scope.checkpoints import save_gemma_scope_2
 from gemma_scope_pz.scope.highlight import highlight_tokens_html
 from gemma_scope_pz.scope.layers import AutoEncoder, SaeMeta
-from gemma_scope_pz.train.default_corpus import default_corpus
-from gemma_scope_pz.train.harvest import pack_contexts, real_token_mask
+from gemma_scope_pz.data.corpus import default_corpus
+from gemma_scope_pz.data.packing import pack_contexts, real_token_mask
 
 pytestmark = pytest.mark.slow
 SITE = "blocks.9.resid_post"

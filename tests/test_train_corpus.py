@@ -7,9 +7,8 @@ import types
 
 import pytest
 
-from gemma_scope_pz.train import default_corpus as corpus_mod
-from gemma_scope_pz.train.corpus import Corpus, hash_documents, load_corpus
-from gemma_scope_pz.train.default_corpus import default_corpus
+from gemma_scope_pz.data import offline as corpus_mod
+from gemma_scope_pz.data.corpus import Corpus, default_corpus, hash_documents, load_corpus
 
 
 def test_texts_reiterable_and_fingerprint():
@@ -157,3 +156,21 @@ def test_default_corpus_deterministic_and_large():
     assert len(docs) == len(set(docs)) > 1000
     assert min(map(len, docs)) >= 200
     assert sum(map(len, docs)) > 1_000_000  # > ~250k tokens at ~4 chars/token
+
+
+def test_moved_names_keep_working_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    from gemma_scope_pz.data import packing
+    from gemma_scope_pz.train import harvest
+
+    for old in ("gemma_scope_pz.train.corpus", "gemma_scope_pz.train.default_corpus"):
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match="moved to gemma_scope_pz.data"):
+            module = importlib.import_module(old)
+        assert module.default_corpus is default_corpus
+    with pytest.warns(DeprecationWarning, match="data.packing.pack_contexts"):
+        assert harvest.pack_contexts is packing.pack_contexts
+    with pytest.raises(AttributeError, match="no_such_name"):
+        harvest.no_such_name  # noqa: B018

@@ -3,18 +3,12 @@
 import numpy as np
 import pytest
 
+from gemma_scope_pz.data.corpus import Corpus
+from gemma_scope_pz.data.packing import batch_contexts, pack_contexts, real_token_mask
 from gemma_scope_pz.models.config import Gemma3Config
 from gemma_scope_pz.models.gemma3 import Gemma3LM, random_params
 from gemma_scope_pz.scope.interventions import capture
-from gemma_scope_pz.data.corpus import Corpus
-from gemma_scope_pz.train.harvest import (
-    HarvestInfo,
-    batch_contexts,
-    harvest,
-    harvest_array,
-    pack_contexts,
-    real_token_mask,
-)
+from gemma_scope_pz.train.harvest import HarvestInfo, harvest, harvest_array
 
 CONTEXT_LEN = 8
 BATCH = 3
@@ -190,8 +184,17 @@ def test_harvest_bad_input(model_and_params):
         def encode(self, text, add_bos=True, add_eos=False):
             return [500] * len(text)
 
-    with pytest.raises(ValueError, match="token id 500 is outside"):
+    with pytest.raises(
+        ValueError, match=r"token id 500 is outside the model's vocabulary \[0, 64\)"
+    ):
         list(harvest(model, WideTokenizer(), ["abc"], "blocks.0.mlp_in", **kw))
+
+    class NegativeTokenizer(FakeTokenizer):
+        def encode(self, text, add_bos=True, add_eos=False):
+            return [5, -3] * len(text)
+
+    with pytest.raises(ValueError, match=r"'texts': token id -3 is outside"):
+        list(harvest(model, NegativeTokenizer(), ["abc"], "blocks.0.mlp_in", **kw))
 
 
 @pytest.mark.slow

@@ -1,8 +1,7 @@
 """Harvesting activations for dictionary training: corpus → fixed-shape contexts → activation rows.
 
-Each document is tokenized on the host and cut into contexts of ``context_len`` tokens that all
-start with BOS and never mix two documents; a document's tail is padded (or dropped). Contexts go
-through the model in batches of a fixed shape ``[batch_size, context_len]``, so the jitted
+Documents are packed into BOS-led contexts of ``context_len`` tokens (``data/packing.py``).
+Contexts go through the model in batches of a fixed shape ``[batch_size, context_len]``, so the jitted
 ``capture`` compiles once; the forward pass stops after the last block any site needs. BOS and
 padding positions are dropped and the remaining positions are yielded as rows ``[n, width]`` per
 site, in the same order for every site (so a transcoder's ``mlp_in`` and ``mlp_out`` rows are
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -28,118 +26,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from gemma_scope_pz.data import packing
+from gemma_scope_pz.data.corpus import Corpus, as_corpus
 from gemma_scope_pz.scope.interventions import capture
 from gemma_scope_pz.scope.sites import Site
-from gemma_scope_pz.train.corpus import Corpus, load_corpus
-
-
-def text_tokenizer(tokenizer: Any) -> Any:
-    """``tokenizer`` if it has ``encode``/``bos_id``/``pad_id``, else wrapped by ``as_tokenizer``."""
-    if all(hasattr(tokenizer, name) for name in ("encode", "bos_id", "pad_id")):
-        return tokenizer
-    from gemma_scope_pz.models.tokenizer import as_tokenizer
-
-    return as_tokenizer(tokenizer)
-
-
-def pack_contexts(
-    docs: Iterable[str],
-    tokenizer: Any,
-    context_len: int,
-    *,
-    add_bos: bool = True,
-    tail: str = "pad",
-) -> Iterator[np.ndarray]:
-    """Cuts documents into int32 contexts ``[context_len]``, one document per context.
-
-    Every context holds tokens of a single document: ``[BOS, t_i, ..., t_{i+context_len-2}]``
-    (without ``add_bos``, ``context_len`` document tokens). Documents are never glued together;
-    later contexts of a long document restart with BOS (the text before it is not seen).
-
-    Args:
-      docs: Documents (``str``), e.g. a ``Corpus``.
-      tokenizer: Anything with ``encode(text, add_bos=False) -> list[int]``, ``bos_id`` and
-        ``pad_id`` (a ``Gemma3Tokenizer``); other tokenizers, such as the ``gemma`` library's
-        ``gm.text.Gemma3Tokenizer``, are wrapped with ``models.tokenizer.as_tokenizer``.
-      context_len: Tokens per context, BOS included.
-      add_bos: Start every context with ``tokenizer.bos_id``.
-      tail: What to do with a document's last, short piece: "pad" (fill up with ``pad_id``) or
-        "drop" (discard it).
-
-    Use ``real_token_mask`` for the positions that hold document tokens.
-    """
-    if tail not in ("pad", "drop"):
-        raise ValueError(f"tail must be 'pad' or 'drop', got {tail!r}")
-    n_text = context_len - 1 if add_bos else context_len
-    if n_text < 1:
-        raise ValueError(f"context_len={context_len} leaves no room for document tokens")
-    tokenizer = text_tokenizer(tokenizer)
-    pad_id = int(tokenizer.pad_id)
-    for doc in docs:
-        ids = np.asarray(tokenizer.encode(doc, add_bos=False), dtype=np.int32)
-        if add_bos and ids.size and ids[0] == tokenizer.bos_id:
-            ids = ids[1:]  # tokenizers that add BOS regardless
-        n_full = ids.size // n_text
-        n_rows = n_full + (tail == "pad" and ids.size % n_text > 0)
-        if n_rows == 0:
-            continue
-        text = np.full(n_rows * n_text, pad_id, dtype=np.int32)
-        text[: min(ids.size, text.size)] = ids[: text.size]
-        rows = text.reshape(n_rows, n_text)
-        if add_bos:
-            rows = np.concatenate([np.full((n_rows, 1), tokenizer.bos_id, np.int32), rows], axis=1)
-        yield from rows
-
-
-def corpus_contexts(
-    tokenizer: Any,
-    corpus: Corpus | Iterable[str] | str | None = None,
-    n_contexts: int = 8,
-    *,
-    context_len: int = 128,
-    from_end: bool = False,
-) -> np.ndarray:
-    """The first ``n_contexts`` packed contexts of a corpus, int32 ``[n, context_len]``.
-
-    With ``from_end`` the documents are read last to first: for a corpus whose beginning was
-    harvested for training (the tour, short runs), this gives held-out evaluation text.
-    """
-    corpus = _as_corpus(corpus)
-    docs = list(corpus)
-    if from_end:
-        docs.reverse()
-    rows = list(itertools.islice(pack_contexts(docs, tokenizer, context_len), n_contexts))
-    if not rows:
-        raise ValueError(f"Corpus {corpus.name!r} yielded no tokens")
-    return np.stack(rows)
-
-
-def real_token_mask(tokens: np.ndarray, pad_id: int, *, has_bos: bool = True) -> np.ndarray:
-    """Boolean mask of document tokens: position 0 (with ``has_bos``) and trailing pads are False.
-
-    Padding only ever trails a context (see ``pack_contexts``), so a position is real when it is
-    not the BOS and some non-pad token sits at or after it. A row of pads is all False.
-    """
-    tokens = np.asarray(tokens)
-    nonpad = tokens != pad_id
-    # Index one past the last non-pad token of each row (0 for an all-pad row).
-    length = np.where(nonpad.any(-1), tokens.shape[-1] - np.argmax(nonpad[..., ::-1], -1), 0)
-    mask = np.arange(tokens.shape[-1]) < length[..., None]
-    if has_bos:
-        mask[..., 0] = False
-    return mask
-
-
-def batch_contexts(
-    contexts: Iterable[np.ndarray], batch_size: int, context_len: int, pad_id: int
-) -> Iterator[np.ndarray]:
-    """Stacks contexts into ``[batch_size, context_len]`` int32 batches; the last is filled up with
-    all-pad rows (which ``real_token_mask`` masks out entirely)."""
-    iterator = iter(contexts)
-    while chunk := list(itertools.islice(iterator, batch_size)):
-        batch = np.full((batch_size, context_len), pad_id, dtype=np.int32)
-        batch[: len(chunk)] = np.stack(chunk)
-        yield batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +152,7 @@ def harvest(
       ValueError: if the corpus yields no tokens (the message names it), a token id is outside the
         model's vocabulary, or a site is unknown (the capture's error).
     """
-    corpus = _as_corpus(corpus)
+    corpus = as_corpus(corpus)
     corpus_name = corpus.name
     names = _site_names(sites)
     for name in names:
@@ -271,11 +161,11 @@ def harvest(
         raise ValueError(f"n_tokens and start_row must be >= 0, got {n_tokens}, {start_row}")
     if n_tokens is not None and start_row >= n_tokens:
         return
-    tokenizer = text_tokenizer(tokenizer)
+    tokenizer = packing.text_tokenizer(tokenizer)
     pad_id, vocab = int(tokenizer.pad_id), model.config.vocab_size
-    contexts = pack_contexts(corpus, tokenizer, context_len, add_bos=add_bos, tail=tail)
+    contexts = packing.pack_contexts(corpus, tokenizer, context_len, add_bos=add_bos, tail=tail)
     contexts, skip = _skip_rows(contexts, start_row, pad_id, add_bos)
-    batches = batch_contexts(contexts, batch_size, context_len, pad_id)
+    batches = packing.batch_contexts(contexts, batch_size, context_len, pad_id)
 
     done = start_row
     bar = tqdm(total=n_tokens, initial=start_row, unit="tok", disable=not progress, desc="harvest")
@@ -283,13 +173,14 @@ def harvest(
     try:
         for tokens in itertools.chain(batches, [None]):
             if tokens is not None:
-                if tokens.max() >= vocab:
+                if tokens.min() < 0 or tokens.max() >= vocab:
+                    bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
                     raise ValueError(
-                        f"Corpus {corpus_name!r}: token id {int(tokens.max())} is outside the "
-                        f"model's vocabulary of {vocab} (wrong tokenizer?)"
+                        f"Corpus {corpus_name!r}: token id {bad} is outside the model's "
+                        f"vocabulary [0, {vocab}) (wrong tokenizer?)"
                     )
                 submitted = capture(model, tokens, list(names), stop_early=True)
-                submitted = (submitted, real_token_mask(tokens, pad_id, has_bos=add_bos))
+                submitted = (submitted, packing.real_token_mask(tokens, pad_id, has_bos=add_bos))
             if pending is not None:
                 acts, mask = pending
                 rows = _gather(jax.device_get(acts), mask, names, dtype)
@@ -330,7 +221,7 @@ def harvest_array(
 
     ``options`` are those of ``harvest``; ``info.n_tokens`` is the number of rows obtained.
     """
-    corpus = _as_corpus(corpus)
+    corpus = as_corpus(corpus)
     names = _site_names(sites)
     parts = list(harvest(model, tokenizer, corpus, names, n_tokens=n_tokens, **options))
     arrays = {name: np.concatenate([p[name] for p in parts]) for name in names}
@@ -346,14 +237,6 @@ def harvest_array(
         **info_options,
     )
     return arrays, info
-
-
-def _as_corpus(corpus) -> Corpus:
-    if isinstance(corpus, Corpus):
-        return corpus
-    if corpus is None or isinstance(corpus, (str, os.PathLike)):
-        return load_corpus(corpus)
-    return Corpus.from_texts(corpus)
 
 
 def _site_names(sites: str | Sequence[str]) -> tuple[str, ...]:
@@ -378,8 +261,30 @@ def _skip_rows(
     inside the first remaining context."""
     skipped = 0
     for context in contexts:
-        n_real = int(real_token_mask(context, pad_id, has_bos=add_bos).sum())
+        n_real = int(packing.real_token_mask(context, pad_id, has_bos=add_bos).sum())
         if skipped + n_real > start_row:
             return itertools.chain([context], contexts), start_row - skipped
         skipped += n_real
     return iter(()), 0
+
+
+_MOVED_TO_PACKING = (
+    "pack_contexts",
+    "corpus_contexts",
+    "real_token_mask",
+    "batch_contexts",
+    "text_tokenizer",
+)
+
+
+def __getattr__(name: str):
+    """Packing helpers moved to ``gemma_scope_pz.data.packing``; the old names keep working for
+    one release, with a ``DeprecationWarning``."""
+    if name in _MOVED_TO_PACKING:
+        warnings.warn(
+            f"gemma_scope_pz.train.harvest.{name} moved to gemma_scope_pz.data.packing.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(packing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,7 @@ import numpy as np
 
 from gemma_scope_pz.scope.sites import Site
 from gemma_scope_pz.train.config import TrainConfig
-from gemma_scope_pz.train.corpus import Corpus, load_corpus
+from gemma_scope_pz.data.corpus import Corpus, load_corpus
 from gemma_scope_pz.train.harvest import harvest, harvest_info
 from gemma_scope_pz.train.store import ActivationCache
 

@@ -1,0 +1,5 @@
+"""Text data: corpora (including the offline default corpus) and packing them into token contexts.
+
+``corpus.py`` holds ``Corpus``, ``load_corpus`` and ``default_corpus``; ``offline.py`` gathers the
+offline default corpus's texts; ``packing.py`` cuts documents into BOS-led contexts.
+"""
