@@ -113,14 +113,14 @@ def test_page_escapes_and_is_well_formed(state, tmp_path):
     assert "<svg" in text and "dead" in text
     # The dead feature has a card with no contexts; the peak token is emphasised.
     assert "no activating context" in text
-    assert text.count("fc-tok fc-peak") == sum(len(state.top(f)) for f in (1, 0, 5))
+    assert text.count("gs-tok fc-peak") == sum(len(state.top(f)) for f in (1, 0, 5))
     assert oct(os.stat(path).st_mode & 0o777) != oct(0o600)
 
 
 def test_card_values_and_peak(state):
     card = feature_card_html(1, state, FeatureStats.from_examples(state), token_strings, LENS)
     assert card.startswith("<style>")
-    peak = re.search(r'class="fc-tok fc-peak"[^>]*title="([^"]*)">([^<]*)<', card)
+    peak = re.search(r'class="gs-tok fc-peak"[^>]*title="([^"]*)">([^<]*)<', card)
     assert peak.group(2) == "&lt;script&gt;alert(1)&lt;/script&gt;"
     assert "10" in peak.group(1)
     assert "+2.500" in card and "-1.500" in card

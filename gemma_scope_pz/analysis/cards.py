@@ -1,12 +1,13 @@
 """Offline HTML feature cards (a small, self-contained Neuronpedia-like page).
 
 `write_feature_cards` writes ONE HTML file with inline CSS, a few lines of
-inline JavaScript for filtering and an inline SVG histogram; it references no
+inline JavaScript for filtering and an inline SVG histogram
+(`gemma_scope_pz.analysis.plots.density_histogram_svg`); it references no
 external URL, so it opens offline.  Each card shows a feature's density,
 mean/max activation, its max-activating contexts with tokens shaded by
 activation (hover for values, the peak token outlined) and, optionally, the
-logit-lens top and bottom tokens.  All text (token strings included) goes
-through `html.escape`.
+logit-lens top and bottom tokens.  All text (token strings included) is escaped
+and tokens are drawn by `gemma_scope_pz.analysis.html`.
 
 `FeatureReport` holds one feature's data on the host; it renders as a card in
 Jupyter (`_repr_html_`) and as a plain dataclass in treescope.
@@ -15,7 +16,6 @@ Jupyter (`_repr_html_`) and as a plain dataclass in treescope.
 from __future__ import annotations
 
 import dataclasses
-import html
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from gemma_scope_pz.analysis.examples import Example
+from gemma_scope_pz.analysis.html import escape, escape_token, token_alphas, token_span
+from gemma_scope_pz.analysis.plots import density_histogram_svg
 from gemma_scope_pz.analysis.stats import FeatureStats
 from gemma_scope_pz.io import write_atomically
 
@@ -47,7 +49,7 @@ h1{font-size:22px;margin:0 0 8px}h2{font-size:17px;margin:0}h3{font-size:12px;ma
 .fc-val{font:12px ui-monospace,monospace;color:#57606a;min-width:56px;text-align:right}
 .fc-text{font:13px/1.7 ui-monospace,SFMono-Regular,Menlo,monospace;white-space:pre-wrap;word-break:break-word;flex:1}
 .fc-src{font-size:11px;color:#8c959f;white-space:nowrap}
-.fc-tok{border-radius:2px;-webkit-box-decoration-break:clone;box-decoration-break:clone}.fc-peak{outline:2px solid #bc4c00;font-weight:700}
+.gs-tok{border-radius:2px;-webkit-box-decoration-break:clone;box-decoration-break:clone}.fc-peak{outline:2px solid #bc4c00;font-weight:700}
 .fc-none{font-size:13px;color:#8c959f;font-style:italic}
 .fc-lens{border-collapse:collapse;font:12px ui-monospace,monospace;width:100%}.fc-lens td{padding:1px 4px}
 .fc-lens td:last-child{text-align:right}.fc-pos{background:#dafbe1}.fc-neg{background:#ffebe9}
@@ -63,19 +65,10 @@ q.addEventListener('input',run);run();})();
 """
 
 
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _fmt(value: float | None, spec: str = ".3g") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return format(value, spec)
-
-
-def _display(token: str) -> str:
-    """Makes invisible characters visible (newline, tab, carriage return)."""
-    return token.replace("\r", "␍").replace("\n", "↵").replace("\t", "⇥")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # holds numpy arrays
@@ -178,25 +171,25 @@ class FeatureReport:
 
 
 def _context_html(ex: Example, strings: Sequence[str], scale: float) -> str:
-    spans = []
-    for i, (token, value) in enumerate(zip(strings, ex.window_values, strict=True)):
-        alpha = float(np.clip(value / scale, 0.0, 1.0)) if scale > 0 else 0.0
-        cls = "fc-tok fc-peak" if i == ex.peak_index else "fc-tok"
-        style = f' style="background:rgba(255,140,0,{alpha:.2f})"' if alpha > 0.005 else ""
-        tip = _esc(f"{token!r}: {float(value):.4g}")
-        spans.append(f'<span class="{cls}"{style} title="{tip}">{_esc(_display(token))}</span>')
+    alphas = token_alphas(np.maximum(ex.window_values, 0.0), max_value=scale if scale > 0 else None)
+    spans = "".join(
+        token_span(token, value, alpha, css_class="fc-peak" if i == ex.peak_index else "")
+        for i, (token, value, alpha) in enumerate(
+            zip(strings, ex.window_values, alphas, strict=True)
+        )
+    )
     return (
         f'<div class="fc-ctx"><span class="fc-val">{_fmt(ex.value, ".3f")}</span>'
-        f'<span class="fc-text">{"".join(spans)}</span>'
+        f'<span class="fc-text">{spans}</span>'
         f'<span class="fc-src">row {ex.row} · pos {ex.position}</span></div>'
     )
 
 
 def _lens_html(title: str, rows: Sequence[tuple[str, float]], cls: str) -> str:
     body = "".join(
-        f'<tr class="{cls}"><td>{_esc(_display(s))}</td><td>{v:+.3f}</td></tr>' for s, v in rows
+        f'<tr class="{cls}"><td>{escape_token(s)}</td><td>{v:+.3f}</td></tr>' for s, v in rows
     )
-    return f'<h3>{_esc(title)}</h3><table class="fc-lens">{body}</table>'
+    return f'<h3>{escape(title)}</h3><table class="fc-lens">{body}</table>'
 
 
 def feature_card_html(
@@ -217,65 +210,17 @@ def feature_card_html(
     return report._repr_html_() if standalone else report.to_html()
 
 
-def density_histogram_svg(
-    stats: FeatureStats, bins: int = 40, width: int = 560, height: int = 170
-) -> str:
-    """Inline SVG of the log10-density histogram; a grey bar counts dead latents and a
-    red dashed line marks the dense threshold (bins above it drawn red)."""
-    counts, edges = stats.log10_density_histogram(bins)
-    n_dead = int(stats.dead.sum())
-    left, right, top, bottom = 46, 10, 14, 34
-    dead_w = 26
-    plot_x0 = left + dead_w + 26
-    plot_w = width - plot_x0 - right
-    plot_h = height - top - bottom
-    peak = max(int(counts.max()) if counts.size else 0, n_dead, 1)
-    lo, hi = float(edges[0]), float(edges[-1])
-
-    def x_of(v: float) -> float:
-        return plot_x0 + (v - lo) / (hi - lo) * plot_w
-
-    def bar_h(c: int) -> float:
-        return plot_h * c / peak
-
-    threshold = math.log10(stats.dense_threshold) if stats.dense_threshold > 0 else lo
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="10" role="img">',
-        "<title>Histogram of log10 feature density</title>",
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}" stroke="#57606a"/>',
-        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{peak}</text>',
-        f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end">0</text>',
-    ]
-    dh = bar_h(n_dead)
-    out.append(
-        f'<rect x="{left + 4}" y="{top + plot_h - dh:.1f}" width="{dead_w - 4}" height="{dh:.1f}" '
-        f'fill="#8c959f"><title>dead: {n_dead}</title></rect>'
-        f'<text x="{left + dead_w / 2 + 2}" y="{top + plot_h + 12}" text-anchor="middle">dead</text>'
+def _overview_html(stats: FeatureStats) -> str:
+    """The page's summary box: density histogram and dead/dense counts."""
+    s = stats.summary()
+    return (
+        f'<section class="overview">{density_histogram_svg(stats)}<div class="summary">'
+        f"<b>{s['n_features']}</b> features · <b>{s['n_tokens']}</b> tokens<br>"
+        f"dead (never fired): <b>{s['n_dead']}</b><br>"
+        f"dense (density &gt; {escape(_fmt(s['dense_threshold']))}): <b>{s['n_dense']}</b><br>"
+        f"median density of live features: <b>{escape(_fmt(s['median_live_density'], '.3e'))}</b>"
+        "</div></section>"
     )
-    for c, a, b in zip(counts, edges[:-1], edges[1:], strict=True):
-        h = bar_h(int(c))
-        color = "#cf222e" if a >= threshold else "#0969da"
-        out.append(
-            f'<rect x="{x_of(a) + 0.5:.1f}" y="{top + plot_h - h:.1f}" width="{max(x_of(b) - x_of(a) - 1, 0.5):.1f}" '
-            f'height="{h:.1f}" fill="{color}"><title>[{a:.2f}, {b:.2f}): {int(c)}</title></rect>'
-        )
-    for tick in range(math.ceil(lo), math.floor(hi) + 1):
-        out.append(
-            f'<text x="{x_of(tick):.1f}" y="{top + plot_h + 12}" text-anchor="middle">1e{tick}</text>'
-        )
-    if lo <= threshold <= hi:
-        tx = x_of(threshold)
-        out.append(
-            f'<line x1="{tx:.1f}" y1="{top}" x2="{tx:.1f}" y2="{top + plot_h}" stroke="#cf222e" '
-            f'stroke-dasharray="4,3"/><text x="{tx - 3:.1f}" y="{top + 8}" text-anchor="end" '
-            f'fill="#cf222e">dense &gt; {_esc(_fmt(stats.dense_threshold))}</text>'
-        )
-    out.append(
-        f'<text x="{plot_x0 + plot_w / 2:.1f}" y="{height - 4}" text-anchor="middle">'
-        "feature density (fraction of tokens, log scale)</text></svg>"
-    )
-    return "".join(out)
 
 
 def write_feature_cards(
@@ -320,23 +265,13 @@ def write_feature_cards(
         for f in features
     ]
     meta_rows = "".join(
-        f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in (meta or {}).items()
+        f"<tr><td>{escape(k)}</td><td>{escape(v)}</td></tr>" for k, v in (meta or {}).items()
     )
-    overview = ""
-    if stats is not None:
-        s = stats.summary()
-        overview = (
-            f'<section class="overview">{density_histogram_svg(stats)}<div class="summary">'
-            f"<b>{s['n_features']}</b> features · <b>{s['n_tokens']}</b> tokens<br>"
-            f"dead (never fired): <b>{s['n_dead']}</b><br>"
-            f"dense (density &gt; {_esc(_fmt(s['dense_threshold']))}): <b>{s['n_dense']}</b><br>"
-            f"median density of live features: <b>{_esc(_fmt(s['median_live_density'], '.3e'))}</b>"
-            "</div></section>"
-        )
+    overview = _overview_html(stats) if stats is not None else ""
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>"
-        f'<h1>{_esc(title)}</h1><table class="meta">{meta_rows}</table>{overview}'
+        f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
+        f'<h1>{escape(title)}</h1><table class="meta">{meta_rows}</table>{overview}'
         '<div class="controls"><input id="fc-filter" type="search" '
         'placeholder="filter: feature id or text" aria-label="filter cards"> '
         f'<span id="fc-count">{len(cards)} cards</span></div>'
