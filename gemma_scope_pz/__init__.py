@@ -8,7 +8,7 @@ The facade: every step a notebook takes is a name here. The entry points typed f
     sae = gs.load_sae("google/gemma-scope-2-270m-pt", "resid_post/layer_9_width_16k_l0_medium")
     acts = gs.capture(model, tokens, ["blocks.9.resid_post"])
 
-Then training (``gs.TrainConfig``, ``gs.harvest_array``, ``gs.train``, ``gs.train_dictionary``),
+Then training (``gs.TrainConfig``, ``gs.harvest_array``, ``gs.train_sae``, ``gs.train_dictionary``),
 export and saving (``gs.export_gemma_scope_2``, ``gs.export_saelens``, ``gs.save_sae``) and analysis
 (``gs.load_corpus``, ``gs.corpus_contexts``, ``gs.collect_examples``, ``gs.feature_stats``,
 ``gs.write_cards``). Names are resolved lazily, so ``import gemma_scope_pz`` stays cheap.
@@ -54,8 +54,8 @@ _EXPORTS = {
     "top_features": "gemma_scope_pz.scope.evaluate",
     "latent_encoder": "gemma_scope_pz.scope.evaluate",
     "logit_lens": "gemma_scope_pz.scope.lens",
-    "display_tokens": "gemma_scope_pz.scope.highlight",
-    "highlight_tokens_html": "gemma_scope_pz.scope.highlight",
+    "display_tokens": "gemma_scope_pz.analysis.html",
+    "highlight_tokens": "gemma_scope_pz.analysis.html",
     # data
     "load_corpus": "gemma_scope_pz.data.corpus",
     "pack_contexts": "gemma_scope_pz.data.packing",
@@ -65,7 +65,8 @@ _EXPORTS = {
     "TrainConfig": "gemma_scope_pz.train.config",
     "harvest_array": "gemma_scope_pz.train.harvest",
     "harvest_to_cache": "gemma_scope_pz.train.pipeline",
-    "train": "gemma_scope_pz.train.trainer",
+    # Not ``gs.train``: importing the ``gemma_scope_pz.train`` package binds that name to it.
+    "train_sae": "gemma_scope_pz.train.trainer:train",
     "train_dictionary": "gemma_scope_pz.train.pipeline",
     "export_gemma_scope_2": "gemma_scope_pz.train.export",
     "export_saelens": "gemma_scope_pz.train.export",

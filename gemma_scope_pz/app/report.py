@@ -75,7 +75,6 @@ def write_report(
     )
     strongest = summary["strongest_feature"]
     values = np.array(sentence_latents[:, strongest], dtype=np.float32)
-    values[0] = 0.0  # BOS
     lens_s = summary["logit_lens"]
     steer = summary["steering"]
     parts = [
@@ -92,7 +91,7 @@ def write_report(
             {"SAE": summary["sae_metrics"], "transcoder": summary["transcoder_metrics"]}
         ),
         f"<h2>Feature #{strongest} on the sentence</h2>",
-        gs.highlight_tokens_html(
+        gs.highlight_tokens(
             list(sentence_tokens), values, title=f"activation of feature #{strongest}"
         ),
         "<h3>Logit lens</h3><p>Promotes: "
