@@ -198,11 +198,10 @@ def test_harvest_bad_input(model_and_params):
 
 
 @pytest.mark.slow
-def test_pack_default_corpus_with_real_tokenizer():
-    tokenizer_mod = pytest.importorskip("gemma_scope_pz.models.tokenizer")
+def test_pack_default_corpus_with_real_tokenizer(real_tokenizer):
     from gemma_scope_pz.data.corpus import default_corpus
 
-    tok = tokenizer_mod.load_tokenizer()
+    tok = real_tokenizer
     docs = default_corpus().head(40)
     contexts = np.stack(list(pack_contexts(docs, tok, 64)))
     mask = real_token_mask(contexts, tok.pad_id)
