@@ -219,6 +219,39 @@ def write_sample_cards_page(path: str | Path, seed: int = 0) -> dict:
     return {"features": features, "logit_lens": lens, "stats": stats.summary()}
 
 
+def write_sample_plots_page(path: str | Path, seed: int = 0) -> dict:
+    """Writes a page with the three inline SVG plots on hostile token strings; returns its data."""
+    import numpy as np
+
+    from gemma_scope_pz.analysis.plots import activation_svg, density_histogram_svg, token_loss_svg
+    from gemma_scope_pz.analysis.stats import FeatureStats
+
+    rng = np.random.default_rng(seed)
+    tokens = ["<bos>", " The", " cat", *HOSTILE_TOKENS, " sat", "\n", " down"]
+    clean = rng.uniform(0.5, 6.0, len(tokens) - 1)
+    spliced = clean + rng.uniform(0.0, 1.5, len(tokens) - 1)
+    activation = np.where(rng.random(len(tokens)) < 0.6, rng.gamma(2.0, 1.0, len(tokens)), 0.0)
+    activation[0] = 40.0  # BOS
+    fire = np.where(rng.random(500) < 0.1, 0, rng.integers(1, 20_000, 500))
+    stats = FeatureStats(
+        n_tokens=50_000,
+        fire_counts=fire.astype(np.int64),
+        activation_sums=fire.astype(np.float64),
+        max_activation=np.where(fire > 0, 1.0, -np.inf),
+    )
+    body = (
+        token_loss_svg(tokens[1:], clean, spliced, title="Per-token loss <clean> & spliced")
+        + activation_svg(tokens, activation, title="Feature 7 along the prompt")
+        + density_histogram_svg(stats)
+    )
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>plots</title></head>'
+        f"<body style='background:#fff'>{body}</body></html>"
+    )
+    Path(path).write_text(page, encoding="utf-8")
+    return {"tokens": tokens, "clean": clean, "spliced": spliced, "activation": activation}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("html")

@@ -68,3 +68,37 @@ def test_screenshot_is_not_blank(page, tmp_path):
     width, height, pixels = _png_info(png.read_bytes())
     assert (width, height) == (1000, 1200)
     assert len(set(pixels)) > 50  # text, colours and the histogram, not a blank page
+
+
+@pytest.fixture(scope="module")
+def plots_page(tmp_path_factory):
+    if render_html.chromium_path() is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium not found under CI: run .ci/install_chromium.sh first")
+        pytest.skip("Chromium not installed (run .ci/install_chromium.sh)")
+    path = tmp_path_factory.mktemp("plots") / "plots.html"
+    return path, render_html.write_sample_plots_page(path)
+
+
+def test_plots_render_with_escaped_labels(plots_page, tmp_path):
+    path, shown = plots_page
+    dom = render_html.parse_dom(render_html.dump_dom(path))
+    text = "".join(dom.text)
+    assert dom.tags.get("svg") == 3 and "script" not in dom.tags and "img" not in dom.tags
+    assert not any("data-pwned" in attrs for _, attrs in dom.attrs)
+    assert "Per-token loss <clean> & spliced" in text and "Feature 7 along the prompt" in text
+    assert "<script>ale…" in text and "loss (nats)" in text and "activation" in text
+    marks = {
+        (attrs.get("class"), int(attrs["data-index"])): float(attrs["data-value"])
+        for tag, attrs in dom.attrs
+        if "data-index" in attrs and tag in ("circle", "rect")
+    }
+    for i, value in enumerate(shown["clean"]):
+        assert marks[("clean", i)] == pytest.approx(value, rel=1e-5)
+        assert marks[("spliced", i)] == pytest.approx(shown["spliced"][i], rel=1e-5)
+    assert ("bar", 0) not in marks  # BOS left out
+    for i, value in enumerate(shown["activation"][1:], start=1):
+        assert marks[("bar", i)] == pytest.approx(value, rel=1e-5)
+    png = render_html.screenshot(path, tmp_path / "plots.png", size=(900, 900))
+    _, _, pixels = _png_info(png.read_bytes())
+    assert len(set(pixels)) > 30  # lines, bars and text drawn

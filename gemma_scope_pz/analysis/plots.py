@@ -32,7 +32,9 @@ _LABEL_CHARS = 12
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> np.ndarray:
     """About ``n`` round tick values (1, 2 or 5 times a power of ten) covering ``[lo, hi]``."""
-    span = hi - lo if hi > lo else (abs(hi) or 1.0)
+    if hi <= lo:
+        lo, hi = lo - (abs(lo) or 1.0) / 2, hi + (abs(hi) or 1.0) / 2
+    span = hi - lo
     step = 10.0 ** math.floor(math.log10(span / n))
     for mult in (1, 2, 5, 10):
         if span / (step * mult) <= n:
