@@ -41,7 +41,7 @@ def peak_kib():
 
 jnp.zeros(8).block_until_ready()
 jax.jit(lambda a: jnp.all(jnp.isfinite(a)))(jnp.zeros(8)).block_until_ready()
-from gemma_scope_pz.scope.checkpoints import load_sae
+from gemma_scope_pz.scope.formats import load_sae
 base = peak_kib()
 start = time.perf_counter()
 sae = load_sae(sys.argv[1], dtype=getattr(jnp, sys.argv[2]))

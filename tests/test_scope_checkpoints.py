@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from gemma_scope_pz.scope import checkpoint_files
-from gemma_scope_pz.scope.checkpoints import (
+from gemma_scope_pz.scope.formats import (
     CheckpointError,
     hook_from_site,
     load_clt,
@@ -19,7 +18,8 @@ from gemma_scope_pz.scope.checkpoints import (
     save_gemma_scope_2,
     site_from_hook,
 )
-from gemma_scope_pz.scope.layers import AutoEncoderSkip
+from gemma_scope_pz.scope.formats import files as checkpoint_files
+from gemma_scope_pz.scope.layers import AutoEncoder, AutoEncoderSkip, SaeMeta
 
 D, W = 8, 24
 
@@ -320,7 +320,17 @@ def test_clt_bad_decoder_shape(tmp_path):
     ):
         load_clt(tmp_path)
     save_file(gs2_tensors(1), str(tmp_path / "params_layer_1.safetensors"))  # no skip in layer 1
-    with pytest.raises(CheckpointError, match=r"params_layer_1.*missing.*affine_skip_connection"):
+    with pytest.raises(
+        CheckpointError, match=r"params_layer_1.*layer 1 lacks 'affine_skip_connection'"
+    ):
+        load_clt(tmp_path)
+    # the reverse: layer 0 without a skip must not borrow layer 1's
+    first = write_clt(tmp_path, n_layers=2)[0]
+    first.pop("affine_skip_connection")
+    save_file(first, str(tmp_path / "params_layer_0.safetensors"))
+    with pytest.raises(
+        CheckpointError, match=r"params_layer_1.*layer 1 has 'affine_skip_connection'"
+    ):
         load_clt(tmp_path)
 
 
@@ -341,23 +351,57 @@ def test_site_table():
         site_from_hook("model.layers.1.mlp.down_proj")
 
 
-@pytest.mark.parametrize("activation,k", [("relu", None), ("topk", 3)])
-def test_save_round_trip_trainer_activations(tmp_path, activation, k):
-    from gemma_scope_pz.scope.layers import AutoEncoder, SaeMeta
-
+def _trainer_sae(activation, k=None):
     t = gs2_tensors(9)
     t.pop("threshold")
     meta = SaeMeta(
         D, W, D, site_in="blocks.4.resid_post", site_out="blocks.4.resid_post", extra={"l0": 3}
     )
-    sae = AutoEncoder.from_arrays(**t, activation=activation, k=k, meta=meta)
-    again = load_sae(save_gemma_scope_2(sae, tmp_path / "out"))
-    assert (again.meta.activation, again.meta.k, again.meta.site_in) == (
-        activation,
-        k,
-        "blocks.4.resid_post",
-    )
+    return AutoEncoder.from_arrays(**t, activation=activation, k=k, meta=meta)
+
+
+def test_save_relu_as_jumprelu_threshold_zero(tmp_path):
+    sae = _trainer_sae("relu")
+    again = load_sae(save_gemma_scope_2(sae, tmp_path / "out", model_name="gemma3-270m"))
+    assert (again.meta.activation, again.meta.site_in) == ("jumprelu", "blocks.4.resid_post")
+    np.testing.assert_array_equal(again.to_arrays()["threshold"], np.zeros(W, np.float32))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["hf_hook_point_in"] == "model.layers.4.output" and config["type"] == "sae"
+    assert config["architecture"] == "jump_relu" and config["model_name"] == "google/gemma-3-270m"
+    assert config["converted_from"] == "relu" and config["l0"] == 3
     x = x_batch()
     np.testing.assert_allclose(again(x), sae(x), rtol=1e-6, atol=1e-6)
+
+
+def test_save_topk_refused_or_converted_with_threshold(tmp_path):
+    sae = _trainer_sae("topk", 3)
+    with pytest.raises(ValueError, match=r"TopK dictionary \(k=3\) has no exact JumpReLU form"):
+        save_gemma_scope_2(sae, tmp_path / "out", model_name="270m")
+    assert not (tmp_path / "out").exists()
+    out = save_gemma_scope_2(sae, tmp_path / "out", model_name="270m", topk_threshold=0.25)
+    again = load_sae(out)
+    x = x_batch()
+    pre = x @ sae.to_arrays()["w_enc"] + sae.to_arrays()["b_enc"]
+    want = np.where(pre > 0.25, pre, 0.0) @ sae.to_arrays()["w_dec"] + sae.to_arrays()["b_dec"]
+    np.testing.assert_allclose(again(x), want, rtol=1e-5, atol=1e-5)
+    config = json.loads((out / "config.json").read_text())
+    assert config["converted_from"] == "topk (k=3)" and "k" not in config
+
+
+def test_save_needs_a_gemma_3_model_name(tmp_path):
+    with pytest.raises(ValueError, match="need a model_name"):
+        save_gemma_scope_2(_trainer_sae("relu"), tmp_path / "a")
+    with pytest.raises(ValueError, match="'gpt2' is not a Gemma 3 model"):
+        save_gemma_scope_2(_trainer_sae("relu"), tmp_path / "a", model_name="gpt2")
+    assert not (tmp_path / "a").exists()
+
+
+def test_read_topk_folder_of_older_exports(tmp_path):
+    t = gs2_tensors(10)
+    t.pop("threshold")
+    write_gs2(tmp_path, t, architecture="topk", k=3)
+    sae = load_sae(tmp_path)
+    assert (sae.meta.activation, sae.meta.k) == ("topk", 3)
+    write_gs2(tmp_path, t, architecture="topk", k="3")
+    with pytest.raises(CheckpointError, match="architecture 'topk' needs an integer 'k', got '3'"):
+        load_sae(tmp_path)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gemma_scope_pz as gs
-from gemma_scope_pz.scope.checkpoints import save_gemma_scope_2
+from gemma_scope_pz.scope.formats import save_gemma_scope_2
 from gemma_scope_pz.scope.highlight import highlight_tokens_html
 from gemma_scope_pz.scope.layers import AutoEncoder, SaeMeta
 from gemma_scope_pz.data.corpus import default_corpus

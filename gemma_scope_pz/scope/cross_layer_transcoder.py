@@ -4,42 +4,22 @@ A CLT stores one ``params_layer_{i}.safetensors`` per source layer ``i``, with `
 [d_model, d_sae], ``b_enc``/``threshold`` [d_sae], ``b_dec`` [d_model], an optional
 ``affine_skip_connection`` [d_model, d_model] and a decoder ``w_dec`` [d_sae, n_layers, d_model]
 to every layer, of which only the targets ``i, i+1, ...`` are used (and kept when loading).
+Loading lives in :mod:`gemma_scope_pz.scope.formats.clt` (`load_clt`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from penzai import pz
 
 from gemma_scope_pz.scope import sae as sae_math
-from gemma_scope_pz.scope.checkpoint_files import (
-    CONFIG_FILE,
-    CheckpointError,
-    fetch_files,
-    labels_from_folder,
-    list_folder_files,
-    split_source,
-)
-from gemma_scope_pz.scope.hook_points import site_from_hook
 from gemma_scope_pz.scope.layers import SaeMeta
-from gemma_scope_pz.scope.safetensors_io import (
-    check_shapes,
-    check_tensors,
-    load_tensors,
-    read_safetensors_header,
-)
 
-__all__ = ["CrossLayerTranscoder", "load_clt"]
-
-_CLT_FILE_RE = re.compile(r"^params_layer_(\d+)\.safetensors$")
+__all__ = ["CrossLayerTranscoder"]
 
 
 @pz.pytree_dataclass
@@ -107,80 +87,3 @@ class CrossLayerTranscoder(pz.Struct):
             for j in range(len(inputs_by_layer))
         ]
 
-
-def _clt_layer_files(source, folder, n_layers, revision) -> tuple[list[Path], str, dict]:
-    """The per-layer files (counted when ``n_layers`` is None), a source label and the config."""
-    base, folder, _ = split_source(source, folder)
-    if n_layers is None:
-        names = list_folder_files(base, folder, revision)
-        indices = sorted(int(m.group(1)) for m in map(_CLT_FILE_RE.match, names) if m)
-        if not indices or indices != list(range(len(indices))):
-            raise FileNotFoundError(
-                f"{source}:{folder}: expected params_layer_0..N-1.safetensors, found {indices}"
-            )
-        n_layers = len(indices)
-    names = [f"params_layer_{i}.safetensors" for i in range(n_layers)]
-    paths, label = fetch_files(base, folder, names, revision, optional=[CONFIG_FILE])
-    config = json.loads(paths[CONFIG_FILE].read_text()) if CONFIG_FILE in paths else {}
-    return [paths[n] for n in names], label, config
-
-
-def load_clt(
-    source: str | os.PathLike,
-    folder: str | None = None,
-    *,
-    n_layers: int | None = None,
-    dtype: jax.typing.DTypeLike = jnp.float32,
-    revision: str | None = None,
-) -> CrossLayerTranscoder:
-    """Loads a Gemma Scope 2 cross-layer transcoder (``params_layer_{i}.safetensors`` files).
-
-    Only the used part ``w_dec[:, i:, :]`` of each source layer's decoder is kept.
-    ``n_layers`` defaults to the number of layer files found (locally or on the hub).
-    """
-    files, label, config = _clt_layer_files(source, folder, n_layers, revision)
-    n = len(files)
-    parts: dict[str, list[jax.Array]] = {
-        k: [] for k in ("w_enc", "b_enc", "threshold", "w_dec", "b_dec", "w_skip")
-    }
-    d_model = d_sae = None
-    for i, path in enumerate(files):
-        infos = read_safetensors_header(path)
-        keys = ["w_enc", "b_enc", "threshold", "w_dec", "b_dec"]
-        if "affine_skip_connection" in infos or parts["w_skip"]:
-            keys.append("affine_skip_connection")
-        check_tensors(path, infos, keys)
-        if d_model is None:
-            if len(infos["w_enc"].shape) != 2:
-                raise CheckpointError(
-                    f"{path}: w_enc has shape {infos['w_enc'].shape}, expected [d_model, d_sae]"
-                )
-            d_model, d_sae = infos["w_enc"].shape
-        check_shapes(
-            path,
-            {k: infos[k].shape for k in keys},
-            {
-                "w_enc": (d_model, d_sae),
-                "b_enc": (d_sae,),
-                "threshold": (d_sae,),
-                "w_dec": (d_sae, n, d_model),
-                "b_dec": (d_model,),
-                "affine_skip_connection": (d_model, d_model),
-            },
-            f"{n} layers, d_model={d_model}, d_sae={d_sae}",
-        )
-        arrays = load_tensors(path, infos, keys, dtype, tail_start={"w_dec": i})
-        for key, value in arrays.items():
-            parts["w_skip" if key == "affine_skip_connection" else key].append(value)
-    kinds = {}
-    for end, default in (("in", "mlp_in"), ("out", "mlp_out")):
-        hook = config.get(f"hf_hook_point_{end}")
-        kinds[f"site_kind_{end}"] = site_from_hook(hook).split(".")[-1] if hook else default
-    meta = SaeMeta(
-        d_in=d_model,
-        d_sae=d_sae,
-        d_out=d_model,
-        source=label,
-        extra={**config, "n_layers": n, **kinds, **labels_from_folder(label)},
-    )
-    return CrossLayerTranscoder(w_skip=parts.pop("w_skip") or None, meta=meta, **parts)
