@@ -175,3 +175,15 @@ def test_bad_inputs_raise_clear_errors():
 def test_benchmark_runs_small():
     out = benchmark_update(n_features=64, k=3, window=2, batch=2, seq=8, steps=2)
     assert out["step_s"] > 0 and out["state_mb"] > 0
+
+
+def test_default_mask_is_the_token_mask():
+    """Without a mask, BOS (position 0 or the BOS id) and padding never count."""
+    tokens = np.array([[2, 5, 6, 7, 0, 0], [0, 2, 8, 2, 9, 4]], np.int32)  # right / left padded
+    latents = np.full((2, 6, 1), 1.0, np.float32)
+    latents[0, 0, 0] = latents[1, 1, 0] = latents[1, 3, 0] = 50.0  # BOS positions
+    latents[0, 4, 0] = latents[1, 0, 0] = 60.0  # padding
+    state = MaxActivatingExamples.create(1, k=2, window=1).update(tokens, latents)
+    assert int(state.n_tokens) == 3 + 3
+    assert float(state.max_activation[0]) == 1.0
+    assert int(state.fire_counts[0]) == 6

@@ -27,8 +27,7 @@ import numpy as np
 from penzai import pz
 from tqdm.auto import tqdm
 
-BOS_ID = 2
-PAD_ID = 0
+from gemma_scope_pz.scope.tokens import token_mask
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # holds numpy arrays
@@ -51,11 +50,6 @@ class Example:
     window_tokens: np.ndarray
     window_values: np.ndarray
     peak_index: int
-
-
-def default_mask(tokens: jax.Array) -> jax.Array:
-    """Valid-position mask used when none is given: every token but BOS and PAD."""
-    return (tokens != BOS_ID) & (tokens != PAD_ID)
 
 
 @pz.pytree_dataclass
@@ -145,7 +139,7 @@ class MaxActivatingExamples(pz.Struct):
           latents: float [B, T, n_features] activations (any float dtype), or a penzai
             NamedArray with axes "batch", "seq" and "latents".
           mask: bool [B, T], True at positions that count (BOS and padding False).
-            Defaults to `default_mask(tokens)`.
+            Defaults to `gemma_scope_pz.scope.tokens.token_mask(tokens)`.
           row_offset: global id of the batch's first row; rows get ``row_offset + b``.
         """
         latents = _as_positional_latents(latents)
@@ -163,7 +157,7 @@ class MaxActivatingExamples(pz.Struct):
             raise ValueError(
                 f"update: latents have {latents.shape[2]} features, state has {self.n_features}"
             )
-        mask = default_mask(tokens) if mask is None else jnp.asarray(mask)
+        mask = token_mask(tokens) if mask is None else jnp.asarray(mask)
         if mask.shape != tokens.shape:
             raise ValueError(f"update: mask shape {mask.shape} != tokens shape {tokens.shape}")
         return _update(
@@ -225,6 +219,49 @@ def _as_positional_latents(latents: Any) -> jax.Array:
     return jnp.asarray(latents)
 
 
+def _context_peaks(latents: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Peak position and value of every (context, feature), [B, F] each; -inf for masked rows.
+
+    One pass (argmax); the peak values are then gathered.
+    """
+    masked = jnp.where(mask[:, :, None], latents, -jnp.inf)
+    argmax = masked.argmax(axis=1).astype(jnp.int32)
+    peak = jnp.where(
+        jnp.take_along_axis(mask, argmax, axis=1),
+        jnp.take_along_axis(latents, argmax[:, None, :], axis=1)[:, 0],
+        -jnp.inf,
+    )
+    return argmax, peak
+
+
+def _windows(tokens, latents, mask, batch_row, peak_pos, half: int):
+    """Tokens and activations ±``half`` around each selected peak: [F, k, 2*half+1] each."""
+    seq, n_features = latents.shape[1], latents.shape[2]
+    offsets = jnp.arange(-half, half + 1, dtype=jnp.int32)
+    pos = peak_pos[:, :, None] + offsets  # [F, k, W]
+    in_row = (pos >= 0) & (pos < seq)
+    pos_c = jnp.clip(pos, 0, seq - 1)
+    b3 = batch_row[:, :, None]
+    feature_ids = jnp.arange(n_features, dtype=jnp.int32)[:, None, None]
+    new_tokens = jnp.where(in_row, tokens[b3, pos_c], -1)
+    new_values = jnp.where(in_row & mask[b3, pos_c], latents[b3, pos_c, feature_ids], 0.0)
+    return new_tokens, new_values
+
+
+def _firing_sums(latents, mask) -> tuple[jax.Array, jax.Array]:
+    """Per-feature count of counted tokens with activation > 0 and their activation sum.
+
+    Mask-weighted matrix-vector products (faster than masked reductions on CPU). HIGHEST
+    precision: no TF32 rounding on GPUs. Counts are exact while one batch has < 2**24 tokens.
+    """
+    batch, seq, n_features = latents.shape
+    flat = latents.reshape(batch * seq, n_features)
+    weights = mask.reshape(batch * seq).astype(jnp.float32)
+    highest = jax.lax.Precision.HIGHEST
+    counts = jnp.dot(weights, (flat > 0).astype(jnp.float32), precision=highest)
+    return counts, jnp.dot(weights, jnp.maximum(flat, 0.0), precision=highest)
+
+
 @jax.jit
 def _update(
     state: MaxActivatingExamples,
@@ -235,19 +272,9 @@ def _update(
 ) -> MaxActivatingExamples:
     """One streaming step (see `MaxActivatingExamples.update`)."""
     latents = latents.astype(jnp.float32)
-    batch, seq, n_features = latents.shape
+    batch = latents.shape[0]
     k = state.values.shape[1]
-    half = (state.window_tokens.shape[2] - 1) // 2
-
-    # Peak of every (context, feature): reduce over positions first.
-    # One pass (argmax); the peak values are then gathered, -inf for fully masked rows.
-    masked = jnp.where(mask[:, :, None], latents, -jnp.inf)
-    context_argmax = masked.argmax(axis=1).astype(jnp.int32)  # [B, F]
-    context_max = jnp.where(
-        jnp.take_along_axis(mask, context_argmax, axis=1),
-        jnp.take_along_axis(latents, context_argmax[:, None, :], axis=1)[:, 0],
-        -jnp.inf,
-    )  # [B, F]
+    context_argmax, context_max = _context_peaks(latents, mask)
 
     # Re-rank running top-k together with this batch's peaks, per feature.
     candidates = jnp.concatenate([state.values, context_max.T], axis=1)  # [F, k + B]
@@ -255,17 +282,9 @@ def _update(
     from_batch = top_index >= k
     batch_row = jnp.clip(top_index - k, 0, batch - 1)
     kept_slot = jnp.clip(top_index, 0, k - 1)
-
-    # Windows of the newly selected contexts, gathered from this batch.
     peak_pos = jnp.take_along_axis(context_argmax.T, batch_row, axis=1)  # [F, k]
-    offsets = jnp.arange(-half, half + 1, dtype=jnp.int32)
-    pos = peak_pos[:, :, None] + offsets  # [F, k, W]
-    in_row = (pos >= 0) & (pos < seq)
-    pos_c = jnp.clip(pos, 0, seq - 1)
-    b3 = batch_row[:, :, None]
-    feature_ids = jnp.arange(n_features, dtype=jnp.int32)[:, None, None]
-    new_tokens = jnp.where(in_row, tokens[b3, pos_c], -1)
-    new_values = jnp.where(in_row & mask[b3, pos_c], latents[b3, pos_c, feature_ids], 0.0)
+    half = (state.window_tokens.shape[2] - 1) // 2
+    new_tokens, new_values = _windows(tokens, latents, mask, batch_row, peak_pos, half)
 
     def pick(new, old):
         old = jnp.take_along_axis(
@@ -274,19 +293,10 @@ def _update(
         cond = from_batch.reshape(from_batch.shape + (1,) * (old.ndim - 2))
         return jnp.where(cond, new, old)
 
-    # Firing counters as mask-weighted matrix-vector products (faster than masked
-    # reductions on CPU). HIGHEST precision: no TF32 rounding on GPUs. Counts are
-    # exact while one batch has fewer than 2**24 tokens.
-    flat = latents.reshape(batch * seq, n_features)
-    weights = mask.reshape(batch * seq).astype(jnp.float32)
-    highest = jax.lax.Precision.HIGHEST
-    batch_counts = jnp.dot(weights, (flat > 0).astype(jnp.float32), precision=highest)
-    batch_sums = jnp.dot(weights, jnp.maximum(flat, 0.0), precision=highest)
+    batch_counts, batch_sums = _firing_sums(latents, mask)
     # Kahan summation keeps float32 sums accurate over long corpora.
     y = batch_sums - state.sums_compensation
     new_sums = state.activation_sums + y
-    compensation = (new_sums - state.activation_sums) - y
-
     return MaxActivatingExamples(
         values=top_values,
         rows=pick(row_offset + batch_row, state.rows),
@@ -295,7 +305,7 @@ def _update(
         window_values=pick(new_values, state.window_values),
         fire_counts=state.fire_counts + jnp.round(batch_counts).astype(jnp.int32),
         activation_sums=new_sums,
-        sums_compensation=compensation,
+        sums_compensation=(new_sums - state.activation_sums) - y,
         max_activation=jnp.maximum(state.max_activation, context_max.max(axis=0)),
         n_tokens=state.n_tokens + mask.sum(dtype=jnp.int32),
         n_rows=state.n_rows + batch,
