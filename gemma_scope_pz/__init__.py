@@ -53,6 +53,8 @@ _EXPORTS = {
     "evaluate_sae": "gemma_scope_pz.scope.evaluate",
     "top_features": "gemma_scope_pz.scope.evaluate",
     "latent_encoder": "gemma_scope_pz.scope.evaluate",
+    "latents": "gemma_scope_pz.scope.evaluate",
+    "token_losses": "gemma_scope_pz.scope.evaluate",
     "logit_lens": "gemma_scope_pz.scope.lens",
     "display_tokens": "gemma_scope_pz.analysis.html",
     "highlight_tokens": "gemma_scope_pz.analysis.html",
@@ -60,7 +62,7 @@ _EXPORTS = {
     "load_corpus": "gemma_scope_pz.data.corpus",
     "pack_contexts": "gemma_scope_pz.data.packing",
     "corpus_contexts": "gemma_scope_pz.data.packing",
-    "token_mask": "gemma_scope_pz.data.packing:real_token_mask",
+    "token_mask": "gemma_scope_pz.scope.tokens",
     # training and export
     "TrainConfig": "gemma_scope_pz.train.config",
     "harvest_array": "gemma_scope_pz.train.harvest",
@@ -77,6 +79,9 @@ _EXPORTS = {
     "feature_stats": "gemma_scope_pz.analysis.stats:FeatureStats.from_examples",
     "feature_card_html": "gemma_scope_pz.analysis.cards",
     "write_cards": "gemma_scope_pz.analysis.cards:write_feature_cards",
+    "token_loss_svg": "gemma_scope_pz.analysis.plots",
+    "activation_svg": "gemma_scope_pz.analysis.plots",
+    "density_histogram_svg": "gemma_scope_pz.analysis.plots",
     # the offline dictionaries trained by the tour's settings
     "offline_dictionaries": "gemma_scope_pz.app.tour",
 }
