@@ -6,6 +6,7 @@ import pytest
 from gemma_scope_pz.data.corpus import Corpus
 from gemma_scope_pz.data.packing import batch_contexts, pack_contexts, real_token_mask
 from gemma_scope_pz.models.config import Gemma3Config
+from gemma_scope_pz.models.fingerprint import weights_fingerprint
 from gemma_scope_pz.models.gemma3 import Gemma3LM, random_params
 from gemma_scope_pz.scope.interventions import capture
 from gemma_scope_pz.train.harvest import HarvestInfo, harvest, harvest_array
@@ -135,6 +136,8 @@ def test_harvest_n_tokens_start_row_and_dtype(model_and_params):
     assert header["model_name"] == "tiny-test" and header["sites"] == [site]
     assert header["widths"] == [32] and header["context_length"] == CONTEXT_LEN
     assert header["corpus"] == f"texts@{Corpus.from_texts(docs).fingerprint}"
+    assert header["model_fingerprint"] == weights_fingerprint(model)
+    assert header["add_bos"] is True and header["tail"] == "pad"
 
 
 def test_harvest_runs_out_with_warning(model_and_params):

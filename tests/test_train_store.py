@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from gemma_scope_pz.train.sources import ArraySource, batch_indices
-from gemma_scope_pz.train.store import ActivationCache, ShuffleBuffer
+from gemma_scope_pz.train.sources import ArraySource, ShuffleBuffer, batch_indices
+from gemma_scope_pz.train.store import ActivationCache
 
 HEADER = dict(
     model_name="gemma3-270m",
@@ -35,17 +35,23 @@ def test_cache_write_read_and_crash_resume(tmp_path):
     cache = ActivationCache.create_or_resume(path, **HEADER)
     cache.append(_rows(0, 10))
     cache.append(_rows(10, 6))
-    # simulate a crash while writing shard 2: a temp file and an unlisted shard file remain
-    np.save(path / "shard_000002.s0.npy.tmp.999.npy", _rows(16, 3))
+    # the state a writer killed while writing shard 2 leaves: the shard's names recorded as pending,
+    # a finished file and a temp file; then its lock dies with it
+    cache._write_manifest(pending=["shard_000002.s0.npy"])
     np.save(path / "shard_000002.s0.npy", _rows(16, 3))
+    (path / "shard_000002.s0.npy.tmp").write_bytes(b"partial")
+    cache.close()
     resumed = ActivationCache.create_or_resume(path, **HEADER)
     assert resumed.n_rows == 16
     assert sorted(os.listdir(path)) == [
+        ".lock",
         "manifest.json",
         "shard_000000.s0.npy",
         "shard_000001.s0.npy",
     ]
+    assert json.loads((path / "manifest.json").read_text())["pending"] == []
     resumed.append(_rows(resumed.n_rows, 9))  # the harvester restarts at row n_rows
+    resumed.close()
     reader = ActivationCache.open(path)
     assert reader.n_rows == 25
     (everything,) = reader.read_rows(np.arange(25))
@@ -61,19 +67,41 @@ def test_cache_write_read_and_crash_resume(tmp_path):
 
 
 def test_cache_refuses_other_site_or_model(tmp_path):
-    ActivationCache.create_or_resume(tmp_path, **HEADER).append(_rows(0, 4))
+    with ActivationCache.create_or_resume(tmp_path, **HEADER) as cache:
+        cache.append(_rows(0, 4))
     with pytest.raises(ValueError, match=r"blocks\.3\.resid_post.*blocks\.5\.mlp_out"):
         ActivationCache.create_or_resume(tmp_path, **{**HEADER, "sites": ["blocks.5.mlp_out"]})
     with pytest.raises(ValueError, match="gemma3-270m.*gemma3-1b"):
         ActivationCache.create_or_resume(tmp_path, **{**HEADER, "model_name": "gemma3-1b"})
-    with pytest.raises(ValueError, match=r"shape \(4, 3\)"):
-        ActivationCache.create_or_resume(tmp_path, **HEADER).append(np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="tail='pad'.*tail='drop'"):
+        ActivationCache.create_or_resume(tmp_path, **{**HEADER, "tail": "drop"})
+    with ActivationCache.create_or_resume(tmp_path, **HEADER) as cache:
+        with pytest.raises(ValueError, match=r"shape \(4, 3\)"):
+            cache.append(np.zeros((4, 3)))
+    with pytest.raises(RuntimeError, match="not open for writing"):
+        ActivationCache.open(tmp_path).append(_rows(0, 4))
+
+
+def test_cache_identity_is_the_weights_fingerprint_not_the_name(tmp_path):
+    keyed = {**HEADER, "model_fingerprint": "0123456789abcdef"}
+    with ActivationCache.create_or_resume(tmp_path, **keyed) as cache:
+        cache.append(_rows(0, 4))
+    # the same weights under another name: the same data
+    with ActivationCache.create_or_resume(tmp_path, **{**keyed, "model_name": "renamed"}) as again:
+        assert again.n_rows == 4
+    with pytest.raises(
+        ValueError, match="model_fingerprint='0123456789abcdef'.*'fedcba9876543210'"
+    ):
+        ActivationCache.create_or_resume(
+            tmp_path, **{**keyed, "model_fingerprint": "fedcba9876543210"}
+        )
 
 
 def test_two_site_cache_gives_pairs(tmp_path):
     header = {**HEADER, "sites": ["blocks.1.mlp_in", "blocks.1.mlp_out"], "widths": [4, 2]}
     cache = ActivationCache.create_or_resume(tmp_path, **header)
     cache.append(_rows(0, 5), _rows(100, 5, width=2))
+    cache.close()
     x_in, x_out = cache.batches(4, seed=0).batch_at(2)
     np.testing.assert_array_equal(x_out[:, 0] - 100, x_in[:, 0])
     # a subset of sites, in the order asked for, gives the same rows

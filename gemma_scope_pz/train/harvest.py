@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from gemma_scope_pz.data import packing
 from gemma_scope_pz.data.corpus import Corpus, as_corpus
+from gemma_scope_pz.models.fingerprint import weights_fingerprint
 from gemma_scope_pz.scope.interventions import capture
 from gemma_scope_pz.scope.sites import Site
 
@@ -37,7 +38,7 @@ class HarvestInfo:
     """Provenance of harvested activations, for a store's header.
 
     Attributes:
-      model_name: The model's name (its config name unless given).
+      model_name: The model's name (its config name unless given), for people to read.
       sites: Site names, in the order of the yielded arrays.
       widths: Width of each site.
       corpus_name: ``Corpus.name``.
@@ -47,6 +48,8 @@ class HarvestInfo:
       dtype: Dtype of the yielded rows.
       add_bos: Whether contexts start with BOS.
       tail: How document tails were handled ("pad" or "drop").
+      model_fingerprint: ``models.fingerprint.weights_fingerprint`` of the model: the identity of
+        the weights, which a cache of these rows is keyed by.
     """
 
     model_name: str
@@ -59,6 +62,7 @@ class HarvestInfo:
     dtype: str = "float32"
     add_bos: bool = True
     tail: str = "pad"
+    model_fingerprint: str = ""
 
     @property
     def corpus(self) -> str:
@@ -79,6 +83,9 @@ class HarvestInfo:
             "dtype": self.dtype,
             "corpus": self.corpus,
             "context_length": self.context_len,
+            "model_fingerprint": self.model_fingerprint,
+            "add_bos": self.add_bos,
+            "tail": self.tail,
         }
 
 
@@ -108,6 +115,7 @@ def harvest_info(
         dtype=np.dtype(dtype).name,
         add_bos=add_bos,
         tail=tail,
+        model_fingerprint=weights_fingerprint(model),
     )
 
 

@@ -15,9 +15,9 @@ import shutil
 
 import numpy as np
 
+from gemma_scope_pz.data.corpus import Corpus, load_corpus
 from gemma_scope_pz.scope.sites import Site
 from gemma_scope_pz.train.config import TrainConfig
-from gemma_scope_pz.data.corpus import Corpus, load_corpus
 from gemma_scope_pz.train.harvest import harvest, harvest_info
 from gemma_scope_pz.train.store import ActivationCache
 
@@ -52,28 +52,39 @@ def harvest_to_cache(
     """Fills (or resumes) an on-disk activation cache with ``n_tokens`` rows per site.
 
     One forward pass serves all ``sites`` (e.g. a resid_post SAE site plus an mlp_in/mlp_out pair).
-    A cache written for another model, site list or corpus is refused with both named.
+    A cache written for other weights, sites, corpus or harvest settings is refused with both
+    named; so is a second process filling the same cache at once (naming the holder's pid).
     """
     corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
     info = harvest_info(
         model, corpus, sites, n_tokens=n_tokens, context_len=context_len, model_name=model_name
     )
-    cache = ActivationCache.create_or_resume(path, **info.store_header())
-    if cache.n_rows >= n_tokens:
-        return cache
+    # the writer's lock is held while filling; a second process on this cache is refused
+    with ActivationCache.create_or_resume(path, **info.store_header()) as cache:
+        if cache.n_rows < n_tokens:
+            stream = harvest(
+                model,
+                tokenizer,
+                corpus,
+                sites,
+                n_tokens=n_tokens,
+                context_len=context_len,
+                batch_size=batch_size,
+                start_row=cache.n_rows,
+                progress=progress,
+            )
+            _fill_cache(cache, stream, sites, shard_rows)
+    if cache.n_rows == 0:
+        raise ValueError(
+            f"Corpus {corpus.name!r} produced no tokens for the activation cache {path}"
+        )
+    return cache
+
+
+def _fill_cache(cache: ActivationCache, stream, sites: list[str], shard_rows: int) -> None:
+    """Appends harvested rows to ``cache`` in shards of at least ``shard_rows`` rows."""
     pending: dict[str, list[np.ndarray]] = {s: [] for s in sites}
     pending_rows = 0
-    stream = harvest(
-        model,
-        tokenizer,
-        corpus,
-        sites,
-        n_tokens=n_tokens,
-        context_len=context_len,
-        batch_size=batch_size,
-        start_row=cache.n_rows,
-        progress=progress,
-    )
     for rows in stream:
         for site in sites:
             pending[site].append(rows[site])
@@ -83,17 +94,14 @@ def harvest_to_cache(
             pending, pending_rows = {s: [] for s in sites}, 0
     if pending_rows:
         cache.append(*(np.concatenate(pending[s]) for s in sites))
-    if cache.n_rows == 0:
-        raise ValueError(
-            f"Corpus {corpus.name!r} produced no tokens for the activation cache {path}"
-        )
-    return cache
 
 
 def cache_batches(cache: ActivationCache, config: TrainConfig):
     """The trainer's data source for ``config`` from a cache holding its site(s)."""
     wanted = [config.sae.site_in] + (
-        [config.sae.site_out] if config.sae.site_out and config.sae.site_out != config.sae.site_in else []
+        [config.sae.site_out]
+        if config.sae.site_out and config.sae.site_out != config.sae.site_in
+        else []
     )
     return cache.batches(config.run.batch_size, seed=config.run.seed, sites=wanted)
 
@@ -127,7 +135,7 @@ def train_dictionary(
     with ``reuse`` a finished export is loaded instead of training again. With ``saelens`` the
     SAELens format is written to ``out_dir/saelens`` too.
     """
-    from gemma_scope_pz.scope.checkpoints import load_sae
+    from gemma_scope_pz.scope.formats import load_sae
     from gemma_scope_pz.train.export import export_gemma_scope_2
     from gemma_scope_pz.train.trainer import train
 

@@ -10,6 +10,8 @@ uninterrupted run would have seen. Anything with a ``batch_at(step)`` method is 
     source = as_source(iter(batches), replay=4)             # a stream (exact only if it replays)
     source = cache.batches(4096, seed=0)                    # an ActivationCache (train/store.py)
 
+``ShuffleBuffer`` mixes a stream of activation rows into batches (not addressable by step).
+
 Batches of epoch ``e`` follow a permutation of all rows drawn from ``np.random.default_rng([seed, e])``
 (``batch_indices``); a batch that crosses an epoch boundary takes the tail of one permutation and the
 head of the next. Array and cache sources share this rule, so both give the same batches for the same
@@ -19,7 +21,7 @@ rows.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -189,3 +191,49 @@ def _as_arrays(data: Any) -> tuple | None:
     if isinstance(data, tuple) and len(data) == 2 and all(hasattr(a, "shape") for a in data):
         return data
     return None
+
+
+# --------------------------------------------------------------------------- streams
+class ShuffleBuffer:
+    """Mixes a stream of activation batches through an in-memory buffer of ``capacity`` rows.
+
+    Each output batch takes ``batch_size`` uniformly random rows of the buffer and refills
+    their slots with the next incoming rows, so tokens of one document are spread over many
+    batches. Deterministic given the seed and the input stream (but not random-access: use
+    :class:`ActivationCache` for exactly resumable training).
+    """
+
+    def __init__(
+        self, source: Iterator[np.ndarray], *, capacity: int, batch_size: int, seed: int = 0
+    ):
+        if capacity < batch_size:
+            raise ValueError(f"ShuffleBuffer: capacity {capacity} < batch_size {batch_size}")
+        self.source, self.capacity, self.batch_size = iter(source), capacity, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.buffer: np.ndarray | None = None
+        self.pending = np.zeros((0, 0), np.float32)
+        self.filled = 0
+
+    def _take(self, n: int) -> np.ndarray | None:
+        while self.pending.shape[0] < n:
+            try:
+                nxt = np.asarray(next(self.source))
+            except StopIteration:
+                return None
+            self.pending = nxt if self.pending.size == 0 else np.concatenate([self.pending, nxt])
+        rows, self.pending = self.pending[:n], self.pending[n:]
+        return rows
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        first = self._take(self.capacity)
+        if first is None:
+            raise ValueError(f"ShuffleBuffer: the source has fewer than {self.capacity} rows")
+        self.buffer = first.copy()
+        while True:
+            slots = self.rng.choice(self.capacity, self.batch_size, replace=False)
+            batch = self.buffer[slots].copy()
+            refill = self._take(self.batch_size)
+            yield batch
+            if refill is None:
+                return
+            self.buffer[slots] = refill

@@ -1,108 +1,93 @@
-"""Activation stores: an on-disk shard cache served by step, and a shuffle buffer for streams.
+"""The on-disk activation cache: shards of harvested rows, served to the trainer by step.
 
 ``ActivationCache.batches(batch_size, seed)`` is a ``BatchSource`` (see ``train/sources.py``): batch
 ``step`` is the same rows whenever it is asked for, so a resumed run replays an uninterrupted one.
 
-On-disk cache layout (``ActivationCache``)::
+Layout::
 
-    cache_dir/manifest.json            header + list of complete shards (atomically rewritten)
-    cache_dir/shard_000000.s0.npy      rows of site 0 (written to a temp name, then os.replace)
+    cache_dir/manifest.json            header + complete shards + pending files (atomically rewritten)
+    cache_dir/.lock                    the writer's lock (``io.FileLock``: holds the writer's pid)
+    cache_dir/shard_000000.s0.npy      rows of site 0 (written as ``….tmp``, then renamed)
     cache_dir/shard_000000.s1.npy      rows of site 1 (transcoder targets), if any
 
-A shard is complete once it is listed in the manifest; after a crash, temp files and shard
-files missing from the manifest are removed, and appending continues at row ``n_rows`` (so a
-harvester that restarts from ``cache.n_rows`` leaves no duplicates or gaps).
+One writer at a time: a second one is refused with the holder's pid. A shard is complete once it
+is listed in the manifest; its file names are recorded as pending before it is written, so after a
+crash the next writer removes exactly those files (never any other file in the folder) and
+appending continues at row ``n_rows`` (a harvester that restarts from ``cache.n_rows`` leaves no
+duplicates or gaps). The header says what the rows are: the model's weights fingerprint, sites,
+corpus and harvest settings (``IDENTITY_KEYS``); a cache holding other data is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from gemma_scope_pz.io import write_atomically
+from gemma_scope_pz.io import FileLock, write_atomically
 from gemma_scope_pz.train.sources import batch_indices
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 FORMAT = "gemma_scope_pz.activation_cache"
-_HEADER_KEYS = (
-    "model_name",
+# Header keys that must match for a cache to be resumed: what the rows are. ``model_name`` is only
+# compared when no weights fingerprint is given.
+IDENTITY_KEYS = (
+    "model_fingerprint",
     "sites",
     "widths",
     "dtype",
     "normalization",
     "corpus",
     "context_length",
+    "add_bos",
+    "tail",
 )
+_SHARD_NAME = re.compile(r"shard_\d{6}\.s\d+\.npy")
+_TMP = ".tmp"
 
 
-# --------------------------------------------------------------------------- shuffle buffer
-class ShuffleBuffer:
-    """Mixes a stream of activation batches through an in-memory buffer of ``capacity`` rows.
-
-    Each output batch takes ``batch_size`` uniformly random rows of the buffer and refills
-    their slots with the next incoming rows, so tokens of one document are spread over many
-    batches. Deterministic given the seed and the input stream (but not random-access: use
-    :class:`ActivationCache` for exactly resumable training).
-    """
-
-    def __init__(
-        self, source: Iterator[np.ndarray], *, capacity: int, batch_size: int, seed: int = 0
-    ):
-        if capacity < batch_size:
-            raise ValueError(f"ShuffleBuffer: capacity {capacity} < batch_size {batch_size}")
-        self.source, self.capacity, self.batch_size = iter(source), capacity, batch_size
-        self.rng = np.random.default_rng(seed)
-        self.buffer: np.ndarray | None = None
-        self.pending = np.zeros((0, 0), np.float32)
-        self.filled = 0
-
-    def _take(self, n: int) -> np.ndarray | None:
-        while self.pending.shape[0] < n:
-            try:
-                nxt = np.asarray(next(self.source))
-            except StopIteration:
-                return None
-            self.pending = nxt if self.pending.size == 0 else np.concatenate([self.pending, nxt])
-        rows, self.pending = self.pending[:n], self.pending[n:]
-        return rows
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        first = self._take(self.capacity)
-        if first is None:
-            raise ValueError(f"ShuffleBuffer: the source has fewer than {self.capacity} rows")
-        self.buffer = first.copy()
-        while True:
-            slots = self.rng.choice(self.capacity, self.batch_size, replace=False)
-            batch = self.buffer[slots].copy()
-            refill = self._take(self.batch_size)
-            yield batch
-            if refill is None:
-                return
-            self.buffer[slots] = refill
+def _save_npy(path: str, array: np.ndarray) -> None:
+    """Writes ``path + ".tmp"`` then renames it; a full disk is one clear ``OSError``."""
+    tmp = path + _TMP
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"no space left on device while writing {path}") from e
+        raise
 
 
 # --------------------------------------------------------------------------- on-disk cache
-def _atomic_json(path: str, obj: Any) -> None:
-    write_atomically(path, json.dumps(obj, indent=1))
-
-
 class ActivationCache:
     """A directory of ``.npy`` activation shards plus a manifest (see the module docstring).
 
+    A cache opened with ``create_or_resume`` is a writer: it holds the folder's lock until
+    ``close()`` (or the end of a ``with`` block, or of the process). ``open`` gives a reader.
+
     Attributes:
       path: The cache directory.
-      header: ``model_name``, ``sites`` (list), ``widths`` (list, one per site), ``dtype``,
-        ``normalization``, ``corpus``, ``context_length``.
+      header: What the rows are (see ``IDENTITY_KEYS``) plus ``model_name`` for messages.
       shards: List of ``{"name": str, "rows": int}`` of complete shards.
     """
 
     def __init__(self, path: str | os.PathLike, header: dict[str, Any], shards: list[dict]):
         self.path, self.header, self.shards = os.fspath(path), header, shards
         self._mmaps: dict[tuple[int, int], np.ndarray] = {}
+        self._lock: FileLock | None = None
+        self._pending: list[str] = []
 
     # ------------------------------------------------------------ create / open / resume
     @classmethod
@@ -117,68 +102,122 @@ class ActivationCache:
         normalization: str = "none",
         corpus: str = "",
         context_length: int = 0,
+        model_fingerprint: str = "",
+        add_bos: bool = True,
+        tail: str = "pad",
     ) -> ActivationCache:
-        """Opens a cache for appending, creating it or resuming after a crash.
+        """Opens a cache for appending (a writer), creating it or resuming after a crash.
+
+        ``model_fingerprint`` (``models.fingerprint.weights_fingerprint``) identifies the weights;
+        without one, the ``model_name`` stands in for it.
 
         Raises:
-          ValueError: if an existing cache was written for another model, site(s) or shape
-            (the message names both).
+          LockHeld: if another process is writing this cache (the message names its pid).
+          ValueError: if an existing cache holds other data (another model's weights, site(s),
+            corpus, shape or harvest settings: the message names the differing key and both
+            values), or the folder holds shard files that no manifest lists.
         """
         path = os.fspath(path)
         header = {
             "model_name": model_name,
+            "model_fingerprint": model_fingerprint,
             "sites": list(sites),
             "widths": [int(w) for w in widths],
             "dtype": str(np.dtype(dtype)),
             "normalization": normalization,
             "corpus": corpus,
             "context_length": int(context_length),
+            "add_bos": bool(add_bos),
+            "tail": tail,
         }
         if len(header["sites"]) != len(header["widths"]):
             raise ValueError(f"ActivationCache {path}: {len(sites)} sites but {len(widths)} widths")
         os.makedirs(path, exist_ok=True)
+        lock = FileLock(os.path.join(path, LOCK), what="activation cache")
+        lock.acquire()
+        try:
+            cache = cls._create_or_check(path, header)
+            cache._lock = lock
+            cache._remove_unfinished()
+        except BaseException:
+            lock.release()
+            raise
+        return cache
+
+    @classmethod
+    def _create_or_check(cls, path: str, header: dict[str, Any]) -> ActivationCache:
         if not os.path.exists(os.path.join(path, MANIFEST)):
+            foreign = sorted(n for n in os.listdir(path) if _SHARD_NAME.fullmatch(n))
+            if foreign:
+                raise ValueError(
+                    f"ActivationCache {path}: the folder holds {foreign[0]} but no {MANIFEST}: "
+                    "files this package did not write; choose an empty folder"
+                )
             cache = cls(path, header, [])
             cache._write_manifest()
-        else:
-            cache = cls.open(path)
-            for key in _HEADER_KEYS:
-                if cache.header.get(key) != header[key]:
-                    raise ValueError(
-                        f"ActivationCache {path}: existing cache has {key}={cache.header.get(key)!r} "
-                        f"(model {cache.header.get('model_name')!r}, sites {cache.header.get('sites')}) "
-                        f"but {key}={header[key]!r} was requested (model {model_name!r}, "
-                        f"sites {list(sites)})"
-                    )
-        cache._remove_strays()
+            return cache
+        cache = cls.open(path)
+        keys = IDENTITY_KEYS + (() if header["model_fingerprint"] else ("model_name",))
+        for key in keys:
+            if cache.header.get(key) != header[key]:
+                raise ValueError(
+                    f"ActivationCache {path}: existing cache has {key}={cache.header.get(key)!r} "
+                    f"(model {cache.header.get('model_name')!r}, sites {cache.header.get('sites')}) "
+                    f"but {key}={header[key]!r} was requested (model {header['model_name']!r}, "
+                    f"sites {header['sites']}); use another folder or delete this one"
+                )
         return cache
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> ActivationCache:
-        """Opens an existing cache for reading."""
+        """Opens an existing cache for reading (no lock: complete shards are never changed)."""
         path = os.fspath(path)
         manifest_path = os.path.join(path, MANIFEST)
         if not os.path.exists(manifest_path):
             raise FileNotFoundError(f"ActivationCache: no {MANIFEST} in {path}")
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        if manifest.get("format") != FORMAT:
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"ActivationCache: {manifest_path} is not valid JSON ({e})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError(f"ActivationCache: {manifest_path} is not a {FORMAT} manifest")
-        return cls(path, manifest["header"], list(manifest["shards"]))
+        cache = cls(path, manifest["header"], list(manifest["shards"]))
+        cache._pending = list(manifest.get("pending", []))
+        return cache
 
-    def _write_manifest(self) -> None:
-        _atomic_json(
-            os.path.join(self.path, MANIFEST),
-            {"format": FORMAT, "version": 1, "header": self.header, "shards": self.shards},
-        )
+    def close(self) -> None:
+        """Releases the writer's lock (a reader: nothing to do); the cache stays readable."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
-    def _remove_strays(self) -> None:
-        listed = {self._file(i, s) for i in range(len(self.shards)) for s in range(self.n_sites)}
-        for name in os.listdir(self.path):
-            if name == MANIFEST:
-                continue
-            if ".tmp" in name or (name.startswith("shard_") and name not in listed):
-                os.remove(os.path.join(self.path, name))
+    def __enter__(self) -> ActivationCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _write_manifest(self, pending: Sequence[str] = ()) -> None:
+        manifest = {
+            "format": FORMAT,
+            "version": 2,
+            "header": self.header,
+            "shards": self.shards,
+            "pending": list(pending),
+        }
+        write_atomically(os.path.join(self.path, MANIFEST), json.dumps(manifest, indent=1))
+
+    def _remove_unfinished(self) -> None:
+        """Removes the files of a shard whose writer died (listed as pending), and only those."""
+        pending = self._pending
+        for name in pending:
+            for stray in (name, name + _TMP):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.path, stray))
+        if pending:
+            self._write_manifest()
+        self._pending = []
 
     # ------------------------------------------------------------ writing
     @property
@@ -194,13 +233,56 @@ class ActivationCache:
         return f"shard_{shard:06d}.s{site}.npy"
 
     def append(self, *arrays: np.ndarray) -> None:
-        """Writes one shard (one ``[n, width]`` array per site) and records it in the manifest."""
+        """Writes one shard (one ``[n, width]`` array per site) and records it in the manifest.
+
+        The shard's file names are recorded as pending before any is written, so a writer that
+        dies mid-shard leaves only files the next writer knows to remove. On an error (a full disk:
+        ``OSError`` "no space left on device while writing FILE") this shard's files are removed
+        and the cache stays as it was.
+
+        Raises:
+          RuntimeError: if this cache was opened for reading or closed.
+          FileExistsError: if a file of the new shard exists though no manifest lists it.
+          ValueError: for a wrong number of arrays or a wrong shape (naming the site).
+        """
+        if self._lock is None:
+            raise RuntimeError(
+                f"ActivationCache {self.path}: not open for writing (use create_or_resume)"
+            )
+        arrays = self._checked(arrays)
+        index = len(self.shards)
+        names = [self._file(index, site) for site in range(self.n_sites)]
+        for name in names:
+            if os.path.exists(os.path.join(self.path, name)):
+                raise FileExistsError(
+                    f"ActivationCache {self.path}: {name} exists but no manifest lists it; "
+                    "not overwriting a file this cache did not write"
+                )
+        self._write_manifest(pending=names)
+        entry = {"name": f"shard_{index:06d}", "rows": int(arrays[0].shape[0])}
+        try:
+            for name, array in zip(names, arrays, strict=True):
+                _save_npy(os.path.join(self.path, name), array)
+            self.shards.append(entry)
+            self._write_manifest()
+        except BaseException:
+            if self.shards and self.shards[-1] is entry:
+                self.shards.pop()
+            for name in names:
+                for stray in (name, name + _TMP):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(self.path, stray))
+            with contextlib.suppress(OSError):
+                self._write_manifest()  # pending cleared; if this fails too, the next writer clears it
+            raise
+
+    def _checked(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         if len(arrays) != self.n_sites:
             raise ValueError(
                 f"ActivationCache.append: expected {self.n_sites} arrays, got {len(arrays)}"
             )
-        n = arrays[0].shape[0]
-        index = len(self.shards)
+        n = np.shape(arrays[0])[0]
+        out = []
         for site, (array, width) in enumerate(zip(arrays, self.header["widths"], strict=True)):
             array = np.ascontiguousarray(array, dtype=self.header["dtype"])
             if array.shape != (n, width):
@@ -208,12 +290,8 @@ class ActivationCache:
                     f"ActivationCache.append: site {self.header['sites'][site]!r} array has shape "
                     f"{array.shape}, expected ({n}, {width})"
                 )
-            final = os.path.join(self.path, self._file(index, site))
-            tmp = f"{final}.tmp.{os.getpid()}.npy"
-            np.save(tmp, array, allow_pickle=False)
-            os.replace(tmp, final)
-        self.shards.append({"name": f"shard_{index:06d}", "rows": int(n)})
-        self._write_manifest()
+            out.append(array)
+        return out
 
     # ------------------------------------------------------------ reading
     def _mmap(self, shard: int, site: int) -> np.ndarray:
