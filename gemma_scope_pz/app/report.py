@@ -49,6 +49,18 @@ def _metrics_table(rows: dict[str, dict]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _loss_plot(losses: dict | None) -> str:
+    """Per-token loss, clean vs SAE spliced in, from ``{"tokens", "clean", "spliced"}`` if given."""
+    if not losses:
+        return ""
+    return "<h3>Per-token loss with the SAE spliced in</h3>" + gs.token_loss_svg(
+        losses["tokens"],
+        losses["clean"],
+        losses["spliced"],
+        title="Per-token loss: clean vs spliced",
+    )
+
+
 def write_report(
     out_dir: str | os.PathLike,
     *,
@@ -94,6 +106,10 @@ def write_report(
         gs.highlight_tokens(
             list(sentence_tokens), values, title=f"activation of feature #{strongest}"
         ),
+        gs.activation_svg(
+            list(sentence_tokens), values, title=f"Feature #{strongest} along the sentence"
+        ),
+        _loss_plot(summary.get("token_losses")),
         "<h3>Logit lens</h3><p>Promotes: "
         + " ".join(f"<code>{_e(t)}</code>" for t, _ in lens_s["top"])
         + "</p><p>Suppresses: "
