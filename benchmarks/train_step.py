@@ -27,7 +27,13 @@ import numpy as np
 
 from gemma_scope_pz.train import objectives
 from gemma_scope_pz.train import step as step_lib
-from gemma_scope_pz.train.config import TrainConfig
+from gemma_scope_pz.train.config import (
+    DictionaryConfig,
+    LossConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+)
 
 
 def _matmul_timer(batch: int, d_in: int, d_sae: int):
@@ -50,7 +56,7 @@ def step_rate(config: TrainConfig, repeats: int, matmul_time) -> dict:
     """Times the train step; each timed step sits between two timed matmuls (the machine may
     be shared, so rates are compared pairwise)."""
     params = objectives.init_params(config, jax.random.PRNGKey(0))
-    zeros = np.zeros(config.d_in, np.float32)
+    zeros = np.zeros(config.sae.d_in, np.float32)
     norm = {
         "in_shift": zeros,
         "in_scale": np.float32(1),
@@ -59,7 +65,9 @@ def step_rate(config: TrainConfig, repeats: int, matmul_time) -> dict:
     }
     state = step_lib.init_state(config, params, norm)
     step_fn = jax.jit(step_lib.make_train_step(config), donate_argnums=(0,))
-    x = jax.random.normal(jax.random.PRNGKey(1), (config.batch_size, config.d_in), jnp.float32)
+    x = jax.random.normal(
+        jax.random.PRNGKey(1), (config.run.batch_size, config.sae.d_in), jnp.float32
+    )
     box = {"state": state}
 
     def run() -> float:
@@ -74,13 +82,13 @@ def step_rate(config: TrainConfig, repeats: int, matmul_time) -> dict:
         before = matmul_time()
         steps.append(run())
         matmuls.append((before + matmul_time()) / 2)
-    flops = 6 * config.batch_size * config.d_in * config.d_sae
-    matmul_flops = 2 * config.batch_size * config.d_in * config.d_sae
+    flops = 6 * config.run.batch_size * config.sae.d_in * config.sae.d_sae
+    matmul_flops = 2 * config.run.batch_size * config.sae.d_in * config.sae.d_sae
     seconds, matmul_s = float(np.median(steps)), float(np.median(matmuls))
     return {
         "seconds_per_step": seconds,
         "compile_and_first_step_s": compile_s,
-        "tokens_per_s": config.batch_size / seconds,
+        "tokens_per_s": config.run.batch_size / seconds,
         "flops_per_s": flops / seconds,
         "matmul_flops_per_s": matmul_flops / matmul_s,
         "fraction_of_matmul": float(
@@ -113,20 +121,15 @@ def main() -> None:
     for arch in args.archs.split(","):
         variants.append((arch, {}))
         if arch == "topk":
-            variants.append(("topk_sparse", {"sparse_topk": True}))
+            variants.append(("topk_sparse", {"sae.sparse_topk": True}))
     for name, extra in variants:
         arch = "topk" if name.startswith("topk") else name
         config = TrainConfig(
-            d_in=d_in,
-            d_sae=d_sae,
-            architecture=arch,
-            k=k,
-            batch_size=batch,
-            total_steps=1000,
-            dtype=args.dtype,
-            dead_window_tokens=batch * 2,
-            **extra,
+            sae=DictionaryConfig(d_in=d_in, d_sae=d_sae, architecture=arch, k=k),
+            loss=LossConfig(dead_window_tokens=batch * 2),
+            run=RunConfig(batch_size=batch, total_steps=1000, dtype=args.dtype),
         )
+        config = apply_overrides(config, extra)
         report["steps"][name] = step_rate(config, args.steps, matmul_time)
     print(json.dumps(report, indent=2))
 

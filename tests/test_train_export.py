@@ -11,26 +11,28 @@ from gemma_scope_pz.train.export import export_gemma_scope_2, export_saelens, hf
 from gemma_scope_pz.train.trainer import train
 
 
-def _train(**kw):
+def _train(**sections):
+    """Trains the tests' base config with fields changed per section: ``_train(sae=dict(k=8))``."""
     rng = np.random.default_rng(0)
     base = dict(
-        d_in=8,
-        d_sae=32,
-        architecture="jumprelu",
-        batch_size=32,
-        total_steps=4,
-        warmup_steps=1,
-        progress_bar=False,
-        norm_estimation_batches=2,
-        log_every=2,
-        model_name="gemma3-270m",
-        site_in="blocks.4.resid_post",
+        sae=dict(
+            d_in=8,
+            d_sae=32,
+            architecture="jumprelu",
+            norm_estimation_batches=2,
+            site_in="blocks.4.resid_post",
+        ),
+        optim=dict(warmup_steps=1),
+        run=dict(
+            batch_size=32, total_steps=4, progress_bar=False, log_every=2, model_name="gemma3-270m"
+        ),
     )
-    base.update(kw)
-    cfg = TrainConfig(**base)
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    cfg = TrainConfig.from_dict(base)
     x_in = (rng.normal(size=(256, 8)) * 5 + 1).astype(np.float32)
-    if cfg.is_transcoder:
-        return train(cfg, (x_in, rng.normal(size=(256, cfg.out_dim)).astype(np.float32)))
+    if cfg.sae.is_transcoder:
+        return train(cfg, (x_in, rng.normal(size=(256, cfg.sae.out_dim)).astype(np.float32)))
     return train(cfg, x_in)
 
 
@@ -58,7 +60,7 @@ def test_gemma_scope_2_sae_export(tmp_path):
 
 def test_gemma_scope_2_transcoder_and_saelens_export(tmp_path):
     result = _train(
-        d_out=6, affine_skip=True, site_in="blocks.2.mlp_in", site_out="blocks.2.mlp_out"
+        sae=dict(d_out=6, affine_skip=True, site_in="blocks.2.mlp_in", site_out="blocks.2.mlp_out")
     )
     export_gemma_scope_2(result, tmp_path / "tc")
     config = json.loads((tmp_path / "tc" / "config.json").read_text())
@@ -76,7 +78,7 @@ def test_gemma_scope_2_transcoder_and_saelens_export(tmp_path):
 
 
 def test_batchtopk_exports_as_jumprelu_with_global_threshold(tmp_path):
-    result = _train(architecture="batchtopk", k=4)
+    result = _train(sae=dict(architecture="batchtopk", k=4))
     assert result.inference_threshold > 0
     export_saelens(result, tmp_path / "sl")
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())

@@ -9,13 +9,15 @@ import pytest
 
 from gemma_scope_pz.train import objectives
 from gemma_scope_pz.train import step as step_lib
-from gemma_scope_pz.train.config import TrainConfig
+from gemma_scope_pz.train.config import TrainConfig, apply_overrides
 
 
-def _cfg(**kw):
-    base = dict(d_in=8, d_sae=16, total_steps=100, batch_size=32)
-    base.update(kw)
-    return TrainConfig(**base)
+def _cfg(**sections):
+    """The tests' base config with fields changed per section: ``_cfg(sae=dict(k=8))``."""
+    base = dict(sae=dict(d_in=8, d_sae=16), run=dict(total_steps=100, batch_size=32))
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return TrainConfig.from_dict(base)
 
 
 def test_jumprelu_ste_gradient_matches_formula():
@@ -85,8 +87,12 @@ def test_l1_weighted_by_decoder_norm():
 
 
 def test_matryoshka_loss_is_sum_of_prefix_losses():
-    cfg = _cfg(architecture="matryoshka", matryoshka_activation="relu", matryoshka_prefixes=(4, 10))
-    assert cfg.matryoshka_prefixes == (4, 10, 16)
+    cfg = _cfg(
+        sae=dict(
+            architecture="matryoshka", matryoshka_activation="relu", matryoshka_prefixes=(4, 10)
+        )
+    )
+    assert cfg.sae.matryoshka_prefixes == (4, 10, 16)
     params = objectives.init_params(cfg, jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (32, 8))
     _, (metrics, _, _) = objectives.loss_fn(params, x, x, jnp.zeros(16, bool), 0.0, cfg)
@@ -101,7 +107,7 @@ def test_matryoshka_loss_is_sum_of_prefix_losses():
 
 
 def test_transcoder_skip_in_decode():
-    cfg = _cfg(d_out=5, affine_skip=True)
+    cfg = _cfg(sae=dict(d_out=5, affine_skip=True))
     params = objectives.init_params(cfg, jax.random.PRNGKey(0))
     params["w_skip"] = jnp.ones((8, 5))
     x = jnp.ones((2, 8))
@@ -110,7 +116,9 @@ def test_transcoder_skip_in_decode():
 
 
 def test_learning_rate_schedule_values():
-    cfg = _cfg(lr=1e-3, warmup_steps=10, total_steps=110, lr_final_fraction=0.1)
+    cfg = _cfg(
+        optim=dict(lr=1e-3, warmup_steps=10, lr_final_fraction=0.1), run=dict(total_steps=110)
+    )
     for s in (0, 5, 9, 10, 35, 60, 109, 200):
         if s < 10:
             want = 1e-3 * (s + 1) / 10
@@ -118,24 +126,29 @@ def test_learning_rate_schedule_values():
             progress = min(1.0, (s - 10) / 100)
             want = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         assert float(step_lib.learning_rate(cfg, s)) == pytest.approx(want, rel=1e-5)
-    const = cfg.replace(lr_decay="constant")
+    const = apply_overrides(cfg, {"optim.lr_decay": "constant"})
     assert float(step_lib.learning_rate(const, 80)) == pytest.approx(1e-3)
-    assert float(step_lib.sparsity_scale(cfg.replace(sparsity_warmup_steps=4), 1)) == 0.5
+    assert (
+        float(step_lib.sparsity_scale(apply_overrides(cfg, {"loss.sparsity_warmup_steps": 4}), 1))
+        == 0.5
+    )
 
 
 def test_bfloat16_loss_close_to_float32():
-    cfg = _cfg(architecture="topk", k=4)
+    cfg = _cfg(sae=dict(architecture="topk", k=4))
     params = objectives.init_params(cfg, jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (32, 8))
     dead = jnp.zeros(16, bool)
     l32 = objectives.loss_fn(params, x, x, dead, 1.0, cfg)[0]
-    l16 = objectives.loss_fn(params, x, x, dead, 1.0, cfg.replace(dtype="bfloat16"))[0]
+    l16 = objectives.loss_fn(
+        params, x, x, dead, 1.0, apply_overrides(cfg, {"run.dtype": "bfloat16"})
+    )[0]
     assert l16.dtype == jnp.float32
     assert float(l16) == pytest.approx(float(l32), rel=3e-2)
 
 
 def test_sparse_topk_matches_dense_loss_and_gradients():
-    cfg = _cfg(architecture="topk", k=3, d_sae=32, aux_k=4)
+    cfg = _cfg(sae=dict(architecture="topk", k=3, d_sae=32), loss=dict(aux_k=4))
     params = objectives.init_params(cfg, jax.random.PRNGKey(0))
     params["b_enc"] = jax.random.normal(jax.random.PRNGKey(2), (32,)) * 0.1
     x = jax.random.normal(jax.random.PRNGKey(1), (16, 8))
@@ -145,7 +158,9 @@ def test_sparse_topk_matches_dense_loss_and_gradients():
         return jax.value_and_grad(objectives.loss_fn, has_aux=True)(params, x, x, dead, 1.0, c)
 
     (l_dense, (m_dense, fired_dense, _)), g_dense = run(cfg)
-    (l_sparse, (m_sparse, fired_sparse, _)), g_sparse = run(cfg.replace(sparse_topk=True))
+    (l_sparse, (m_sparse, fired_sparse, _)), g_sparse = run(
+        apply_overrides(cfg, {"sae.sparse_topk": True})
+    )
     assert float(m_dense["aux_loss"]) > 0
     np.testing.assert_allclose(float(l_sparse), float(l_dense), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(fired_sparse), np.asarray(fired_dense))

@@ -9,7 +9,14 @@ features matched at cosine >= 0.9.
 import numpy as np
 import pytest
 
-from gemma_scope_pz.train.config import TrainConfig
+from gemma_scope_pz.train.config import (
+    DictionaryConfig,
+    LossConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+)
 from gemma_scope_pz.train.trainer import train
 
 D, N_FEATURES, N_ROWS = 64, 256, 65536
@@ -33,24 +40,20 @@ def _recovery(features, w_dec):
 
 @pytest.mark.parametrize(
     "arch, extra",
-    [("topk", dict(k=4)), ("jumprelu", dict(l0_coeff=2.0, jumprelu_bandwidth=0.05))],
+    [
+        ("topk", {"sae.k": 4}),
+        ("jumprelu", {"loss.l0_coeff": 2.0, "loss.jumprelu_bandwidth": 0.05}),
+    ],
 )
 def test_recovers_true_features(superposition, arch, extra):
     features, x = superposition
     cfg = TrainConfig(
-        d_in=D,
-        d_sae=512,
-        architecture=arch,
-        batch_size=512,
-        total_steps=1000,
-        lr=3e-3,
-        warmup_steps=50,
-        sparsity_warmup_steps=250,
-        log_every=250,
-        progress_bar=False,
-        seed=1,
-        **extra,
+        sae=DictionaryConfig(d_in=D, d_sae=512, architecture=arch),
+        loss=LossConfig(sparsity_warmup_steps=250),
+        optim=OptimConfig(lr=3e-3, warmup_steps=50),
+        run=RunConfig(batch_size=512, total_steps=1000, log_every=250, progress_bar=False, seed=1),
     )
+    cfg = apply_overrides(cfg, extra)
     result = train(cfg, x)
     mean_cos, found = _recovery(features, result.raw_params()["w_dec"])
     assert mean_cos >= 0.9, (mean_cos, found)

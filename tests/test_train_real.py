@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 import gemma_scope_pz as gs
-from gemma_scope_pz.train.config import TrainConfig
+from gemma_scope_pz.train.config import (
+    DictionaryConfig,
+    LossConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+)
 from gemma_scope_pz.train.harvest import harvest_array
 from gemma_scope_pz.train.trainer import train
 
@@ -27,21 +33,19 @@ def _mean(metrics, key, steps):
 
 def test_jumprelu_fvu_and_l0_fall_over_training(activations, real_model, real_tokenizer, tmp_path):
     config = TrainConfig(
-        d_in=640,
-        d_sae=512,
-        architecture="jumprelu",
-        batch_size=256,
-        total_steps=2500,
-        warmup_steps=50,
-        sparsity_warmup_steps=500,
-        l0_coeff=2.0,
-        lr=1e-3,
-        log_every=50,
-        progress_bar=False,
-        site_in=SITE,
-        site_out=SITE,
-        model_name="270m",
-        log_path=str(tmp_path / "metrics.jsonl"),
+        sae=DictionaryConfig(
+            d_in=640, d_sae=512, architecture="jumprelu", site_in=SITE, site_out=SITE
+        ),
+        loss=LossConfig(sparsity_warmup_steps=500, l0_coeff=2.0),
+        optim=OptimConfig(warmup_steps=50, lr=1e-3),
+        run=RunConfig(
+            batch_size=256,
+            total_steps=2500,
+            log_every=50,
+            progress_bar=False,
+            model_name="270m",
+            log_path=str(tmp_path / "metrics.jsonl"),
+        ),
     )
     result = train(config, activations[:7168])
     steps = [m["step"] for m in result.metrics]

@@ -22,9 +22,12 @@ SCRIPT = textwrap.dedent(
     x = rng.normal(size=(1024, 16)).astype(np.float32)
     out = {}
     for arch in ("topk", "jumprelu"):
-        cfg = TrainConfig(d_in=16, d_sae=64, architecture=arch, k=4, batch_size=64,
-                          total_steps=6, warmup_steps=1, lr=1e-2, progress_bar=False,
-                          norm_estimation_batches=2, l0_coeff=0.1, dead_window_tokens=64)
+        cfg = TrainConfig.from_dict(dict(
+            sae=dict(d_in=16, d_sae=64, architecture=arch, k=4, norm_estimation_batches=2),
+            loss=dict(l0_coeff=0.1, dead_window_tokens=64),
+            optim=dict(warmup_steps=1, lr=1e-2),
+            run=dict(batch_size=64, total_steps=6, progress_bar=False),
+        ))
         single = train(cfg, x)
         for shape in ((2, 4), (8, 1)):
             sharded = train(cfg, x, mesh=make_mesh(*shape))

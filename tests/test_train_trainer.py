@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from gemma_scope_pz.train.config import TrainConfig
+from gemma_scope_pz.train.config import TrainConfig, apply_overrides
 from gemma_scope_pz.train.normalize import fold_normaliser
 from gemma_scope_pz.train.trainer import train
 
@@ -18,23 +18,17 @@ def _data(n=2048, d=16, n_feat=48, seed=0, offset=0.0, scale=1.0):
     return ((act @ feats) * scale + offset).astype(np.float32)
 
 
-def _cfg(**kw):
+def _cfg(**sections):
+    """The tests' base config with fields changed per section: ``_cfg(sae=dict(k=8))``."""
     base = dict(
-        d_in=16,
-        d_sae=64,
-        architecture="topk",
-        k=4,
-        batch_size=64,
-        total_steps=8,
-        warmup_steps=2,
-        sparsity_warmup_steps=2,
-        lr=1e-2,
-        log_every=2,
-        progress_bar=False,
-        norm_estimation_batches=2,
+        sae=dict(d_in=16, d_sae=64, architecture="topk", k=4, norm_estimation_batches=2),
+        loss=dict(sparsity_warmup_steps=2),
+        optim=dict(warmup_steps=2, lr=1e-2),
+        run=dict(batch_size=64, total_steps=8, log_every=2, progress_bar=False),
     )
-    base.update(kw)
-    return TrainConfig(**base)
+    for name, values in sections.items():
+        base[name] = {**base[name], **values}
+    return TrainConfig.from_dict(base)
 
 
 def _np_forward(p, x, activation, k=None):
@@ -54,7 +48,7 @@ def _np_forward(p, x, activation, k=None):
 
 @pytest.mark.parametrize("arch", ["topk", "relu"])
 def test_decoder_rows_stay_unit_norm(arch):
-    result = train(_cfg(architecture=arch, l1_coeff=0.1), _data())
+    result = train(_cfg(sae=dict(architecture=arch), loss=dict(l1_coeff=0.1)), _data())
     norms = np.linalg.norm(result.params["w_dec"], axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
     assert result.metrics[-1]["step"] == 7 and len(result.metrics) == 4
@@ -73,18 +67,15 @@ def test_nan_policy_skip_and_error():
     assert result.n_skipped == 1
     assert all(np.all(np.isfinite(v)) for v in result.params.values())
     with pytest.raises(FloatingPointError, match="step 3"):
-        train(_cfg(nan_policy="error"), batch_at)
+        train(_cfg(run=dict(nan_policy="error")), batch_at)
 
 
 def test_resume_after_kill_is_bit_identical(tmp_path):
     x = _data()
     cfg = _cfg(
-        total_steps=8,
-        d_sae=256,
-        dead_window_tokens=64,
-        aux_k=8,
-        checkpoint_every=2,
-        keep_checkpoints=2,
+        run=dict(total_steps=8, checkpoint_every=2, keep_checkpoints=2),
+        sae=dict(d_sae=256),
+        loss=dict(dead_window_tokens=64, aux_k=8),
     )
 
     class Killed(Exception):
@@ -99,9 +90,15 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
         return x[np.random.default_rng([0, step]).permutation(len(x))[:64]]
 
     full = train(
-        cfg.replace(checkpoint_dir=str(tmp_path / "a"), log_path=str(tmp_path / "a.jsonl")), batches
+        apply_overrides(
+            cfg,
+            {"run.checkpoint_dir": str(tmp_path / "a"), "run.log_path": str(tmp_path / "a.jsonl")},
+        ),
+        batches,
     )
-    run_b = cfg.replace(checkpoint_dir=str(tmp_path / "b"), log_path=str(tmp_path / "b.jsonl"))
+    run_b = apply_overrides(
+        cfg, {"run.checkpoint_dir": str(tmp_path / "b"), "run.log_path": str(tmp_path / "b.jsonl")}
+    )
     with pytest.raises(Killed):
         train(run_b, killed_at_5)
     resumed = train(run_b, batches)
@@ -117,7 +114,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     fresh = train(run_b, batches, resume=False)
     assert np.array_equal(fresh.params["w_enc"], full.params["w_enc"])
     with pytest.raises(ValueError, match="site_in"):
-        train(run_b.replace(site_in="blocks.2.resid_post"), batches)
+        train(apply_overrides(run_b, {"sae.site_in": "blocks.2.resid_post"}), batches)
 
 
 def test_iterator_data_matches_callable():
@@ -135,7 +132,12 @@ def test_iterator_data_matches_callable():
 @pytest.mark.parametrize("normalization", ["unit_mean_sq_norm", "center_unit"])
 def test_exported_params_take_raw_activations(normalization):
     x = _data(offset=3.0, scale=7.0)
-    result = train(_cfg(architecture="jumprelu", normalization=normalization, l0_coeff=0.1), x)
+    result = train(
+        _cfg(
+            sae=dict(architecture="jumprelu", normalization=normalization), loss=dict(l0_coeff=0.1)
+        ),
+        x,
+    )
     norm = result.normaliser
     assert norm.in_scale != pytest.approx(1.0)
     raw = result.raw_params()
@@ -167,16 +169,10 @@ def test_transcoder_with_skip_learns_linear_map():
     a = rng.normal(size=(8, 6)).astype(np.float32)
     x_out = (x_in @ a + 0.5).astype(np.float32)
     cfg = _cfg(
-        architecture="jumprelu",
-        d_in=8,
-        d_out=6,
-        affine_skip=True,
-        total_steps=300,
-        batch_size=256,
-        lr=1e-2,
-        warmup_steps=10,
-        l0_coeff=1.0,
-        log_every=100,
+        sae=dict(architecture="jumprelu", d_in=8, d_out=6, affine_skip=True),
+        run=dict(total_steps=300, batch_size=256, log_every=100),
+        optim=dict(lr=1e-2, warmup_steps=10),
+        loss=dict(l0_coeff=1.0),
     )
     result = train(cfg, (x_in, x_out))
     raw = result.raw_params()
@@ -187,6 +183,6 @@ def test_transcoder_with_skip_learns_linear_map():
 
 
 def test_bfloat16_training_reduces_loss(tmp_path):
-    result = train(_cfg(dtype="bfloat16", total_steps=20, log_every=5), _data())
+    result = train(_cfg(run=dict(dtype="bfloat16", total_steps=20, log_every=5)), _data())
     assert result.metrics[-1]["mse"] < result.metrics[0]["mse"]
     assert result.params["w_enc"].dtype == np.float32

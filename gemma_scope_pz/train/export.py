@@ -55,6 +55,49 @@ def hf_hook_point(site: str) -> str:
     return _HF_SITES[match.group(2)].format(L=match.group(1))
 
 
+def to_autoencoder(result: TrainResult, extra: dict | None = None):
+    """The Penzai ``AutoEncoder``/``AutoEncoderSkip`` of a trained result, taking raw activations.
+
+    The normaliser is folded in (BatchTopK becomes JumpReLU with the running threshold); ``meta``
+    records the sites and, in ``meta.extra``, the training config, the final L0, the skipped-step
+    count and anything in ``extra``.
+    """
+    from gemma_scope_pz.scope.layers import AutoEncoder, SaeMeta
+
+    p = result.raw_params()
+    cfg = result.config
+    k = cfg.sae.k if result.export_activation == "topk" else None
+    info = {
+        "train_config": cfg.to_dict(),
+        "model_name": cfg.run.model_name,
+        "l0": _final_l0(result),
+        "n_skipped_steps": result.n_skipped,
+        "trained_with": "gemma_scope_pz",
+    }
+    info.update(extra or {})
+    meta = SaeMeta(
+        d_in=cfg.sae.d_in,
+        d_sae=cfg.sae.d_sae,
+        d_out=cfg.sae.out_dim,
+        activation=result.export_activation,
+        k=k,
+        site_in=cfg.sae.site_in,
+        site_out=cfg.sae.site_out or cfg.sae.site_in,
+        extra=info,
+    )
+    return AutoEncoder.from_arrays(
+        p["w_enc"],
+        p["b_enc"],
+        p["w_dec"],
+        p["b_dec"],
+        p.get("threshold"),
+        activation=result.export_activation,
+        k=k,
+        w_skip=p.get("w_skip"),
+        meta=meta,
+    )
+
+
 def _final_l0(result: TrainResult) -> float | None:
     return float(result.metrics[-1]["l0"]) if result.metrics else None
 
@@ -97,23 +140,23 @@ def gemma_scope_2_files(result: TrainResult) -> dict[str, Any]:
         tensors["threshold"] = params["threshold"]
     if "w_skip" in params:
         tensors["affine_skip_connection"] = params["w_skip"]
-    site_out = cfg.site_out or cfg.site_in
+    site_out = cfg.sae.site_out or cfg.sae.site_in
     config = {
-        "type": "transcoder" if cfg.is_transcoder else "sae",
-        "width": cfg.d_sae,
-        "d_in": cfg.d_in,
-        "d_out": cfg.out_dim,
+        "type": "transcoder" if cfg.sae.is_transcoder else "sae",
+        "width": cfg.sae.d_sae,
+        "d_in": cfg.sae.d_in,
+        "d_out": cfg.sae.out_dim,
         "architecture": _GS_ARCH[activation],
-        "k": cfg.k if activation == "topk" else None,
+        "k": cfg.sae.k if activation == "topk" else None,
         "l0": _final_l0(result),
-        "model_name": cfg.model_name,
-        "site_in": cfg.site_in,
+        "model_name": cfg.run.model_name,
+        "site_in": cfg.sae.site_in,
         "site_out": site_out,
-        "hf_hook_point_in": hf_hook_point(cfg.site_in),
+        "hf_hook_point_in": hf_hook_point(cfg.sae.site_in),
         "hf_hook_point_out": hf_hook_point(site_out),
         "affine_connection": "w_skip" in params,
-        "trained_architecture": cfg.architecture,
-        "normalization_folded": cfg.normalization,
+        "trained_architecture": cfg.sae.architecture,
+        "normalization_folded": cfg.sae.normalization,
         "dtype": "float32",
     }
     return {"config.json": config, "params.safetensors": tensors}
@@ -128,9 +171,9 @@ def export_gemma_scope_2(result: TrainResult, folder: str | os.PathLike) -> str:
     """
     files = gemma_scope_2_files(result)
     cfg = result.config
-    standard = all(not s or hf_hook_point(s) != s for s in (cfg.site_in, cfg.site_out))
+    standard = all(not s or hf_hook_point(s) != s for s in (cfg.sae.site_in, cfg.sae.site_out))
     try:
-        from gemma_scope_pz.scope.checkpoints import save_gemma_scope_2
+        from gemma_scope_pz.scope.formats import save_gemma_scope_2
     except ImportError:
         save_gemma_scope_2 = None
     if save_gemma_scope_2 is None or not standard:
@@ -144,7 +187,7 @@ def saelens_files(result: TrainResult) -> dict[str, Any]:
     cfg, params = result.config, result.raw_params()
     activation = result.export_activation
     arch = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}[activation]
-    if cfg.is_transcoder:
+    if cfg.sae.is_transcoder:
         arch = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}.get(arch, arch)
         if "w_skip" in params:
             arch = "jumprelu_skip_transcoder" if activation == "jumprelu" else "skip_transcoder"
@@ -158,33 +201,33 @@ def saelens_files(result: TrainResult) -> dict[str, Any]:
     }
     tensors = {names[k]: v for k, v in params.items() if k in names}
     metadata = {
-        "model_name": cfg.model_name,
-        "hook_name": cfg.site_in,
-        "hook_name_out": cfg.site_out or cfg.site_in,
+        "model_name": cfg.run.model_name,
+        "hook_name": cfg.sae.site_in,
+        "hook_name_out": cfg.sae.site_out or cfg.sae.site_in,
         "hook_head_index": None,
         "prepend_bos": True,
-        "dataset_path": cfg.corpus,
+        "dataset_path": cfg.run.corpus,
         "sae_lens_training_version": None,
         "l0": _final_l0(result),
         "trained_with": "gemma_scope_pz",
     }
     config = {
         "architecture": arch,
-        "d_in": cfg.d_in,
-        "d_sae": cfg.d_sae,
-        "d_out": cfg.out_dim,
+        "d_in": cfg.sae.d_in,
+        "d_sae": cfg.sae.d_sae,
+        "d_out": cfg.sae.out_dim,
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": False,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "model_name": cfg.model_name,
-        "hook_name": cfg.site_in,
-        "hook_name_out": cfg.site_out or cfg.site_in,
+        "model_name": cfg.run.model_name,
+        "hook_name": cfg.sae.site_in,
+        "hook_name_out": cfg.sae.site_out or cfg.sae.site_in,
         "metadata": metadata,
     }
     if activation == "topk":
-        config["k"] = cfg.k
+        config["k"] = cfg.sae.k
     return {"cfg.json": config, "sae_weights.safetensors": tensors}
 
 

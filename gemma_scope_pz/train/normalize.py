@@ -36,7 +36,7 @@ class Normaliser:
       in_scale: Scalar multiplying centred inputs.
       out_shift: ``[d_out]`` subtracted from targets.
       out_scale: Scalar multiplying centred targets.
-      kind: The ``TrainConfig.normalization`` it was estimated for.
+      kind: The ``TrainConfig.sae.normalization`` it was estimated for.
     """
 
     in_shift: np.ndarray
@@ -44,6 +44,14 @@ class Normaliser:
     out_shift: np.ndarray
     out_scale: float
     kind: str = "none"
+
+    def __post_init__(self):
+        # Shifts and scales are float32 values everywhere (the train step, checkpoints, folding), so a
+        # fresh run and a resumed one fold exactly the same numbers into the exported weights.
+        object.__setattr__(self, "in_shift", np.asarray(self.in_shift, np.float32))
+        object.__setattr__(self, "out_shift", np.asarray(self.out_shift, np.float32))
+        object.__setattr__(self, "in_scale", float(np.float32(self.in_scale)))
+        object.__setattr__(self, "out_scale", float(np.float32(self.out_scale)))
 
     @classmethod
     def identity(cls, d_in: int, d_out: int) -> Normaliser:

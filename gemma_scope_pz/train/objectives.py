@@ -130,14 +130,16 @@ def pre_activations(params: Params, x_in: jax.Array, dtype: str = "float32") -> 
 
 def activate(params: Params, z: jax.Array, config: TrainConfig) -> tuple[jax.Array, jax.Array]:
     """Applies the configured activation; also returns the BatchTopK threshold (else 0)."""
-    kind = config.activation
+    kind = config.sae.activation
     if kind == "relu":
         return jax.nn.relu(z), jnp.zeros((), z.dtype)
     if kind == "jumprelu":
-        return jumprelu(z, params["threshold"], config.jumprelu_bandwidth), jnp.zeros((), z.dtype)
+        return jumprelu(z, params["threshold"], config.loss.jumprelu_bandwidth), jnp.zeros(
+            (), z.dtype
+        )
     if kind == "topk":
-        return topk_activation(z, config.k), jnp.zeros((), z.dtype)
-    return batchtopk_activation(z, config.k)
+        return topk_activation(z, config.sae.k), jnp.zeros((), z.dtype)
+    return batchtopk_activation(z, config.sae.k)
 
 
 def decode(
@@ -218,12 +220,12 @@ def _sparse_topk_terms(params: Params, x_in: jax.Array, dead: jax.Array, config:
     The dense encoder pass only *selects* latents (no gradient flows through it); gradients
     reach the encoder columns and decoder rows of the selected latents only.
     """
-    z = jax.lax.stop_gradient(pre_activations(params, x_in, config.dtype))
-    idx = jax.lax.top_k(z, config.k)[1]
-    pre, rows = _gathered(params, x_in, idx, config.dtype)
+    z = jax.lax.stop_gradient(pre_activations(params, x_in, config.run.dtype))
+    idx = jax.lax.top_k(z, config.sae.k)[1]
+    pre, rows = _gathered(params, x_in, idx, config.run.dtype)
     f = jax.nn.relu(pre)
     recon = jnp.einsum("bk,bkd->bd", f.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
-    counts = jnp.zeros(config.d_sae, jnp.int32).at[idx.reshape(-1)].add((f > 0).reshape(-1))
+    counts = jnp.zeros(config.sae.d_sae, jnp.int32).at[idx.reshape(-1)].add((f > 0).reshape(-1))
     l0 = jnp.mean(jnp.sum(f > 0, axis=-1).astype(jnp.float32))
     return z, recon, counts > 0, l0
 
@@ -264,13 +266,13 @@ def loss_fn(
       ``(loss, (metrics, fired, batch_threshold))``: scalar metrics, a ``[d_sae]`` bool of
       latents active in this batch, and the BatchTopK implied threshold (0 otherwise).
     """
-    dtype = config.dtype
-    if config.sparse_topk:
+    dtype = config.run.dtype
+    if config.sae.sparse_topk:
         return _sparse_topk_loss(params, x_in, x_out, dead, config)
     z = pre_activations(params, x_in, dtype)
     f, batch_threshold = activate(params, z, config)
-    if config.architecture == "matryoshka":
-        recons = matryoshka_reconstructions(params, f, x_in, config.matryoshka_prefixes, dtype)
+    if config.sae.architecture == "matryoshka":
+        recons = matryoshka_reconstructions(params, f, x_in, config.sae.matryoshka_prefixes, dtype)
         recon = recons[-1]
         recon_loss = sum(sum_sq(r - x_out) for r in recons)
     else:
@@ -280,19 +282,19 @@ def loss_fn(
     l0 = jnp.mean(jnp.sum(f != 0, axis=-1).astype(jnp.float32))
 
     sparsity = jnp.zeros((), jnp.float32)
-    if config.activation == "relu":
-        sparsity = sparsity_scale * config.l1_coeff * weighted_l1(f, params["w_dec"])
-    elif config.activation == "jumprelu":
-        gates = step(z, params["threshold"], config.jumprelu_bandwidth)
+    if config.sae.activation == "relu":
+        sparsity = sparsity_scale * config.loss.l1_coeff * weighted_l1(f, params["w_dec"])
+    elif config.sae.activation == "jumprelu":
+        gates = step(z, params["threshold"], config.loss.jumprelu_bandwidth)
         l0_ste = jnp.mean(jnp.sum(gates, axis=-1))
-        sparsity = sparsity_scale * config.l0_coeff * l0_ste
-        if config.target_l0 is not None:
-            sparsity = sparsity + sparsity_scale * config.target_l0_coeff * jnp.square(
-                l0_ste - config.target_l0
+        sparsity = sparsity_scale * config.loss.l0_coeff * l0_ste
+        if config.loss.target_l0 is not None:
+            sparsity = sparsity + sparsity_scale * config.loss.target_l0_coeff * jnp.square(
+                l0_ste - config.loss.target_l0
             )
     aux = jnp.zeros((), jnp.float32)
-    if config.effective_aux_k > 0 and config.aux_k_coeff > 0:
-        aux = config.aux_k_coeff * auxk_loss(
+    if config.effective_aux_k > 0 and config.loss.aux_k_coeff > 0:
+        aux = config.loss.aux_k_coeff * auxk_loss(
             z, x_out - recon, params["w_dec"], dead, config.effective_aux_k, dtype
         )
     fired = jnp.any(f != 0, axis=0)
@@ -317,18 +319,18 @@ def _sparse_topk_loss(params, x_in, x_out, dead, config):
     z, recon, fired, l0 = _sparse_topk_terms(params, x_in, dead, config)
     recon = recon + params["b_dec"]
     if "w_skip" in params:
-        recon = recon + matmul(x_in, params["w_skip"], config.dtype)
+        recon = recon + matmul(x_in, params["w_skip"], config.run.dtype)
     sq_err = sum_sq(recon - x_out)
     aux = jnp.zeros((), jnp.float32)
-    if config.effective_aux_k > 0 and config.aux_k_coeff > 0:
-        aux = config.aux_k_coeff * auxk_loss(
+    if config.effective_aux_k > 0 and config.loss.aux_k_coeff > 0:
+        aux = config.loss.aux_k_coeff * auxk_loss(
             z,
             x_out - recon,
             params["w_dec"],
             dead,
             config.effective_aux_k,
-            config.dtype,
-            lambda idx: _gathered(params, x_in, idx, config.dtype)[0],
+            config.run.dtype,
+            lambda idx: _gathered(params, x_in, idx, config.run.dtype)[0],
         )
     zero = jnp.zeros((), jnp.float32)
     return _finish(sq_err, sq_err, zero, aux, l0, x_out, fired, zero)
@@ -345,12 +347,12 @@ def init_params(config: TrainConfig, key: jax.Array, b_dec: jax.Array | None = N
     independent random unit encoder columns. ``b_enc`` and ``w_skip`` start at 0, thresholds at
     ``jumprelu_init_threshold``, ``b_dec`` at the given estimate (zeros if ``None``).
     """
-    d_in, d_sae, d_out = config.d_in, config.d_sae, config.out_dim
+    d_in, d_sae, d_out = config.sae.d_in, config.sae.d_sae, config.sae.out_dim
     key_dec, key_enc = jax.random.split(key)
     directions = jax.random.normal(key_dec, (d_sae, d_out), jnp.float32)
     directions = directions / jnp.linalg.norm(directions, axis=-1, keepdims=True)
-    row_norm = 1.0 if config.unit_norm_decoder else config.decoder_init_norm
-    if config.is_transcoder:
+    row_norm = 1.0 if config.sae.unit_norm_decoder else config.sae.decoder_init_norm
+    if config.sae.is_transcoder:
         w_enc = jax.random.normal(key_enc, (d_in, d_sae), jnp.float32)
         w_enc = w_enc / jnp.linalg.norm(w_enc, axis=0, keepdims=True)
     else:
@@ -361,8 +363,8 @@ def init_params(config: TrainConfig, key: jax.Array, b_dec: jax.Array | None = N
         "w_dec": directions * row_norm,
         "b_dec": jnp.zeros((d_out,), jnp.float32) if b_dec is None else jnp.asarray(b_dec),
     }
-    if config.activation == "jumprelu":
-        params["threshold"] = jnp.full((d_sae,), config.jumprelu_init_threshold, jnp.float32)
-    if config.affine_skip:
+    if config.sae.activation == "jumprelu":
+        params["threshold"] = jnp.full((d_sae,), config.sae.jumprelu_init_threshold, jnp.float32)
+    if config.sae.affine_skip:
         params["w_skip"] = jnp.zeros((d_in, d_out), jnp.float32)
     return params

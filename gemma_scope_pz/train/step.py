@@ -37,28 +37,30 @@ def learning_rate(config: TrainConfig, step):
     """Learning rate at ``step``: linear warm-up ``lr * (step + 1) / warmup_steps``, then cosine
     decay from ``lr`` to ``lr * lr_final_fraction`` over the remaining steps (or constant)."""
     step = jnp.asarray(step, jnp.float32)
-    warm = jnp.minimum(1.0, (step + 1.0) / max(1, config.warmup_steps))
-    if config.lr_decay == "constant":
-        return config.lr * warm
-    span = max(1, config.num_steps - config.warmup_steps)
-    progress = jnp.clip((step - config.warmup_steps) / span, 0.0, 1.0)
-    final = config.lr_final_fraction
+    warm = jnp.minimum(1.0, (step + 1.0) / max(1, config.optim.warmup_steps))
+    if config.optim.lr_decay == "constant":
+        return config.optim.lr * warm
+    span = max(1, config.num_steps - config.optim.warmup_steps)
+    progress = jnp.clip((step - config.optim.warmup_steps) / span, 0.0, 1.0)
+    final = config.optim.lr_final_fraction
     cosine = final + (1.0 - final) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
-    return config.lr * jnp.where(step < config.warmup_steps, warm, cosine)
+    return config.optim.lr * jnp.where(step < config.optim.warmup_steps, warm, cosine)
 
 
 def sparsity_scale(config: TrainConfig, step):
     """Sparsity-coefficient warm-up factor ``min(1, (step + 1) / sparsity_warmup_steps)``."""
     step = jnp.asarray(step, jnp.float32)
-    return jnp.minimum(1.0, (step + 1.0) / max(1, config.sparsity_warmup_steps))
+    return jnp.minimum(1.0, (step + 1.0) / max(1, config.loss.sparsity_warmup_steps))
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then Adam, then the learning-rate schedule."""
     parts = []
-    if config.grad_clip_norm:
-        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-    parts.append(optax.scale_by_adam(config.adam_b1, config.adam_b2, config.adam_eps))
+    if config.optim.grad_clip_norm:
+        parts.append(optax.clip_by_global_norm(config.optim.grad_clip_norm))
+    parts.append(
+        optax.scale_by_adam(config.optim.adam_b1, config.optim.adam_b2, config.optim.adam_eps)
+    )
     parts.append(optax.scale_by_learning_rate(lambda count: learning_rate(config, count)))
     return optax.chain(*parts)
 
@@ -70,8 +72,8 @@ def init_state(config: TrainConfig, params: dict, norm_arrays: dict[str, np.ndar
         "params": params,
         "opt_state": make_optimizer(config).init(params),
         "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.PRNGKey(config.seed),
-        "since_fired": jnp.zeros((config.d_sae,), jnp.int32),
+        "rng": jax.random.PRNGKey(config.run.seed),
+        "since_fired": jnp.zeros((config.sae.d_sae,), jnp.int32),
         "inference_threshold": jnp.zeros((), jnp.float32),
         "n_skipped": jnp.zeros((), jnp.int32),
         "first_bad_step": jnp.full((), -1, jnp.int32),
@@ -110,7 +112,7 @@ def make_train_step(config: TrainConfig) -> Callable:
         (loss, (metrics, fired, batch_threshold)), grads = grad_fn(
             params, x_in, x_out, dead, sparsity_scale(config, step), config
         )
-        if config.unit_norm_decoder:
+        if config.sae.unit_norm_decoder:
             grads["w_dec"] = project_out_parallel(grads["w_dec"], params["w_dec"])
         grad_norm = _global_norm(grads)
         ok = finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -119,7 +121,7 @@ def make_train_step(config: TrainConfig) -> Callable:
             params, opt_state, grads, since_fired, threshold_ema = operands
             updates, opt_state = optimizer.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
-            if config.unit_norm_decoder:
+            if config.sae.unit_norm_decoder:
                 w_dec = new_params["w_dec"]
                 new_params["w_dec"] = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
             if "threshold" in new_params:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -38,21 +39,6 @@ from gemma_scope_pz.train import step as step_lib
 from gemma_scope_pz.train.config import TrainConfig
 from gemma_scope_pz.train.normalize import Normaliser, fold_normaliser, geometric_median
 from gemma_scope_pz.train.sources import as_source
-
-# Config fields that must match when resuming from a checkpoint.
-RESUME_KEYS = (
-    "model_name",
-    "site_in",
-    "site_out",
-    "d_in",
-    "d_sae",
-    "d_out",
-    "architecture",
-    "affine_skip",
-    "normalization",
-    "batch_size",
-    "seed",
-)
 
 
 @dataclasses.dataclass
@@ -79,7 +65,9 @@ class TrainResult:
         """Parameters for raw activations (normaliser folded in; BatchTopK → JumpReLU threshold)."""
         params = fold_normaliser(self.params, self.normaliser)
         if self.config.sae.activation == "batchtopk":
-            params["threshold"] = np.full(self.config.sae.d_sae, self.inference_threshold, np.float32)
+            params["threshold"] = np.full(
+                self.config.sae.d_sae, self.inference_threshold, np.float32
+            )
         return params
 
     @property
@@ -89,46 +77,11 @@ class TrainResult:
         return "jumprelu" if kind == "batchtopk" else kind
 
     def to_autoencoder(self, extra: dict | None = None):
-        """A :class:`gemma_scope_pz.scope.layers.AutoEncoder` taking raw activations."""
+        """The Penzai ``AutoEncoder``/``AutoEncoderSkip`` taking raw activations (see
+        :func:`gemma_scope_pz.train.export.to_autoencoder`)."""
+        from gemma_scope_pz.train.export import to_autoencoder
+
         return to_autoencoder(self, extra)
-
-
-def to_autoencoder(result: TrainResult, extra: dict | None = None):
-    """Builds the Penzai SAE layer (lazy import of ``gemma_scope_pz.scope.layers``).
-
-    The layer takes raw activations (normaliser folded in); ``meta`` records the sites and,
-    in ``meta.extra``, the training config, the final L0 and anything in ``extra``.
-    """
-    from gemma_scope_pz.scope.layers import AutoEncoder, SaeMeta
-
-    p = result.raw_params()
-    cfg = result.config
-    k = cfg.sae.k if result.export_activation == "topk" else None
-    info = {"train_config": cfg.to_dict(), "model_name": cfg.run.model_name}
-    if result.metrics:
-        info["l0"] = result.metrics[-1]["l0"]
-    info.update(extra or {})
-    meta = SaeMeta(
-        d_in=cfg.sae.d_in,
-        d_sae=cfg.sae.d_sae,
-        d_out=cfg.sae.out_dim,
-        activation=result.export_activation,
-        k=k,
-        site_in=cfg.sae.site_in,
-        site_out=cfg.sae.site_out or cfg.sae.site_in,
-        extra=info,
-    )
-    return AutoEncoder.from_arrays(
-        p["w_enc"],
-        p["b_enc"],
-        p["w_dec"],
-        p["b_dec"],
-        p.get("threshold"),
-        activation=result.export_activation,
-        k=k,
-        w_skip=p.get("w_skip"),
-        meta=meta,
-    )
 
 
 # --------------------------------------------------------------------------- batches
@@ -167,7 +120,8 @@ def _split_batch(
 def initial_state(config: TrainConfig, source) -> tuple[step_lib.State, Normaliser]:
     """Estimates the normaliser and b_dec from the first batches; initialises parameters."""
     batches = [
-        _split_batch(source.batch_at(i), config, i) for i in range(config.sae.norm_estimation_batches)
+        _split_batch(source.batch_at(i), config, i)
+        for i in range(config.sae.norm_estimation_batches)
     ]
     x_in = [b[0] for b in batches]
     x_out = None if batches[0][1] is None else [b[1] for b in batches]
@@ -197,14 +151,29 @@ def _manager(config: TrainConfig) -> ocp.CheckpointManager:
 
 
 def _check_resume(saved: dict, config: TrainConfig, where: str) -> None:
-    current = config.to_dict()
+    """Refuses a checkpoint whose hyper-parameters differ from ``config``, naming every field."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # checkpoints of flat-config releases
+        try:
+            saved_config = TrainConfig.from_dict(saved, source=f"the config saved in {where}")
+        except ValueError as exc:
+            raise ValueError(f"train: cannot resume from {where}: {exc}") from None
+    before, now = _resume_keys(saved_config), _resume_keys(config)
     diffs = [
-        f"{k}: checkpoint {saved.get(k)!r} vs config {current[k]!r}"
-        for k in RESUME_KEYS
-        if saved.get(k) != current[k]
+        f"{k}: checkpoint {before.get(k)!r} vs config {now[k]!r}"
+        for k in now
+        if before.get(k) != now[k]
     ]
     if diffs:
         raise ValueError(f"train: cannot resume from {where}: " + "; ".join(diffs))
+
+
+def _resume_keys(config: TrainConfig) -> dict[str, Any]:
+    # total_steps and total_tokens may be given either way: compare the step count they imply.
+    keys = config.hyperparameters()
+    del keys["run.total_steps"], keys["run.total_tokens"]
+    keys["num_steps"] = config.num_steps
+    return keys
 
 
 def _load_metrics(path: str | None, before_step: int) -> list[dict]:
@@ -217,73 +186,93 @@ def _load_metrics(path: str | None, before_step: int) -> list[dict]:
     return rows
 
 
-# --------------------------------------------------------------------------- the loop
-def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> TrainResult:
-    """Trains an SAE or transcoder.
+def _abstract_state(config: TrainConfig) -> Any:
+    """Shapes/dtypes of the trainer state (what orbax restores into)."""
 
-    Args:
-      config: The run configuration.
-      data: Batches (see the module docstring).
-      resume: Continue from the latest checkpoint in ``config.run.checkpoint_dir`` if there is one;
-        with ``False`` existing checkpoints there are deleted and training starts afresh.
-      mesh: Optional ``jax.sharding.Mesh`` with axes ("data", "model") (see
-        :mod:`~gemma_scope_pz.train.sharding`); ``None`` runs on the default device.
+    def make():
+        params = objectives.init_params(config, jax.random.PRNGKey(0))
+        norm = Normaliser.identity(config.sae.d_in, config.sae.out_dim).to_arrays()
+        return step_lib.init_state(config, params, norm)
 
-    Returns:
-      A :class:`TrainResult`.
+    shapes = jax.eval_shape(make)
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
 
-    Raises:
-      FloatingPointError: with ``nan_policy="error"``, on the first non-finite batch or gradient.
-      ValueError: on malformed batches or a checkpoint from a different run setup.
-    """
-    source = as_source(
-        data,
-        batch_size=config.run.batch_size,
-        seed=config.run.seed,
-        replay=config.sae.norm_estimation_batches,
+
+def _save(manager: ocp.CheckpointManager, step: int, state: Any, config: TrainConfig) -> None:
+    meta = {"config": config.to_dict(), "data_position": step, "format_version": 2}
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
     )
-    manager = _manager(config) if config.run.checkpoint_dir else None
+    manager.wait_until_finished()
+
+
+def _start(config: TrainConfig, source, manager, resume: bool):
+    """``(state, normaliser, metrics so far)``: restored from the latest checkpoint or fresh."""
     latest = manager.latest_step() if manager is not None and resume else None
     if manager is not None and not resume:
         for old_step in manager.all_steps():  # a fresh run replaces an earlier run's checkpoints
             manager.delete(old_step)
-    metrics_history: list[dict] = []
-    if latest is not None:
-        meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        _check_resume(meta["config"], config, f"{config.run.checkpoint_dir} step {latest}")
-        abstract = _abstract_state(config)
-        state = manager.restore(
-            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        )["state"]
-        norm = Normaliser.from_arrays(jax.device_get(state["norm"]), config.sae.normalization)
-        metrics_history = _load_metrics(config.run.log_path, int(state["step"]))
-    else:
+    if latest is None:
         state, norm = initial_state(config, source)
         if config.run.log_path and os.path.exists(config.run.log_path):
             os.remove(config.run.log_path)
+        return state, norm, []
+    meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    _check_resume(meta["config"], config, f"{config.run.checkpoint_dir} step {latest}")
+    restore = ocp.args.StandardRestore(_abstract_state(config))
+    state = manager.restore(latest, args=ocp.args.Composite(state=restore))["state"]
+    norm = Normaliser.from_arrays(jax.device_get(state["norm"]), config.sae.normalization)
+    return state, norm, _load_metrics(config.run.log_path, int(state["step"]))
 
+
+# --------------------------------------------------------------------------- the loop
+def _compile(config: TrainConfig, state: step_lib.State, mesh):
+    """``(state on device, jitted step, put)``, sharded over ``mesh`` when one is given."""
     step_fn = step_lib.make_train_step(config)
-    if mesh is not None:
-        from gemma_scope_pz.train import sharding
-
-        sharding.check_divisible(mesh, config.run.batch_size, config.sae.d_sae)
-        state_sh = sharding.state_shardings(state, mesh, config.sae.d_sae)
-        batch_sh = sharding.batch_sharding(mesh)
-        state = jax.device_put(state, state_sh)
-        jitted = jax.jit(
-            step_fn,
-            donate_argnums=(0,),
-            in_shardings=(state_sh, batch_sh, batch_sh),
-            out_shardings=(state_sh, None),
-        )
-        put = lambda x: None if x is None else jax.device_put(x, batch_sh)  # noqa: E731
-    else:
-        state = jax.device_put(state)
-        jitted = jax.jit(step_fn, donate_argnums=(0,))
+    if mesh is None:
         put = lambda x: None if x is None else jax.device_put(x)  # noqa: E731
+        return jax.device_put(state), jax.jit(step_fn, donate_argnums=(0,)), put
+    from gemma_scope_pz.train import sharding
 
+    sharding.check_divisible(mesh, config.run.batch_size, config.sae.d_sae)
+    state_sh = sharding.state_shardings(state, mesh, config.sae.d_sae)
+    batch_sh = sharding.batch_sharding(mesh)
+    jitted = jax.jit(
+        step_fn,
+        donate_argnums=(0,),
+        in_shardings=(state_sh, batch_sh, batch_sh),
+        out_shardings=(state_sh, None),
+    )
+    put = lambda x: None if x is None else jax.device_put(x, batch_sh)  # noqa: E731
+    return jax.device_put(state, state_sh), jitted, put
+
+
+def _refuse_non_finite_batch(x_in, x_out, step: int) -> None:
+    for name, x in (("x_in", x_in), ("x_out", x_out)):
+        if x is not None and not np.all(np.isfinite(x)):
+            raise FloatingPointError(
+                f"train: non-finite values in {name} of the batch at step {step} "
+                f"({int(np.sum(~np.isfinite(x)))} entries); nan_policy='error'"
+            )
+
+
+def _metrics_row(config: TrainConfig, state, metrics, step: int) -> dict[str, float]:
+    row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+    if config.run.nan_policy == "error" and row["skipped"] > 0:
+        bad = int(jax.device_get(state["first_bad_step"]))
+        raise FloatingPointError(
+            f"train: non-finite loss or gradient at step {bad}; nan_policy='error'"
+        )
+    return row
+
+
+def _run_steps(config, source, state, jitted, put, manager, history: list[dict]):
+    """Steps from ``state["step"]`` to the end: logging, progress bar, checkpoints."""
     start, total = int(jax.device_get(state["step"])), config.num_steps
-    log_file = open(config.run.log_path, "a", encoding="utf-8") if config.run.log_path else None  # noqa: SIM115
+    log_path = config.run.log_path
+    log_file = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115
     bar = tqdm(
         total=total, initial=start, disable=not config.run.progress_bar, desc="train", leave=False
     )
@@ -291,28 +280,17 @@ def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> 
         for step in range(start, total):
             x_in, x_out = _split_batch(source.batch_at(step), config, step)
             if config.run.nan_policy == "error":
-                for name, x in (("x_in", x_in), ("x_out", x_out)):
-                    if x is not None and not np.all(np.isfinite(x)):
-                        raise FloatingPointError(
-                            f"train: non-finite values in {name} of the batch at step {step} "
-                            f"({int(np.sum(~np.isfinite(x)))} entries); nan_policy='error'"
-                        )
+                _refuse_non_finite_batch(x_in, x_out, step)
             state, metrics = jitted(state, put(x_in), put(x_out))
             done = step + 1
             if done % config.run.log_every == 0 or done == total:
-                row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-                if config.run.nan_policy == "error" and row["skipped"] > 0:
-                    bad = int(jax.device_get(state["first_bad_step"]))
-                    raise FloatingPointError(
-                        f"train: non-finite loss or gradient at step {bad}; nan_policy='error'"
-                    )
-                metrics_history.append(row)
+                row = _metrics_row(config, state, metrics, step)
+                history.append(row)
                 if log_file:
                     log_file.write(json.dumps(row) + "\n")
                     log_file.flush()
                 bar.set_postfix(
                     loss=f"{row['loss']:.4g}",
-                    mse=f"{row['mse']:.3g}",
                     l0=f"{row['l0']:.1f}",
                     dead=f"{row['dead_fraction']:.2f}",
                 )
@@ -325,39 +303,57 @@ def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> 
             log_file.close()
         if manager is not None:
             manager.wait_until_finished()
+    return state
+
+
+def _check_skipped(config: TrainConfig, n_skipped: int, first_bad: int) -> None:
+    """Refuses to hand back a dictionary most of whose steps were skipped (non-finite data)."""
+    total = config.num_steps
+    if n_skipped > config.run.max_skipped_fraction * total:
+        raise FloatingPointError(
+            f"train: {n_skipped} of {total} steps were skipped for non-finite data or gradients "
+            f"(first at step {first_bad}); the dictionary is not trained "
+            f"(run.max_skipped_fraction={config.run.max_skipped_fraction})"
+        )
+
+
+def train(config: TrainConfig, data: Any, *, resume: bool = True, mesh=None) -> TrainResult:
+    """Trains an SAE or transcoder.
+
+    Args:
+      config: The run configuration.
+      data: Batches: anything :func:`gemma_scope_pz.train.sources.as_source` accepts.
+      resume: Continue from the latest checkpoint in ``config.run.checkpoint_dir`` if there is one
+        (refused, naming the fields, if its hyper-parameters differ); with ``False`` existing
+        checkpoints there are deleted and training starts afresh.
+      mesh: Optional ``jax.sharding.Mesh`` with axes ("data", "model") (see
+        :mod:`~gemma_scope_pz.train.sharding`); ``None`` runs on the default device.
+
+    Returns:
+      A :class:`TrainResult` (``n_skipped`` counts steps skipped for non-finite values).
+
+    Raises:
+      FloatingPointError: with ``nan_policy="error"`` on the first non-finite batch or gradient;
+        and whenever more than ``run.max_skipped_fraction`` of the steps were skipped.
+      ValueError: on malformed batches or a checkpoint with other hyper-parameters.
+    """
+    source = as_source(
+        data,
+        batch_size=config.run.batch_size,
+        seed=config.run.seed,
+        replay=config.sae.norm_estimation_batches,
+    )
+    manager = _manager(config) if config.run.checkpoint_dir else None
+    state, norm, history = _start(config, source, manager, resume)
+    state, jitted, put = _compile(config, state, mesh)
+    state = _run_steps(config, source, state, jitted, put, manager, history)
     host = jax.device_get(state)
+    _check_skipped(config, int(host["n_skipped"]), int(host["first_bad_step"]))
     return TrainResult(
         params={k: np.asarray(v) for k, v in host["params"].items()},
-        metrics=metrics_history,
+        metrics=history,
         normaliser=norm,
         config=config,
         n_skipped=int(host["n_skipped"]),
         inference_threshold=float(host["inference_threshold"]),
     )
-
-
-def _abstract_state(config: TrainConfig) -> Any:
-    """Shapes/dtypes of the trainer state (what orbax restores into)."""
-
-    def make():
-        params = objectives.init_params(config, jax.random.PRNGKey(0))
-        norm = {
-            "in_shift": np.zeros(config.sae.d_in, np.float32),
-            "in_scale": np.float32(1),
-            "out_shift": np.zeros(config.sae.out_dim, np.float32),
-            "out_scale": np.float32(1),
-        }
-        return step_lib.init_state(config, params, norm)
-
-    shapes = jax.eval_shape(make)
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
-
-
-def _save(manager: ocp.CheckpointManager, step: int, state: Any, config: TrainConfig) -> None:
-    meta = {"config": config.to_dict(), "data_position": step, "format_version": 1}
-    manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
-    manager.wait_until_finished()
