@@ -1,0 +1,97 @@
+"""The tour's steps on a tiny random Gemma 3 and a random SAE (fast): typed results, the report.
+
+The whole tour on the real model runs in tests/test_cli.py (slow).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import gemma_scope_pz as gs
+from gemma_scope_pz.app import tour
+
+LAYER = 2
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model, make_sae, char_tokenizer):
+    d = tiny_model.config.d_model
+    sae = make_sae(d, 48, site_in=f"blocks.{LAYER}.resid_post", seed=3)
+    settings = tour.TourSettings.quick_settings(card_contexts=4, eval_contexts=2)
+    return tiny_model, char_tokenizer, sae, settings
+
+
+def test_features_step_finds_the_strongest_non_dense_feature(parts):
+    model, tok, sae, settings = parts
+    logged = []
+    feats = tour.features_step(model, tok, sae, settings, log=logged.append)
+    ids = tok.encode(tour.ENERGY)
+    assert feats.latents.shape == (len(ids), sae.meta.d_sae)
+    assert feats.strings == tok.token_strings(ids)
+    # The examples saw every counted token of the held-out contexts (BOS and padding excluded).
+    contexts = gs.corpus_contexts(tok, None, settings.card_contexts, from_end=True)
+    assert int(feats.examples.n_tokens) == int(gs.token_mask(contexts, pad_id=tok.pad_id).sum())
+    # "specific" is the sentence mean (over tokens after BOS) with dense latents zeroed.
+    dense = np.asarray(feats.stats.dense)
+    mean = feats.latents[1:].mean(0)
+    np.testing.assert_allclose(feats.specific, np.where(dense, 0.0, mean), rtol=1e-5, atol=1e-6)
+    # The strongest non-dense feature; when every firing latent is dense, the strongest overall.
+    expected = feats.specific if feats.specific.max() > 0 else mean
+    assert feats.strongest == int(np.argmax(expected))
+    assert f"#{feats.strongest}" in logged[-1]
+
+
+def test_lens_and_steer_step_zero_coefficient_changes_nothing(parts):
+    model, tok, sae, _ = parts
+    out = tour.lens_and_steer_step(model, tok, sae, feature=5, coeff=0.0, log=lambda _: None)
+    assert out["steering"]["plain"] == out["steering"]["steered"]
+    assert len(out["logit_lens"]["top"]) == 10 and len(out["logit_lens"]["bottom"]) == 10
+    top = [v for _, v in out["logit_lens"]["top"]]
+    assert top == sorted(top, reverse=True)
+
+
+def test_metrics_step_reports_both_dictionaries(parts, make_sae):
+    model, tok, sae, settings = parts
+    d = model.config.d_model
+    transcoder = make_sae(d, 32, skip=True, site_in="blocks.1.mlp_in", site_out="blocks.1.mlp_out")
+    dicts = tour.Dictionaries(sae, transcoder, "random")
+    logged = []
+    metrics = tour.metrics_step(model, tok, dicts, settings, log=logged.append)
+    assert set(metrics) == {"sae_metrics", "transcoder_metrics"}
+    for value in metrics.values():
+        assert value["n_tokens"] > 0 and np.isfinite(value["fvu"])
+    assert logged[0].startswith(f"SAE blocks.{LAYER}.resid_post: FVU ")
+    assert "blocks.1.mlp_in → blocks.1.mlp_out" in logged[1]
+
+
+def test_report_step_writes_escaped_pages(parts, tmp_path):
+    model, tok, sae, settings = parts
+    feats = tour.features_step(model, tok, sae, settings, log=lambda _: None)
+    summary = {
+        "dictionaries": "random <SAE>",
+        "next_tokens": [("<b>", 0.5)],
+        "greedy": " & more",
+        "sae_metrics": {},
+        "transcoder_metrics": {},
+        "strongest_feature": feats.strongest,
+    }
+    summary.update(tour.lens_and_steer_step(model, tok, sae, feats.strongest, 0.1, lambda _: None))
+    metric_keys = ("fvu", "l0", "ce_clean", "ce_spliced", "delta_loss", "ce_recovered", "kl")
+    for key in ("sae_metrics", "transcoder_metrics"):
+        summary[key] = {k: 0.5 for k in metric_keys} | {"n_tokens": 3, "dead_fraction": 0.1}
+    report = tour.report_step(model, tok, sae, feats, summary, tmp_path)
+    html = report.read_text()
+    assert "random &lt;SAE&gt;" in html and "<code>&lt;b&gt;</code>" in html
+    assert "The capital of France is &amp; more" in html
+    assert f"Feature #{feats.strongest} on the sentence" in html
+    assert (tmp_path / "feature_cards.html").stat().st_size > 1000
+    json.dumps(summary, default=str)  # the summary stays JSON-able
+
+
+def test_settings_quick_overrides():
+    s = tour.TourSettings.quick_settings(layer=3)
+    assert s.quick and s.layer == 3 and s.train_steps == 120
+    assert tour.TourSettings().train_steps == 1500
