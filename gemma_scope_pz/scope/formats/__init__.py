@@ -31,6 +31,7 @@ from gemma_scope_pz.scope.formats.hook_names import (
     saelens_hook_name,
     site_from_hook,
 )
+from gemma_scope_pz.scope.formats.saelens import save_saelens
 
 __all__ = [
     "CONFIG_FILE",
@@ -44,5 +45,6 @@ __all__ = [
     "load_sae",
     "saelens_hook_name",
     "save_gemma_scope_2",
+    "save_saelens",
     "site_from_hook",
 ]
