@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The test job on a fresh machine (Python 3.11 + pip): creates .venv, installs gemma_scope_pz with its
-# dev extra, installs Debian's Chromium for the HTML rendering test when it can (root or sudo), then runs
-# the whole suite -- fast tests, the slow real-model tests and both notebooks -- in one pytest run.
+# dev and offline extras (versions pinned by constraints.txt), installs Debian's Chromium for the HTML
+# rendering test when it can (root or sudo), then runs the whole suite -- fast tests, the slow
+# real-model tests and both notebooks -- in one pytest run.
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -m "not slow"`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,offline]"
 bash .ci/install_chromium.sh || echo "test.sh: Chromium not installed; the rendering test needs it"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 exec .venv/bin/python -m pytest -q --durations=15 --nbmake tests notebooks "$@"

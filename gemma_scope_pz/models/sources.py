@@ -248,7 +248,13 @@ def _hub_error(repo_id: str, error: Exception) -> Exception:
 
 
 def _download_kaggle(handle: str, revision: str | None) -> pathlib.Path:
-    import kagglehub
+    try:
+        import kagglehub
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            f'kaggle:{handle} needs the kaggle extra: pip install "gemma_scope_pz[kaggle]"',
+            name="kagglehub",
+        ) from None
 
     if revision is not None:
         handle = f"{handle.rstrip('/')}/{revision}"
