@@ -19,12 +19,16 @@ render_html = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(render_html)
 
 
-@pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def _require_chromium():
     if render_html.chromium_path() is None:
         if os.environ.get("CI"):
             pytest.fail("Chromium not found under CI: run .ci/install_chromium.sh first")
         pytest.skip("Chromium not installed (run .ci/install_chromium.sh)")
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    _require_chromium()
     path = tmp_path_factory.mktemp("cards") / "cards.html"
     shown = render_html.write_sample_cards_page(path)
     return path, shown
@@ -72,10 +76,7 @@ def test_screenshot_is_not_blank(page, tmp_path):
 
 @pytest.fixture(scope="module")
 def plots_page(tmp_path_factory):
-    if render_html.chromium_path() is None:
-        if os.environ.get("CI"):
-            pytest.fail("Chromium not found under CI: run .ci/install_chromium.sh first")
-        pytest.skip("Chromium not installed (run .ci/install_chromium.sh)")
+    _require_chromium()
     path = tmp_path_factory.mktemp("plots") / "plots.html"
     return path, render_html.write_sample_plots_page(path)
 

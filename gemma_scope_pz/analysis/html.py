@@ -113,19 +113,10 @@ def highlight_tokens(
     )
 
 
-def display_tokens(
-    token_strings: Sequence[str],
-    values,
-    *,
-    title: str | None = None,
-    max_value: float | None = None,
-    exclude_bos: bool = True,
-    mask=None,
-):
-    """`highlight_tokens` as an ``IPython.display.HTML`` object (the string without IPython)."""
-    snippet = highlight_tokens(
-        token_strings, values, title=title, max_value=max_value, exclude_bos=exclude_bos, mask=mask
-    )
+def display_tokens(token_strings: Sequence[str], values, **options):
+    """`highlight_tokens` (same keyword options) as an ``IPython.display.HTML`` object, or the
+    string when IPython is not installed."""
+    snippet = highlight_tokens(token_strings, values, **options)
     try:
         from IPython.display import HTML
     except ImportError:
