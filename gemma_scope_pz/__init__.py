@@ -82,9 +82,6 @@ _EXPORTS = {
     "token_loss_svg": "gemma_scope_pz.analysis.plots",
     "activation_svg": "gemma_scope_pz.analysis.plots",
     "density_histogram_svg": "gemma_scope_pz.analysis.plots",
-    "token_loss_svg": "gemma_scope_pz.analysis.plots",
-    "activation_svg": "gemma_scope_pz.analysis.plots",
-    "density_histogram_svg": "gemma_scope_pz.analysis.plots",
     # the offline dictionaries trained by the tour's settings
     "offline_dictionaries": "gemma_scope_pz.app.tour",
 }
