@@ -55,7 +55,7 @@ CLI_EXAMPLES: dict[str, tuple[str, list[str]]] = {
     "inspect": (
         "Print the strongest latents of every token of a text (BOS is skipped).",
         [
-            "gemma-scope-pz inspect --sae ~/.cache/gemma_scope_pz/tour/sae-<hash>/gemma_scope_2 "
+            "gemma-scope-pz inspect --sae runs/sae_l9/gemma_scope_2 "
             '"Energy cannot be created or destroyed."',
             "gemma-scope-pz inspect --model hf:google/gemma-3-1b-pt \\\n"
             '    --sae google/gemma-scope-2-1b-pt:resid_post/layer_13_width_16k_l0_medium "Hello world"',
@@ -63,15 +63,18 @@ CLI_EXAMPLES: dict[str, tuple[str, list[str]]] = {
     ),
     "train": (
         "Harvest activations (cached and resumable under `OUT/activations`), train, and export to "
-        "`OUT/gemma_scope_2` and `OUT/saelens`. The config file holds `TrainConfig` fields; "
-        "`site_in` is required, `site_out` makes it a transcoder. `--tokens` defaults to "
-        "`batch_size × total_steps`.",
+        "`OUT/gemma_scope_2` and `OUT/saelens`. The config file holds the `TrainConfig` sections "
+        "`sae`, `loss`, `optim` and `run`; `sae.site_in` is required, `sae.site_out` makes it a "
+        "transcoder. Every field can be overridden by its dotted name (`--sae.k 64`). `--tokens` "
+        "defaults to `run.batch_size × run.total_steps`.",
         [
             "cat > sae.yaml <<'EOF'\n"
-            "d_in: 640\nd_sae: 2048\narchitecture: batchtopk\nk: 32\nbatch_size: 1024\n"
-            "total_steps: 1500\nlr: 0.001\nwarmup_steps: 75\nsparsity_warmup_steps: 1\n"
-            "site_in: blocks.9.resid_post\nEOF\n"
+            "sae: {site_in: blocks.9.resid_post, d_in: 640, d_sae: 2048, architecture: batchtopk, k: 32}\n"
+            "loss: {sparsity_warmup_steps: 1}\n"
+            "optim: {lr: 0.001, warmup_steps: 75}\n"
+            "run: {batch_size: 1024, total_steps: 1500}\nEOF\n"
             "gemma-scope-pz train --config sae.yaml --tokens 200000 --out runs/sae_l9",
+            "gemma-scope-pz train --config sae.yaml --sae.k 64 --optim.lr 5e-4 --out runs/sae_l9_k64",
             "gemma-scope-pz train --config transcoder.yaml --corpus 'notes/*.txt' --out runs/tc_l6",
         ],
     ),
