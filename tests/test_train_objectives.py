@@ -168,3 +168,26 @@ def test_sparse_topk_matches_dense_loss_and_gradients():
         np.testing.assert_allclose(
             np.asarray(g_sparse[key]), np.asarray(g_dense[key]), rtol=1e-4, atol=1e-5, err_msg=key
         )
+
+
+def test_dense_and_sparse_topk_share_one_tie_rule():
+    # Duplicated encoder columns make pre-activations tie exactly: both paths keep exactly k
+    # latents per row, the lowest-index ones among equals (scope/sae.py's rule).
+    cfg = _cfg(sae=dict(architecture="topk", k=2, d_sae=16), loss=dict(aux_k=0))
+    params = objectives.init_params(cfg, jax.random.PRNGKey(0))
+    w_enc = np.zeros((8, 16), np.float32)
+    w_enc[:, :4] = 1.0  # latents 0..3 all equal x.sum(); the others 0
+    params["w_enc"], params["b_enc"] = jnp.asarray(w_enc), jnp.zeros(16)
+    x = jnp.abs(jax.random.normal(jax.random.PRNGKey(1), (6, 8))) + 0.1
+    f = objectives.activate(params, objectives.pre_activations(params, x), cfg)[0]
+    kept = np.asarray(f) != 0
+    np.testing.assert_array_equal(kept.sum(axis=1), 2)
+    assert kept[:, :2].all() and not kept[:, 2:].any()
+    dead = jnp.zeros(16, bool)
+    dense = objectives.loss_fn(params, x, x, dead, 1.0, cfg)[1]
+    sparse = objectives.loss_fn(
+        params, x, x, dead, 1.0, apply_overrides(cfg, {"sae.sparse_topk": True})
+    )[1]
+    assert float(dense[0]["l0"]) == float(sparse[0]["l0"]) == 2.0
+    np.testing.assert_array_equal(np.asarray(dense[1]), np.asarray(sparse[1]))
+    np.testing.assert_allclose(float(dense[0]["mse"]), float(sparse[0]["mse"]), rtol=1e-6)

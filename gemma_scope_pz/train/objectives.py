@@ -20,7 +20,7 @@ over the batch. Architectures:
   ``d/dθ JumpReLU = -(θ/ε) K((z-θ)/ε)`` and ``d/dθ H = -(1/ε) K((z-θ)/ε)`` with
   ``K(u) = 1[|u| < 1/2]``; the derivative with respect to z is the ordinary one
   (``H(z-θ)`` for JumpReLU, 0 for the step).
-* ``topk``: per token, the k largest pre-activations (after ReLU) are kept.
+* ``topk``: per token, exactly k pre-activations are kept (ties to the lowest index), then ReLU'd.
 * ``batchtopk``: the ``k * batch`` largest over the whole batch are kept; the smallest kept
   value is returned so the trainer can keep a running inference threshold (BatchTopK SAEs are
   exported as JumpReLU SAEs with that global threshold).
@@ -31,9 +31,13 @@ over the batch. Architectures:
 * ``sparse_topk=True`` (TopK): a gradient-free dense encoder pass only *selects* the k latents;
   their pre-activations are recomputed from gathered encoder columns and decoded from gathered
   decoder rows, so the backward pass costs O(batch * k * d) instead of three dense matmuls.
-  Loss and gradients equal the dense path's (tested).
+  Loss and gradients equal the dense path's (tested): both select with the same TopK rule.
 * ``matryoshka``: the reconstruction loss is summed over nested prefixes of the latents
   (``f[:, :m] @ w_dec[:m]`` for each prefix size m), computed with one matmul per group.
+
+Every forward value (pre-activations, the activations with their one TopK tie rule, decode, skip)
+comes from :mod:`gemma_scope_pz.scope.sae`, the one home of the SAE math; this module adds only
+the training-time pieces: straight-through estimators, sparsity penalties, AuxK, the sparse path.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from gemma_scope_pz.scope import sae
 from gemma_scope_pz.train.config import TrainConfig
 
 Params = dict[str, jax.Array]
@@ -52,7 +57,7 @@ Params = dict[str, jax.Array]
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def jumprelu(z: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
     """JumpReLU ``z * H(z - threshold)`` with the rectangle-kernel STE for the threshold."""
-    return jnp.where(z > threshold, z, 0.0).astype(z.dtype)
+    return sae.jumprelu(z, threshold)
 
 
 def _jumprelu_fwd(z, threshold, bandwidth):
@@ -94,10 +99,8 @@ def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def topk_activation(z: jax.Array, k: int) -> jax.Array:
-    """Keeps the k largest entries of each row of ``z`` (then ReLU); zeros elsewhere."""
-    # min over the top-k values (not `values[..., -1]`, which XLA:CPU lowers to a full sort).
-    kth = jax.lax.stop_gradient(jnp.min(jax.lax.top_k(z, k)[0], axis=-1, keepdims=True))
-    return jnp.where(z >= kth, jax.nn.relu(z), 0.0)
+    """Exactly k entries per row kept, ReLU'd (:func:`gemma_scope_pz.scope.sae.topk`)."""
+    return sae.topk(z, k)
 
 
 def batchtopk_activation(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -106,39 +109,25 @@ def batchtopk_activation(z: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     Returns:
       The sparse activations and the smallest kept value (the batch's implied threshold).
     """
-    positive = jax.nn.relu(z)
-    n_keep = min(k * z.shape[0], z.size)
-    kth = jax.lax.stop_gradient(jnp.min(jax.lax.top_k(positive.reshape(-1), n_keep)[0]))
-    keep = (positive >= kth) & (positive > 0)
-    return jnp.where(keep, positive, 0.0), kth
+    threshold = sae.batchtopk_threshold(z, k)
+    return sae.batchtopk(z, k, threshold), threshold
 
 
 # --------------------------------------------------------------------------- forward pieces
-def matmul(a: jax.Array, b: jax.Array, dtype: str = "float32") -> jax.Array:
-    """``a @ b`` in float32, or with bfloat16 operands and float32 accumulation."""
-    if dtype == "bfloat16":
-        return jnp.matmul(
-            a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32
-        )
-    return jnp.matmul(a, b)
-
-
 def pre_activations(params: Params, x_in: jax.Array, dtype: str = "float32") -> jax.Array:
     """``z = x_in @ w_enc + b_enc``."""
-    return matmul(x_in, params["w_enc"], dtype) + params["b_enc"]
+    return sae.pre_activations(x_in, params["w_enc"], params["b_enc"], dtype=dtype)
 
 
 def activate(params: Params, z: jax.Array, config: TrainConfig) -> tuple[jax.Array, jax.Array]:
     """Applies the configured activation; also returns the BatchTopK threshold (else 0)."""
-    kind = config.sae.activation
+    kind, zero = config.sae.activation, jnp.zeros((), z.dtype)
     if kind == "relu":
-        return jax.nn.relu(z), jnp.zeros((), z.dtype)
+        return sae.relu(z), zero
     if kind == "jumprelu":
-        return jumprelu(z, params["threshold"], config.loss.jumprelu_bandwidth), jnp.zeros(
-            (), z.dtype
-        )
+        return jumprelu(z, params["threshold"], config.loss.jumprelu_bandwidth), zero
     if kind == "topk":
-        return topk_activation(z, config.sae.k), jnp.zeros((), z.dtype)
+        return topk_activation(z, config.sae.k), zero
     return batchtopk_activation(z, config.sae.k)
 
 
@@ -146,9 +135,9 @@ def decode(
     params: Params, f: jax.Array, x_in: jax.Array | None = None, dtype: str = "float32"
 ) -> jax.Array:
     """``f @ w_dec + b_dec`` (+ ``x_in @ w_skip`` when the params have a skip)."""
-    out = matmul(f, params["w_dec"], dtype) + params["b_dec"]
+    out = sae.decode(f, params["w_dec"], params["b_dec"], dtype=dtype)
     if "w_skip" in params:
-        out = out + matmul(x_in, params["w_skip"], dtype)
+        out = out + sae.skip(x_in, params["w_skip"], dtype=dtype)
     return out
 
 
@@ -181,12 +170,12 @@ def auxk_loss(
     """
 
     def compute(z, residual, w_dec):
-        idx = jax.lax.top_k(jnp.where(dead, jax.lax.stop_gradient(z), -1e30), aux_k)[1]
+        idx = sae.topk_indices(jnp.where(dead, jax.lax.stop_gradient(z), -1e30), aux_k)
         if pre_activations_at is None:
             pre = jnp.take_along_axis(z, idx, axis=-1)
         else:
             pre = pre_activations_at(idx)
-        f_aux = jnp.where(dead[idx], jax.nn.relu(pre), 0.0)
+        f_aux = jnp.where(dead[idx], sae.relu(pre), 0.0)
         rows = jnp.take(w_dec, idx, axis=0)
         if dtype == "bfloat16":
             f_aux, rows = f_aux.astype(jnp.bfloat16), rows.astype(jnp.bfloat16)
@@ -221,9 +210,9 @@ def _sparse_topk_terms(params: Params, x_in: jax.Array, dead: jax.Array, config:
     reach the encoder columns and decoder rows of the selected latents only.
     """
     z = jax.lax.stop_gradient(pre_activations(params, x_in, config.run.dtype))
-    idx = jax.lax.top_k(z, config.sae.k)[1]
+    idx = sae.topk_indices(z, config.sae.k)
     pre, rows = _gathered(params, x_in, idx, config.run.dtype)
-    f = jax.nn.relu(pre)
+    f = sae.relu(pre)
     recon = jnp.einsum("bk,bkd->bd", f.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
     counts = jnp.zeros(config.sae.d_sae, jnp.int32).at[idx.reshape(-1)].add((f > 0).reshape(-1))
     l0 = jnp.mean(jnp.sum(f > 0, axis=-1).astype(jnp.float32))
@@ -234,10 +223,12 @@ def matryoshka_reconstructions(
     params: Params, f: jax.Array, x_in: jax.Array, prefixes: tuple[int, ...], dtype: str
 ) -> list[jax.Array]:
     """Reconstructions from each nested prefix ``f[:, :m]`` (the last is the full one)."""
-    out = params["b_dec"] + (matmul(x_in, params["w_skip"], dtype) if "w_skip" in params else 0.0)
+    out = params["b_dec"] + (
+        sae.skip(x_in, params["w_skip"], dtype=dtype) if "w_skip" in params else 0.0
+    )
     recons, start = [], 0
     for end in prefixes:
-        out = out + matmul(f[:, start:end], params["w_dec"][start:end], dtype)
+        out = out + sae.matmul(f[:, start:end], params["w_dec"][start:end], dtype)
         recons.append(out)
         start = end
     return recons
@@ -319,7 +310,7 @@ def _sparse_topk_loss(params, x_in, x_out, dead, config):
     z, recon, fired, l0 = _sparse_topk_terms(params, x_in, dead, config)
     recon = recon + params["b_dec"]
     if "w_skip" in params:
-        recon = recon + matmul(x_in, params["w_skip"], config.run.dtype)
+        recon = recon + sae.skip(x_in, params["w_skip"], dtype=config.run.dtype)
     sq_err = sum_sq(recon - x_out)
     aux = jnp.zeros((), jnp.float32)
     if config.effective_aux_k > 0 and config.loss.aux_k_coeff > 0:
