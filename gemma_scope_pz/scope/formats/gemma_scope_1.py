@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import zipfile
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +82,7 @@ def _read_npz(path) -> dict[str, np.ndarray]:
     """The five arrays (keys matched case-insensitively), refusing object arrays and non-finite values."""
     try:
         npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path}: not a readable .npz file: {exc}") from exc
     with npz:
         by_lower = {key.lower(): key for key in npz.files}
@@ -96,6 +98,10 @@ def _read_npz(path) -> dict[str, np.ndarray]:
             except ValueError as exc:  # object arrays need pickle, which we never allow
                 raise CheckpointError(
                     f"{path}: array {by_lower[key]!r} is not a plain numeric array ({exc})"
+                ) from exc
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                raise CheckpointError(
+                    f"{path}: array {by_lower[key]!r} is unreadable: {exc}"
                 ) from exc
             if not np.issubdtype(value.dtype, np.floating):
                 raise CheckpointError(
