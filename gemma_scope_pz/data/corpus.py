@@ -6,6 +6,7 @@ always yields the same documents in the same order. It carries a ``name`` and a 
 store records exactly which text it was built from::
 
     corpus = load_corpus(None)                        # offline: Python's own documentation
+    corpus = load_corpus("default+prose")             # ... mixed with English prose (Debian)
     corpus = load_corpus("notes/*.txt", split="paragraph")
     corpus = load_corpus("data/*.jsonl", field="text")
     corpus = load_corpus("hf:roneneldan/TinyStories:train")     # needs `pip install datasets`
@@ -28,6 +29,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from gemma_scope_pz.data import offline
+from gemma_scope_pz.data.prose import prose_documents
 
 _FileReader = Callable[[str], Iterator[str]]
 
@@ -280,18 +282,44 @@ def _read_text(path: str, encoding: str) -> str:
 
 
 def default_corpus(
-    *, min_chars: int = 200, comments: bool = True, packages: Sequence[str] = ()
+    *,
+    min_chars: int = 200,
+    comments: bool = True,
+    packages: Sequence[str] = (),
+    prose: bool = False,
 ) -> Corpus:
     """The offline default corpus: English text available on any machine with CPython.
 
-    See ``data.offline.offline_documents`` for what it holds. The fingerprint starts with the
-    Python (and package) versions, e.g. ``py3.11.7-<hash>``, since the text changes between
-    releases. The documents are built once per process (a few seconds) and cached.
+    See ``data.offline.offline_documents`` for what it holds. With ``prose``, the English prose of
+    ``data.prose`` (Debian packages: a book, a dictionary, quotations) is mixed in evenly, so every
+    stretch of the corpus (its start for training, its end for held-out text) is about half prose;
+    the name then ends in ``+prose``. The fingerprint starts with the Python (and package)
+    versions, e.g. ``py3.11.7-<hash>``, since the text changes between releases. The documents are
+    built once per process (a few seconds) and cached.
     """
     packages = tuple(packages)
     docs = offline.offline_documents(min_chars=min_chars, comments=comments, packages=packages)
-    fingerprint = offline.offline_version_tag(packages) + "-" + hash_documents(docs)
-    return Corpus(offline.offline_name(packages), lambda: docs, fingerprint)
+    name, tag = offline.offline_name(packages), offline.offline_version_tag(packages)
+    if prose:
+        docs = interleave(docs, prose_documents())
+        name, tag = name + "+prose", tag + "+prose"
+    return Corpus(name, lambda: docs, tag + "-" + hash_documents(docs))
+
+
+def interleave(first: Sequence[str], second: Sequence[str]) -> tuple[str, ...]:
+    """Both document lists merged evenly by characters: the next document comes from the list
+    that has used the smaller share of its characters so far (ties: ``first``). Order within
+    each list is kept."""
+    lists = (first, second)
+    totals = [max(1, sum(map(len, docs))) for docs in lists]
+    used, index, out = [0, 0], [0, 0], []
+    while index[0] < len(first) or index[1] < len(second):
+        shares = [used[k] / totals[k] if index[k] < len(lists[k]) else float("inf") for k in (0, 1)]
+        k = 0 if shares[0] <= shares[1] else 1
+        out.append(lists[k][index[k]])
+        used[k] += len(out[-1])
+        index[k] += 1
+    return tuple(out)
 
 
 def load_corpus(
@@ -300,7 +328,8 @@ def load_corpus(
     """A corpus from a specification.
 
     * ``None`` or ``"default"``: ``default_corpus()`` (options: ``min_chars``, ``comments``);
-      ``"default+deps"`` adds ``DEPENDENCY_PACKAGES``, ``"default+numpy"`` the named packages.
+      ``"default+prose"`` mixes in the Debian prose (``data/prose.py``); ``"default+deps"`` adds
+      ``DEPENDENCY_PACKAGES``, ``"default+numpy"`` the named packages (combinable with ``+``).
     * a ``Corpus``: returned as is; a list/tuple of ``str`` that are not all existing paths:
       ``Corpus.from_texts``.
     * ``"hf:<dataset>[:<config>]:<split>"``: ``Corpus.from_hf`` (options: ``field``, ``revision``).
@@ -311,7 +340,9 @@ def load_corpus(
         return default_corpus(**options)
     if isinstance(spec, str) and (spec == "default" or spec.startswith("default+")):
         extra = [p for p in spec.split("+")[1:] if p]
-        packages = [q for p in extra for q in (offline.DEPENDENCY_PACKAGES if p == "deps" else [p])]
+        options.setdefault("prose", "prose" in extra)
+        deps = offline.DEPENDENCY_PACKAGES
+        packages = [q for p in extra if p != "prose" for q in (deps if p == "deps" else [p])]
         return default_corpus(packages=options.pop("packages", packages), **options)
     if isinstance(spec, Corpus):
         return spec
