@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 FOLDERS = REPO / "tests" / "data" / "saelens"
 OUTPUT = REPO / "tests" / "data" / "saelens_reference.json"
 GS2_REPO = "google/gemma-scope-2-270m-pt"
+D_MODEL, N_HEADS = 16, 4
 
 
 def rounded(t: torch.Tensor) -> list:
@@ -48,7 +49,7 @@ def rounded(t: torch.Tensor) -> list:
 def tiny_model() -> HookedSAETransformer:
     """A random 6-layer TransformerLens model whose hook names are those of Gemma 3 in TL."""
     cfg = HookedTransformerConfig(
-        n_layers=6, d_model=16, n_ctx=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=50,
+        n_layers=6, d_model=D_MODEL, n_ctx=16, d_head=D_MODEL // N_HEADS, n_heads=N_HEADS, d_mlp=32, d_vocab=50,
         act_fn="gelu", normalization_type="RMS", use_hook_mlp_in=True,
     )  # fmt: skip
     return HookedSAETransformer(cfg)
@@ -61,9 +62,26 @@ def attaches(model: HookedSAETransformer, sae: SAE) -> bool:
 
 
 def outputs(sae: SAE, x: torch.Tensor) -> dict:
+    """encode / decode / forward on ``x`` [batch, d_in] (as [batch, heads, d_head] for hook_z SAEs)."""
+    n = x.shape[0]
+    if sae.cfg.reshape_activations == "hook_z":
+        x = x.reshape(n, N_HEADS, -1)
     with torch.no_grad():
         f = sae.encode(x)
-        return {"encode": rounded(f), "decode": rounded(sae.decode(f)), "forward": rounded(sae(x))}
+        return {
+            "encode": rounded(f),
+            "decode": rounded(sae.decode(f).reshape(n, -1)),
+            "forward": rounded(sae(x).reshape(n, -1)),
+        }
+
+
+def runs_in_model(model: HookedSAETransformer, sae: SAE) -> bool | None:
+    """Whether a forward pass with the SAE spliced in runs (None: widths differ from the model's)."""
+    if sae.cfg.d_in != D_MODEL or getattr(sae.cfg, "d_out", D_MODEL) != D_MODEL:
+        return None
+    with torch.no_grad():
+        logits = model.run_with_saes(torch.tensor([[1, 2, 3, 4, 5]]), saes=[sae])
+    return bool(torch.isfinite(logits).all())
 
 
 def record_saelens_folders(x: torch.Tensor) -> dict:
@@ -81,6 +99,8 @@ def record_saelens_folders(x: torch.Tensor) -> dict:
             "model_name": meta.model_name,
             "l0": meta.l0,
             "attached": attaches(model, sae),
+            "runs_in_model": runs_in_model(model, sae),
+            "reshape_activations": sae.cfg.reshape_activations,
             **outputs(sae, x),
         }
     return out
@@ -136,7 +156,7 @@ def main() -> None:
     OUTPUT.write_text(json.dumps(reference, indent=1) + "\n")
     for name, entry in {**reference["saelens"], **reference["gemma_scope_2"]}.items():
         print(
-            f"{name:50s} {entry['class']:24s} {entry['hook_name']:28s} attached={entry.get('attached')}"
+            f"{name:50s} {entry['class']:24s} {entry['hook_name']:28s} attached={entry.get('attached')} runs={entry.get('runs_in_model')}"
         )
     print(f"wrote {OUTPUT} ({OUTPUT.stat().st_size} bytes)")
 

@@ -153,6 +153,11 @@ def test_saelens_resolves_our_hook_names(reference, name):
     assert recorded["attached"], (
         f"HookedSAETransformer.add_sae did not attach at {recorded['hook_name']}"
     )
+    # spliced into a small TransformerLens model with Gemma 3's hook layout, a forward pass runs
+    # (None: a rectangular transcoder whose d_out is not that model's width)
+    square = SPECS[name][2] == D
+    assert recorded["runs_in_model"] is (True if square else None)
+    assert recorded["reshape_activations"] == ("hook_z" if site_in.endswith("attn_out") else "none")
 
 
 def test_skip_transcoder_matrix_is_stored_transposed(rewritten):

@@ -12,6 +12,8 @@ What SAELens expects, and how we meet it:
   ``hf_hook_name`` / ``hf_hook_name_out`` (the Gemma Scope 2 module paths), ``sae_lens_version`` (the
   SAELens format this file follows: without it SAELens reads the file as a pre-6.0 config and drops
   the metadata) and everything JSON-serialisable in ``ae.meta.extra`` (``l0``, training information).
+* At ``attn_out`` (SAELens: ``blocks.L.attn.hook_z``) ``reshape_activations`` is "hook_z", so SAELens
+  flattens the heads as our site does; the SAE then takes ``[..., n_heads, d_head]`` inputs in SAELens.
 * ``W_skip`` is stored ``[d_out, d_in]``: SAELens computes ``x @ W_skip.T`` (we store and compute
   ``x @ w_skip`` with ``[d_in, d_out]``), so the writer transposes it.
 * Architectures: SAE ReLU -> "standard", JumpReLU -> "jumprelu", TopK -> "topk"; transcoder ReLU ->
@@ -126,7 +128,9 @@ def saelens_config(
         "device": "cpu",
         "apply_b_dec_to_input": False,
         "normalize_activations": "none",
-        "reshape_activations": "none",
+        # SAELens feeds an SAE at blocks.L.attn.hook_z [..., n_heads, d_head] and flattens it only
+        # with "hook_z" (its own default for hook_z names); our attn_out is the flattened z.
+        "reshape_activations": "hook_z" if meta.site_in.endswith(".attn_out") else "none",
     }
     if transcoder:
         config["d_out"] = meta.d_out
