@@ -161,7 +161,6 @@ def harvest(
         model's vocabulary, or a site is unknown (the capture's error).
     """
     corpus = as_corpus(corpus)
-    corpus_name = corpus.name
     names = _site_names(sites)
     for name in names:
         Site.parse(name).check(model.config)
@@ -170,49 +169,68 @@ def harvest(
     if n_tokens is not None and start_row >= n_tokens:
         return
     tokenizer = packing.text_tokenizer(tokenizer)
-    pad_id, vocab = int(tokenizer.pad_id), model.config.vocab_size
+    pad_id = int(tokenizer.pad_id)
     contexts = packing.pack_contexts(corpus, tokenizer, context_len, add_bos=add_bos, tail=tail)
     contexts, skip = _skip_rows(contexts, start_row, pad_id, add_bos)
     batches = packing.batch_contexts(contexts, batch_size, context_len, pad_id)
-
+    batches = _checked_ids(batches, model.config.vocab_size, corpus.name)
     done = start_row
     bar = tqdm(total=n_tokens, initial=start_row, unit="tok", disable=not progress, desc="harvest")
-    pending = None  # (device activations, mask) of the batch dispatched last
     try:
-        for tokens in itertools.chain(batches, [None]):
-            if tokens is not None:
-                if tokens.min() < 0 or tokens.max() >= vocab:
-                    bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
-                    raise ValueError(
-                        f"Corpus {corpus_name!r}: token id {bad} is outside the model's "
-                        f"vocabulary [0, {vocab}) (wrong tokenizer?)"
-                    )
-                submitted = capture(model, tokens, list(names), stop_early=True)
-                submitted = (submitted, packing.real_token_mask(tokens, pad_id, has_bos=add_bos))
-            if pending is not None:
-                acts, mask = pending
-                rows = _gather(jax.device_get(acts), mask, names, dtype)
-                if skip:
-                    rows, skip = {k: v[skip:] for k, v in rows.items()}, 0
-                if n_tokens is not None:
-                    rows = {k: v[: n_tokens - done] for k, v in rows.items()}
-                n = len(rows[names[0]])
-                if n:
-                    done += n
-                    bar.update(n)
-                    yield rows
-                if n_tokens is not None and done >= n_tokens:
-                    return
-            pending = submitted if tokens is not None else None
+        for rows in _activation_rows(model, batches, names, pad_id, add_bos, dtype):
+            if skip:
+                rows, skip = {k: v[skip:] for k, v in rows.items()}, 0
+            if n_tokens is not None:
+                rows = {k: v[: n_tokens - done] for k, v in rows.items()}
+            n = len(rows[names[0]])
+            if n:
+                done += n
+                bar.update(n)
+                yield rows
+            if n_tokens is not None and done >= n_tokens:
+                return
     finally:
         bar.close()
+    _check_count(corpus.name, done, n_tokens)
+
+
+def _check_count(corpus_name: str, done: int, n_tokens: int | None) -> None:
+    """No rows at all is an error; fewer than ``n_tokens`` a warning."""
     if done == 0:
         raise ValueError(f"Corpus {corpus_name!r} yielded no tokens to harvest")
     if n_tokens is not None and done < n_tokens:
         warnings.warn(
             f"Corpus {corpus_name!r} ran out after {done} of {n_tokens} requested rows",
-            stacklevel=2,
+            stacklevel=3,
         )
+
+
+def _checked_ids(batches: Iterable[np.ndarray], vocab: int, corpus_name: str) -> Iterator:
+    """``batches``, each checked to hold token ids in ``[0, vocab)`` (else ``ValueError``)."""
+    for tokens in batches:
+        if tokens.min() < 0 or tokens.max() >= vocab:
+            bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
+            raise ValueError(
+                f"Corpus {corpus_name!r}: token id {bad} is outside the model's "
+                f"vocabulary [0, {vocab}) (wrong tokenizer?)"
+            )
+        yield tokens
+
+
+def _activation_rows(
+    model, batches: Iterable[np.ndarray], names: tuple[str, ...], pad_id: int, add_bos: bool, dtype
+) -> Iterator[dict[str, np.ndarray]]:
+    """The document-token rows of each batch, ``{site: [n, width]}``; batch ``i + 1`` is dispatched
+    to the device before batch ``i`` is copied back, so host work overlaps device compute."""
+    pending = None  # (device activations, mask) of the batch dispatched last
+    for tokens in batches:
+        acts = capture(model, tokens, list(names), stop_early=True)
+        submitted = (acts, packing.real_token_mask(tokens, pad_id, has_bos=add_bos))
+        if pending is not None:
+            yield _gather(jax.device_get(pending[0]), pending[1], names, dtype)
+        pending = submitted
+    if pending is not None:
+        yield _gather(jax.device_get(pending[0]), pending[1], names, dtype)
 
 
 def harvest_array(
