@@ -223,6 +223,7 @@ def offline_dictionaries(
     once (one forward pass for the three sites, cached on disk, with a progress bar) and trains
     both, reusing cached exports. With no arguments: the offline model and the quick settings.
     """
+    from gemma_scope_pz.models.fingerprint import weights_fingerprint
     from gemma_scope_pz.train.pipeline import default_cache_root, fingerprint
 
     s = settings or TourSettings.quick_settings()
@@ -237,7 +238,8 @@ def offline_dictionaries(
     ]
     root = default_cache_root() / "tour"
     corpus = gs.load_corpus(None)
-    data_key = fingerprint(model.config.to_dict(), corpus.label, s.train_tokens, *sites)
+    weights = weights_fingerprint(model)  # a fine-tuned model gets its own activations
+    data_key = fingerprint(model.config.to_dict(), weights, corpus.label, s.train_tokens, *sites)
     log(f"harvesting {s.train_tokens} tokens at {sites} from the offline corpus (cached in {root})")
     cache = gs.harvest_to_cache(
         model, tok, corpus, sites, root / f"acts-{data_key}", n_tokens=s.train_tokens
