@@ -159,7 +159,8 @@ def load_sae(
 
     Args:
       source: A local folder, a hub repo id ("google/gemma-scope-2-1b-pt", with
-        ``folder``) or a single "repo:folder" string.
+        ``folder``), a single "repo:folder" string, or "offline" for the dictionaries shipped with
+        the package (:mod:`~gemma_scope_pz.scope.formats.offline`, e.g. folder "resid_post/layer_9").
       folder: Sub-folder inside ``source`` holding config.json and params.safetensors.
       dtype: Parameter dtype (tensors are cast one at a time while reading).
       revision: Hub revision (branch, tag or commit) for hub sources.
@@ -173,6 +174,10 @@ def load_sae(
       FileNotFoundError: a file is missing. CheckpointError: the config or the tensors are malformed,
         missing, mis-shaped, non-float, non-finite, or contradict config.json / ``expected_d_in``.
     """
+    if source == "offline" and not os.path.exists("offline"):  # the dictionaries shipped with us
+        from gemma_scope_pz.scope.formats import offline
+
+        return offline.load_offline(folder or "", dtype=dtype, expected_d_in=expected_d_in)
     paths, label = fetch_files(source, folder, [CONFIG_FILE], revision)
     config_path = paths[CONFIG_FILE]
     config, kind, activation, k = _read_config(config_path)  # before downloading the weights
