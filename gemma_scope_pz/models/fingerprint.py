@@ -13,6 +13,7 @@ differently: a cache is then rebuilt, never wrongly reused.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any
 
@@ -40,15 +41,20 @@ def weights_fingerprint(model: Any) -> str:
             array = array.unwrap(*array.named_axes) if array.named_axes else array.data_array
         array = jnp.asarray(array)
         digest.update(f"{param.label}|{array.shape}|{array.dtype}|".encode())
-        sample, total = _sample_and_sum(array.reshape(-1))
+        sample, total = _sample_and_sum(array)
         digest.update(np.asarray(sample).tobytes())
         digest.update(np.asarray(total).tobytes())
     return digest.hexdigest()[:16]
 
 
-def _sample_and_sum(flat: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``SAMPLES`` evenly strided elements of ``flat`` and its float32 sum, on the host."""
-    stride = max(1, flat.size // SAMPLES)
-    sample = flat[::stride][:SAMPLES]
-    total = jnp.sum(flat, dtype=jnp.float32)
-    return jax.device_get((sample, total))
+def _sample_and_sum(array: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``SAMPLES`` evenly strided elements of ``array`` (flattened) and its float32 sum, on
+    the host."""
+    return jax.device_get(_sample_and_sum_jit(array, max(1, array.size // SAMPLES)))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _sample_and_sum_jit(array: jax.Array, stride: int) -> tuple[jax.Array, jax.Array]:
+    # jitted so that slicing and summing read the parameter in place (no flattened copy)
+    flat = array.reshape(-1)
+    return flat[::stride][:SAMPLES], jnp.sum(flat, dtype=jnp.float32)
