@@ -405,3 +405,54 @@ def test_read_topk_folder_of_older_exports(tmp_path):
     write_gs2(tmp_path, t, architecture="topk", k="3")
     with pytest.raises(CheckpointError, match="architecture 'topk' needs an integer 'k', got '3'"):
         load_sae(tmp_path)
+
+
+def test_hook_name_tables_are_strict():
+    from gemma_scope_pz.scope.formats.hook_names import (
+        hf_model_id,
+        saelens_hook_name,
+        site_kind_from_hook,
+    )
+
+    kinds = ("resid_pre", "resid_post", "attn_out", "mlp_in", "mlp_out")
+    names = ["hook_resid_pre", "hook_resid_post", "attn.hook_z", "hook_mlp_in", "hook_mlp_out"]
+    assert [saelens_hook_name(f"blocks.7.{k}") for k in kinds] == [f"blocks.7.{n}" for n in names]
+    assert site_kind_from_hook("model.layers.{all}.pre_feedforward_layernorm.output") == (
+        "mlp_in",
+        None,
+    )
+    with pytest.raises(ValueError, match="names all layers"):
+        site_from_hook("model.layers.{all}.output")
+    for bad in (
+        "blocks.3.resid_post\n",
+        "blocks.٣.resid_post",
+        "blocks.3.resid",
+        " blocks.3.mlp_in",
+    ):
+        with pytest.raises(ValueError, match="unknown site"):
+            hook_from_site(bad)
+        with pytest.raises(ValueError, match="unknown site"):
+            saelens_hook_name(bad)
+    assert hf_model_id("gemma3-270m") == "google/gemma-3-270m"
+    assert hf_model_id("hf:google/gemma-3-1b-it") == "google/gemma-3-1b-it"
+    assert hf_model_id("4b") == "google/gemma-3-4b-pt"
+    with pytest.raises(ValueError, match="'google/gemma-2-2b' is not a Gemma 3 model"):
+        hf_model_id("google/gemma-2-2b")
+
+
+def test_old_import_paths_warn_and_still_work():
+    import importlib
+    import sys
+
+    from gemma_scope_pz.scope import formats
+
+    for old, new in (
+        ("gemma_scope_pz.scope.checkpoints", formats),
+        ("gemma_scope_pz.scope.gemma_scope_2", formats.gemma_scope_2),
+    ):
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated"):
+            module = importlib.import_module(old)
+        assert (
+            module.load_sae is new.load_sae and module.save_gemma_scope_2 is new.save_gemma_scope_2
+        )
