@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import gemma_scope_pz as gs
-from gemma_scope_pz.scope.formats import save_gemma_scope_2
-from gemma_scope_pz.scope.highlight import highlight_tokens_html
-from gemma_scope_pz.scope.layers import AutoEncoder, SaeMeta
+from gemma_scope_pz.analysis.html import highlight_tokens
 from gemma_scope_pz.data.corpus import default_corpus
 from gemma_scope_pz.data.packing import pack_contexts, real_token_mask
+from gemma_scope_pz.scope.formats import save_gemma_scope_2
+from gemma_scope_pz.scope.layers import AutoEncoder, SaeMeta
 
 pytestmark = pytest.mark.slow
 SITE = "blocks.9.resid_post"
@@ -93,6 +93,7 @@ def test_top_features_lens_and_highlight(real_model, real_tokenizer, pca_sae):
     assert top["ids"].shape == top["values"].shape == (len(tokens), k)
     assert top["latents"].shape == (len(tokens), 2 * N_COMPONENTS)
     assert np.all(np.diff(top["values"], axis=-1) <= 0) and np.all(top["values"] >= 0)
+    assert not top["mask"][0] and not top["latents"][0].any()  # BOS never counted
     lens = gs.logit_lens(real_model, pca_sae, [0, 1], k=5)
     assert [r.feature for r in lens] == [0, 1]
     for r in lens:
@@ -100,9 +101,9 @@ def test_top_features_lens_and_highlight(real_model, real_tokenizer, pca_sae):
         assert all(0 <= i < real_model.config.vocab_size for i, _ in r.top + r.bottom)
         assert r.top[0][1] >= r.top[-1][1] > r.bottom[-1][1] >= r.bottom[0][1]
     strings = real_tokenizer.token_strings(tokens)
-    html = highlight_tokens_html(strings, top["latents"][:, top["ids"][-1, 0]], title="<feature>")
+    html = highlight_tokens(strings, top["latents"][:, top["ids"][-1, 0]], title="<feature>")
     assert "<b>city" not in html and "&lt;b&gt;" in html and "&lt;feature&gt;" in html
-    assert html.count("<span title=") == len(tokens)
+    assert html.count('<span class="gs-tok"') == len(tokens)
 
 
 def test_reloaded_transcoder_applies_the_skip_as_x_at_w(real_model, contexts, tmp_path):
