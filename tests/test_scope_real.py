@@ -130,7 +130,9 @@ def test_reloaded_transcoder_applies_the_skip_as_x_at_w(real_model, contexts, tm
         w_skip=w.astype(np.float32),
         meta=SaeMeta(d_in=d, d_sae=n, d_out=d, site_in=site_in, site_out=site_out),
     )
-    folder = save_gemma_scope_2(transcoder, tmp_path / f"transcoder/layer_{layer}_width_16_l0_0")
+    folder = save_gemma_scope_2(
+        transcoder, tmp_path / f"transcoder/layer_{layer}_width_16_l0_0", model_name="270m"
+    )
     loaded = gs.load_sae(folder)
     assert isinstance(loaded, gs.AutoEncoderSkip)
     assert (loaded.meta.site_in, loaded.meta.site_out) == (site_in, site_out)
