@@ -41,6 +41,16 @@ SPECS = {
     "tc_relu_skip_rect": ("relu", None, D_OUT, True, "blocks.0.mlp_in", "blocks.0.mlp_out"),
     "tc_jumprelu_rect": ("jumprelu", None, D_OUT, False, "blocks.2.mlp_in", "blocks.2.mlp_out"),
 }
+# The SAELens class each export must become.
+SAELENS_CLASSES = {
+    "sae_jumprelu": "JumpReLUSAE",
+    "sae_relu": "StandardSAE",
+    "sae_topk": "TopKSAE",
+    "tc_topk_as_jumprelu": "JumpReLUTranscoder",
+    "tc_jumprelu_skip_square": "JumpReLUSkipTranscoder",
+    "tc_relu_skip_rect": "SkipTranscoder",
+    "tc_jumprelu_rect": "JumpReLUTranscoder",
+}
 # Gemma Scope 2 folders (named as released, which SAELens's gemma_3 loader parses) -> dictionary.
 GS2 = {
     "resid_post/layer_5_width_16k_l0_small": "sae_jumprelu",
@@ -145,9 +155,11 @@ def test_outputs_match_saelens(reference, name):
 def test_saelens_resolves_our_hook_names(reference, name):
     recorded = reference["saelens"][name]
     _, _, _, _, site_in, site_out = SPECS[name]
-    assert recorded["class"] != "" and recorded["hook_name"] == saelens_hook_name(site_in)
+    assert recorded["class"] == SAELENS_CLASSES[name]
+    assert recorded["hook_name"] == saelens_hook_name(site_in)
     assert recorded["hf_hook_name"] == hook_from_site(site_in)
     assert recorded["model_name"] == "google/gemma-3-270m"
+    assert recorded["l0"] == 7.5  # our metadata survives SAELens's config parsing
     if site_out != site_in:
         assert recorded["hook_name_out"] == saelens_hook_name(site_out)
     assert recorded["attached"], (
