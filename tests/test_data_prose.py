@@ -8,12 +8,14 @@ import pytest
 from gemma_scope_pz.data import prose
 from gemma_scope_pz.data.corpus import default_corpus, hash_documents, interleave, load_corpus
 
+B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"  # dictd's digits
+
 
 def _b64(n: int) -> str:
     digits = ""
     while True:
         n, r = divmod(n, 64)
-        digits = prose._B64[r] + digits
+        digits = B64[r] + digits
         if n == 0:
             return digits
 
