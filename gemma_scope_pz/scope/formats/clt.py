@@ -27,8 +27,10 @@ from gemma_scope_pz.scope.formats.files import (
     CONFIG_FILE,
     CheckpointError,
     TensorEntry,
+    check_jumprelu,
     check_shapes,
     check_tensors,
+    check_type,
     fetch_files,
     labels_from_folder,
     list_folder_files,
@@ -37,7 +39,7 @@ from gemma_scope_pz.scope.formats.files import (
     read_safetensors_header,
     split_source,
 )
-from gemma_scope_pz.scope.formats.hook_names import ARCHITECTURE_NAMES, site_kind_from_hook
+from gemma_scope_pz.scope.formats.hook_names import site_kind_from_hook
 from gemma_scope_pz.scope.layers import SaeMeta
 
 __all__ = ["clt_config", "load_clt"]
@@ -45,7 +47,6 @@ __all__ = ["clt_config", "load_clt"]
 _CLT_FILE_RE = re.compile(r"^params_layer_([0-9]+)\.safetensors$")
 _KEYS = ("w_enc", "b_enc", "threshold", "w_dec", "b_dec")
 _SKIP = "affine_skip_connection"
-_OTHER_LOADERS = {"sae": "load_sae", "transcoder": "load_sae", "crosscoder": "load_crosscoder"}
 
 
 def clt_config(config: dict, where: str) -> dict[str, str | bool | int | None]:
@@ -55,15 +56,8 @@ def clt_config(config: dict, where: str) -> dict[str, str | bool | int | None]:
       CheckpointError: naming ``where`` for a wrong ``type`` or ``architecture``, an unknown hook point,
         or a width that is not a positive integer.
     """
-    kind = config.get("type", "clt")
-    if kind != "clt":
-        use = f" (use {_OTHER_LOADERS[kind]})" if kind in _OTHER_LOADERS else ""
-        raise CheckpointError(f"{where}: type {kind!r} is not a cross-layer transcoder{use}")
-    arch = str(config.get("architecture", "jump_relu")).lower()
-    if ARCHITECTURE_NAMES.get(arch) != "jumprelu":
-        raise CheckpointError(
-            f"{where}: CLT architecture {arch!r} is not supported (only jump_relu)"
-        )
+    check_type(config, ("clt",), where, "a cross-layer transcoder")
+    check_jumprelu(config, where, "CLT")
     facts: dict[str, str | bool | int | None] = {}
     for end, default in (("in", "mlp_in"), ("out", "mlp_out")):
         hook = config.get(f"hf_hook_point_{end}")

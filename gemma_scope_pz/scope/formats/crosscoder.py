@@ -36,8 +36,10 @@ from gemma_scope_pz.scope.crosscoder import Crosscoder
 from gemma_scope_pz.scope.formats.files import (
     CONFIG_FILE,
     CheckpointError,
+    check_jumprelu,
     check_shapes,
     check_tensors,
+    check_type,
     fetch_files,
     labels_from_folder,
     list_folder_files,
@@ -46,7 +48,7 @@ from gemma_scope_pz.scope.formats.files import (
     read_safetensors_header,
     split_source,
 )
-from gemma_scope_pz.scope.formats.hook_names import ARCHITECTURE_NAMES, site_kind_from_hook
+from gemma_scope_pz.scope.formats.hook_names import site_kind_from_hook
 from gemma_scope_pz.scope.layers import SaeMeta
 
 __all__ = ["crosscoder_layers", "load_crosscoder"]
@@ -54,7 +56,6 @@ __all__ = ["crosscoder_layers", "load_crosscoder"]
 _NAME_RE = re.compile(r"layer_((?:[0-9]+_)+)width_([0-9]+[kmKM]?)(?:_l0_[A-Za-z0-9]+)?.*")
 _FILE_RE = re.compile(r"^params_layer_([0-9]+)\.safetensors$")
 _SHARED = ("b_enc", "threshold")
-_OTHER_LOADERS = {"sae": "load_sae", "transcoder": "load_sae", "clt": "load_clt"}
 
 
 def crosscoder_layers(folder: str) -> list[int]:
@@ -73,15 +74,8 @@ def crosscoder_layers(folder: str) -> list[int]:
 
 def _check_config(config: dict, where: str) -> str:
     """Validates type / architecture / hook points; returns the site kind read."""
-    kind = config.get("type", "crosscoder")
-    if kind != "crosscoder":
-        use = f" (use {_OTHER_LOADERS[kind]})" if kind in _OTHER_LOADERS else ""
-        raise CheckpointError(f"{where}: type {kind!r} is not a crosscoder{use}")
-    arch = str(config.get("architecture", "jump_relu")).lower()
-    if ARCHITECTURE_NAMES.get(arch) != "jumprelu":
-        raise CheckpointError(
-            f"{where}: crosscoder architecture {arch!r} is not supported (only jump_relu)"
-        )
+    check_type(config, ("crosscoder",), where, "a crosscoder")
+    check_jumprelu(config, where, "crosscoder")
     hooks = config.get("hf_hook_point_in", "model.layers.{all}.output")
     kinds = set()
     for hook in hooks if isinstance(hooks, list) else [hooks]:

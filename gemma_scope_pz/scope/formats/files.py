@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from huggingface_hub import hf_hub_download, list_repo_files
 
+from gemma_scope_pz.scope.formats.hook_names import ARCHITECTURE_NAMES
+
 __all__ = [
     "CONFIG_FILE",
     "FLOAT_DTYPES",
@@ -34,7 +36,10 @@ __all__ = [
     "PARAMS_FILE",
     "CheckpointError",
     "TensorEntry",
+    "LOADERS",
+    "check_jumprelu",
     "check_shapes",
+    "check_type",
     "check_tensors",
     "fetch_files",
     "labels_from_folder",
@@ -49,6 +54,13 @@ __all__ = [
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
 NPZ_FILE = "params.npz"
+# Gemma Scope 2 config "type" -> the loader that reads it (a type no loader reads is refused by name).
+LOADERS = {
+    "sae": "load_sae",
+    "transcoder": "load_sae",
+    "clt": "load_clt",
+    "crosscoder": "load_crosscoder",
+}
 
 _CHUNK_BYTES = 64 << 20
 _MAX_HEADER_BYTES = 100_000_000  # the reference parser's limit
@@ -158,6 +170,24 @@ def read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def check_type(config: Mapping, accepted: tuple[str, ...], where: str, what: str) -> str:
+    """The config's ``type`` (default ``accepted[0]``); CheckpointError naming it and its loader if not accepted."""
+    kind = config.get("type", accepted[0])
+    if kind not in accepted:
+        use = f" (use {LOADERS[kind]})" if kind in LOADERS else ""
+        raise CheckpointError(f"{where}: type {kind!r} is not {what}{use}")
+    return kind
+
+
+def check_jumprelu(config: Mapping, where: str, what: str) -> None:
+    """CheckpointError unless the config's ``architecture`` (default "jump_relu") is JumpReLU."""
+    arch = str(config.get("architecture", "jump_relu")).lower()
+    if ARCHITECTURE_NAMES.get(arch) != "jumprelu":
+        raise CheckpointError(
+            f"{where}: {what} architecture {arch!r} is not supported (only jump_relu)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

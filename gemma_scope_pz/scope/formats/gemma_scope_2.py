@@ -39,6 +39,7 @@ from gemma_scope_pz.scope.formats.files import (
     TensorEntry,
     check_shapes,
     check_tensors,
+    check_type,
     fetch_files,
     labels_from_folder,
     load_tensors,
@@ -53,18 +54,19 @@ from gemma_scope_pz.scope.formats.hook_names import (
 )
 from gemma_scope_pz.scope.layers import AutoEncoder, AutoEncoderSkip, SaeMeta
 
-__all__ = ["load_sae", "save_gemma_scope_2"]
-
-_LOADERS = {"clt": "load_clt", "crosscoder": "load_crosscoder"}
+__all__ = [
+    "gemma_scope_2_config",
+    "json_entries",
+    "jumprelu_threshold",
+    "load_sae",
+    "save_gemma_scope_2",
+]
 
 
 def _read_config(config_path: Path) -> tuple[dict, str, str, int | None]:
     """The config, its type, our activation name and k, validated."""
     config = read_json(config_path)
-    kind = config.get("type", "sae")
-    if kind not in ("sae", "transcoder"):
-        use = f" (use {_LOADERS[kind]} for {kind!r})" if kind in _LOADERS else ""
-        raise CheckpointError(f"{config_path}: type {kind!r} is not an SAE/transcoder{use}")
+    kind = check_type(config, ("sae", "transcoder"), str(config_path), "an SAE/transcoder")
     arch = str(config.get("architecture", "jump_relu")).lower()
     if arch not in ARCHITECTURE_NAMES:
         raise CheckpointError(f"{config_path}: unsupported architecture {arch!r}")
@@ -242,7 +244,7 @@ def jumprelu_threshold(ae: AutoEncoder, topk_threshold: float | np.ndarray | Non
     return threshold
 
 
-def _extra_config(extra: Mapping[str, Any]) -> dict[str, Any]:
+def json_entries(extra: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON-serialisable entries of ``meta.extra`` (structural keys are recomputed later)."""
     config = {}
     for key, value in dict(extra).items():
@@ -260,7 +262,7 @@ def gemma_scope_2_config(
     """The config.json of ``ae`` (``model_name`` defaults to ``ae.meta.extra["model_name"]``)."""
     meta = ae.meta
     site_in, site_out = meta.site_in, meta.site_out or meta.site_in
-    config = _extra_config(meta.extra)
+    config = json_entries(meta.extra)
     for stale in ("k", "hf_hook_point_in", "hf_hook_point_out", "type", "architecture"):
         config.pop(stale, None)
     name = model_name or config.get("model_name")

@@ -35,7 +35,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from gemma_scope_pz.io import write_folder_atomically
-from gemma_scope_pz.scope.formats.gemma_scope_2 import jumprelu_threshold
+from gemma_scope_pz.scope.formats.gemma_scope_2 import json_entries, jumprelu_threshold
 from gemma_scope_pz.scope.formats.hook_names import hf_model_id, hook_from_site, saelens_hook_name
 from gemma_scope_pz.scope.layers import AutoEncoder, AutoEncoderSkip
 
@@ -78,14 +78,11 @@ def saelens_architecture(ae: AutoEncoder, *, converted_topk: bool = False) -> st
 
 def _metadata(ae: AutoEncoder, model_name: str | None, transcoder: bool) -> dict[str, Any]:
     meta = ae.meta
-    extra = {}
-    for key, value in dict(meta.extra).items():
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError):
-            continue
-        if key not in _STRUCTURAL and not key.startswith("hf_hook_point"):
-            extra[key] = value
+    extra = {
+        key: value
+        for key, value in json_entries(meta.extra).items()
+        if key not in _STRUCTURAL and not key.startswith("hf_hook_point")
+    }
     name = model_name or extra.get("model_name")
     if not name:
         raise ValueError("SAELens configs need a model_name: pass model_name='google/gemma-3-...'")
