@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from penzai import pz
+from penzai.models.transformer.model_parts import TransformerBlock, TransformerFeedForward
+from penzai.toolshed.save_intermediates import SaveIntermediate
 
 from gemma_scope_pz.models.gemma3 import Gemma3LM, positions_for
+from gemma_scope_pz.models.stateful import state_variables
 from gemma_scope_pz.scope.sites import Site, attach, truncate_after_block
 
 
@@ -31,19 +35,16 @@ def _keep_bos(new: pz.nx.NamedArray, old: pz.nx.NamedArray, side_inputs: dict) -
     return pz.nx.nmap(jnp.where)(keep_new, new.astype(old.dtype), old)
 
 
-@pz.pytree_dataclass
-class SaveActivation(pz.nn.Layer):
-    """Identity layer that records its input in a state variable.
-
-    Attributes:
-      store: Receives the activation on each call.
-    """
-
-    store: pz.StateVariable
-
-    def __call__(self, x: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
-        self.store.value = x
-        return x
+def __getattr__(name: str):
+    if name == "SaveActivation":  # deprecated alias, one release
+        warnings.warn(
+            "SaveActivation is penzai's SaveIntermediate: import it from "
+            "penzai.toolshed.save_intermediates",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return SaveIntermediate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @pz.pytree_dataclass
@@ -55,7 +56,8 @@ class SpliceSAE(pz.nn.Layer):
     before decoding (clamping; a value of 0 ablates).
 
     Attributes:
-      sae: An ``AutoEncoder`` (anything with ``encode``/``decode`` on "embedding"/"latents").
+      sae: An ``AutoEncoder`` (anything with ``encode``/``decode``/``skip_connection`` on
+        "embedding"/"latents").
       include_error: Whether to add back the reconstruction error.
       edit_ids: Int array of latent indices to overwrite, or None.
       edit_values: Float array of the values written there.
@@ -68,8 +70,8 @@ class SpliceSAE(pz.nn.Layer):
 
     def reconstruct(self, x: pz.nx.NamedArray) -> pz.nx.NamedArray:
         latents = self.sae.encode(x)
-        # A skip transcoder's output is decode(encode(x)) + x @ W_skip (see AutoEncoderSkip).
-        skip = self.sae.skip_connection(x) if hasattr(self.sae, "skip_connection") else 0.0
+        # A skip transcoder's output is decode(encode(x)) + x @ W_skip (zero without a skip).
+        skip = self.sae.skip_connection(x)
         x_hat = self.sae.decode(latents) + skip
         if self.edit_ids is None:
             return x_hat + (x - x_hat) if self.include_error else x_hat
@@ -186,12 +188,20 @@ def _check_width(model: Gemma3LM, sae: pz.nn.Layer, site: Site) -> None:
 
 
 def _replace_mlp(model, transcoder, layer, include_error, ids, vals) -> Gemma3LM:
-    from penzai.models.transformer.model_parts import TransformerBlock, TransformerFeedForward
-
     def rewrite(branch: pz.nn.Sequential) -> pz.nn.Sequential:
-        pre, ffw, post = branch.sublayers
-        original = pz.nn.Sequential([ffw, post])
-        return pz.nn.Sequential([pre, ReplaceMLP(transcoder, original, include_error, ids, vals)])
+        # [pre_ffw_norm, (mlp_in layers), FFW, post_ffw_norm, (mlp_out layers)]: the FFW and the
+        # post-FFN norm move into the ReplaceMLP; layers attached at mlp_in / mlp_out stay around it.
+        post_norm = _named_group(branch, "post_ffw_norm")
+        branch = post_norm.remove_from_parent()
+        return (
+            pz.select(branch)
+            .at_instances_of(TransformerFeedForward)
+            .apply(
+                lambda ffw: ReplaceMLP(
+                    transcoder, pz.nn.Sequential([ffw, post_norm.get()]), include_error, ids, vals
+                )
+            )
+        )
 
     selection = (
         pz.select(model)
@@ -204,6 +214,13 @@ def _replace_mlp(model, transcoder, layer, include_error, ids, vals) -> Gemma3LM
     if selection.count() != 1:
         raise ValueError(f"Could not find the MLP branch of block {layer} to replace")
     return selection.apply(rewrite)
+
+
+def _named_group(tree: pz.nn.Layer, name: str) -> pz.Selection:
+    selection = pz.select(tree).at_instances_of(pz.nn.NamedGroup).where(lambda g: g.name == name)
+    if selection.count() != 1:
+        raise ValueError(f"expected one NamedGroup {name!r}, found {selection.count()}")
+    return selection
 
 
 def steer(
@@ -257,7 +274,7 @@ def run_with_captures(
     stores = {}
     for site in sites:
         stores[site.name] = pz.StateVariable(value=None, label=f"capture/{site.name}")
-        body = attach(body, site, SaveActivation(stores[site.name]))
+        body = attach(body, site, SaveIntermediate(stores[site.name]))
     named_tokens = pz.nx.wrap(tokens).tag("batch", "seq")
     out = body(named_tokens, token_positions=pz.nx.wrap(positions).tag("batch", "seq"))
     logits = None if stop_early else out.unwrap("batch", "seq", "vocabulary")
@@ -266,7 +283,8 @@ def run_with_captures(
     }
 
 
-@functools.partial(jax.jit, static_argnames=("site_names", "stop_early"))
+# pz.variable_jit: the model may hold state variables of its own (see models/stateful.py).
+@functools.partial(pz.variable_jit, static_argnames=("site_names", "stop_early"))
 def _capture(model, tokens, positions, site_names: tuple[str, ...], stop_early: bool):
     return run_with_captures(model, tokens, positions, site_names, stop_early)[1]
 
@@ -301,5 +319,13 @@ def capture(
         raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
     positions = positions_for(tokens, pad_id)
     unique = tuple(dict.fromkeys(s.name for s in parsed))
+    if stop_early and _truncation_drops_state(model, max(s.last_block for s in parsed)):
+        stop_early = False  # run the layers holding state variables, as a direct call does
     out = _capture(pz.freeze_params(model), tokens, positions, unique, stop_early)
     return {name: out[Site.parse(name).name] for name in names}
+
+
+def _truncation_drops_state(model: Gemma3LM, last_block: int) -> bool:
+    """Whether stopping after ``last_block`` would skip a layer holding a state variable."""
+    held = state_variables(model)
+    return bool(held) and len(state_variables(truncate_after_block(model, last_block))) < len(held)

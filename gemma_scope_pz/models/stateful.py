@@ -1,0 +1,48 @@
+"""Running models that hold ``pz.StateVariable``s (the Penzai tutorial idiom) through jitted runners.
+
+A model edited the tutorial's way, e.g. with penzai's ``SaveIntermediate`` inserted after a block,
+holds mutable ``pz.StateVariable``s, which ``jax.jit`` cannot take as arguments. The runners
+(``forward``, ``capture``, ``evaluate_sae``, ``top_features``, ``generate``) therefore jit with
+penzai's own `pz.variable_jit`: it unbinds the variables, passes their frozen values through the
+compiled function and writes the new values back, so a state variable ends up holding what a direct
+``model(...)`` call would have left in it. This module adds the two pieces the runners need on top:
+
+* `state_variables`: the model's state variables (to tell whether any special handling applies);
+* `detach_state`: a copy whose state variables are fresh copies, for the *derived* models a runner
+  builds internally (spliced, ablated, KV-cached), so that only the model the user passed writes to
+  the user's variables.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from penzai import pz
+
+_COPIES = itertools.count()
+
+
+def state_variables(tree: Any) -> tuple[pz.StateVariable, ...]:
+    """The distinct mutable ``pz.StateVariable``s held in ``tree`` (empty for a plain model)."""
+    _, variables = pz.unbind_state_vars(tree)
+    return tuple(variables)
+
+
+def detach_state(tree: Any) -> Any:
+    """A copy of ``tree`` whose state variables are new variables with the same values.
+
+    Running the copy leaves the original variables untouched. A variable shared by several layers
+    stays shared in the copy; labels get a unique suffix so both trees can enter one jitted call.
+    """
+    if not state_variables(tree):
+        return tree
+    suffix = f"detached{next(_COPIES)}"
+    copies: dict[int, pz.StateVariable] = {}
+
+    def copy(var: pz.StateVariable) -> pz.StateVariable:
+        if id(var) not in copies:
+            copies[id(var)] = pz.StateVariable(value=var.value, label=f"{var.label}:{suffix}")
+        return copies[id(var)]
+
+    return pz.select(tree).at_instances_of(pz.StateVariable).apply(copy)
