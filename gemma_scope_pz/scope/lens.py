@@ -39,16 +39,7 @@ class LensResult:
 
 def unembedding_readout(model: Gemma3LM) -> tuple[jax.Array, jax.Array, float]:
     """(final-norm scale [d_model], embedding table [vocab, d_model], norm epsilon) of ``model``."""
-    frozen = pz.freeze_params(model)
-    norm_group = (
-        pz.select(frozen)
-        .at_instances_of(pz.nn.NamedGroup)
-        .where(lambda g: g.name == "final_norm")
-        .get()
-    )
-    scale = norm_group.sublayers[0].sublayers[1].weights.value.unwrap("embedding")
-    table = pz.select(frozen).at_instances_of(pz.nn.EmbeddingDecode).get().table
-    return scale, table.embeddings.value.unwrap("vocabulary", "embedding"), model.config.norm_eps
+    return model.final_norm_scale(), model.embedding_table(), model.config.norm_eps
 
 
 @jax.jit
