@@ -7,9 +7,10 @@ import pytest
 
 from gemma_scope_pz.models.config import Gemma3Config
 from gemma_scope_pz.models.gemma3 import Gemma3LM, forward
-from gemma_scope_pz.scope.evaluate import latents, token_losses, top_features
+from gemma_scope_pz.scope.evaluate import evaluate_sae, latents, token_losses, top_features
 from gemma_scope_pz.scope.interventions import splice
 from gemma_scope_pz.scope.layers import AutoEncoder, SaeMeta
+from gemma_scope_pz.scope.tokens import token_mask
 from tests import reference_gemma3 as ref
 
 CONFIG = Gemma3Config.tiny(n_layers=2, sliding_window_pattern=2)
@@ -91,3 +92,16 @@ def test_token_losses_clean_and_spliced(setup):
     np.testing.assert_allclose(out["clean"][0], out["spliced"][0], rtol=1e-5)  # BOS untouched
     with pytest.raises(ValueError, match=">= 2 tokens"):
         token_losses(model, sae, [2])
+
+
+def test_evaluate_counts_the_token_mask(setup):
+    """evaluate_sae counts exactly token_mask's positions, special ids included."""
+    model, sae, tokens, want = setup
+    special = (int(tokens[0, 3]), int(tokens[1, 5]))
+    result = evaluate_sae(model, sae, tokens, special_ids=special, progress=False)
+    mask = token_mask(tokens, special_ids=special)
+    assert 0 < mask.sum() < tokens.size - 2
+    assert result.n_tokens == mask.sum()
+    assert result.l0 == pytest.approx((want[mask] > 0).sum(-1).mean(), rel=1e-5)
+    plain = evaluate_sae(model, sae, tokens, progress=False)
+    assert plain.n_tokens == token_mask(tokens).sum() == tokens.size - 2

@@ -25,6 +25,7 @@ from penzai import pz
 from tqdm.auto import tqdm
 
 from gemma_scope_pz.models.gemma3 import Gemma3LM, positions_for
+from gemma_scope_pz.models.stateful import detach_state
 from gemma_scope_pz.scope import metrics
 from gemma_scope_pz.scope.interventions import capture, run_with_captures, splice
 from gemma_scope_pz.scope.sites import Site, attach
@@ -98,13 +99,30 @@ def _activation_sums(sae, x_in, target, counted) -> dict[str, jax.Array]:
     }
 
 
-@functools.partial(jax.jit, static_argnames=("site_in", "site_out", "exclude_prefix", "pad_id"))
+# pz.variable_jit: the model may hold state variables (models/stateful.py); the derived copies are
+# detached so that only the clean model writes them.
+@functools.partial(
+    pz.variable_jit,
+    static_argnames=("site_in", "site_out", "exclude_prefix", "pad_id", "special_ids"),
+)
 def _batch_sums(
-    clean, spliced, ablated, sae, tokens, positions, site_in, site_out, exclude_prefix, pad_id
+    clean,
+    spliced,
+    ablated,
+    sae,
+    tokens,
+    positions,
+    site_in,
+    site_out,
+    exclude_prefix,
+    pad_id,
+    special_ids=(),
 ):
     sites = tuple(dict.fromkeys((site_in, site_out)))
     logits, acts = run_with_captures(clean, tokens, positions, sites, stop_early=False)
-    counted = token_mask(tokens, pad_id=pad_id, exclude_prefix=exclude_prefix)
+    counted = token_mask(
+        tokens, pad_id=pad_id, exclude_prefix=exclude_prefix, special_ids=special_ids
+    )
     real = tokens != pad_id if pad_id is not None else jnp.ones(tokens.shape, bool)
     m = metrics.prediction_mask(counted, real).astype(jnp.float32)
     spliced_logits = _logits_of(spliced, tokens, positions)
@@ -160,26 +178,32 @@ def evaluate_sae(
     site_out: str | None = None,
     exclude_prefix: int = 0,
     pad_id: int = 0,
+    special_ids: tuple[int, ...] = (),
     progress: bool = True,
 ) -> SaeEvaluation:
     """Evaluates an SAE (or transcoder) on token batches ([batch, seq] int arrays, right-padded).
 
     ``site``/``site_out`` default to the SAE's ``meta.site_in``/``meta.site_out``. Batches after the
-    first should keep its shape so that the evaluation compiles once.
+    first should keep its shape so that the evaluation compiles once. Counted positions follow
+    `gemma_scope_pz.scope.tokens.token_mask` with ``pad_id``, ``exclude_prefix`` and ``special_ids``
+    (e.g. ``scope.tokens.TURN_MARKER_IDS`` for chat transcripts).
     """
     site_in, site_out = _sites_of(sae, site, site_out)
-    spliced = pz.freeze_params(splice(model, sae, site_in)).body
+    spliced = detach_state(pz.freeze_params(splice(model, sae, site_in)).body)
     transcoder = Site.parse(site_out).kind == "mlp_out" and Site.parse(site_in).kind == "mlp_in"
     ablate_site = site_out if transcoder else site_in
-    ablated = pz.freeze_params(attach(model, ablate_site, ZeroOut())).body
+    ablated = detach_state(pz.freeze_params(attach(model, ablate_site, ZeroOut())).body)
     frozen = (pz.freeze_params(model), spliced, ablated, pz.freeze_params(sae))
     if isinstance(batches, np.ndarray | jax.Array):
         batches = [np.asarray(batches)]
+    special = tuple(int(i) for i in special_ids)
     totals: dict[str, np.ndarray] = {}
     for tokens in tqdm(batches, desc="evaluate", disable=not progress):
         tokens = jnp.asarray(tokens, jnp.int32)
         positions = positions_for(tokens, pad_id)
-        sums = _batch_sums(*frozen, tokens, positions, site_in, site_out, exclude_prefix, pad_id)
+        sums = _batch_sums(
+            *frozen, tokens, positions, site_in, site_out, exclude_prefix, pad_id, special
+        )
         for key, value in sums.items():
             value = np.asarray(value, np.float64)
             if key == "fired":
@@ -272,7 +296,7 @@ def top_features(
     }
 
 
-@functools.partial(jax.jit, static_argnames=("pad_id",))
+@functools.partial(pz.variable_jit, static_argnames=("pad_id",))
 def _token_nll(model, spliced, tokens, pad_id):
     positions = positions_for(tokens, pad_id)
     clean = metrics.next_token_nll(_logits_of(model, tokens, positions), tokens)
@@ -293,6 +317,6 @@ def token_losses(
             f"token_losses takes one sequence of >= 2 tokens, got shape {tokens.shape}"
         )
     site = Site.parse(site or sae.meta.site_in).name
-    spliced = pz.freeze_params(splice(model, sae, site)).body
+    spliced = detach_state(pz.freeze_params(splice(model, sae, site)).body)
     clean, with_sae = _token_nll(pz.freeze_params(model).body, spliced, jnp.asarray(tokens), None)
     return {"clean": np.asarray(clean)[0], "spliced": np.asarray(with_sae)[0]}
