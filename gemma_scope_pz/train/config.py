@@ -213,7 +213,7 @@ class RunConfig:
       checkpoint_dir, checkpoint_every, keep_checkpoints, log_path, log_every, progress_bar:
         where it is recorded (may change on resume).
       nan_policy, max_skipped_fraction: non-finite batches or gradients.
-      model_name, corpus: provenance, recorded and checked on resume.
+      model_name, corpus, data_fingerprint: provenance, recorded and checked on resume.
     """
 
     batch_size: int = field(4096, "Tokens per step.", minimum=1)
@@ -251,6 +251,9 @@ class RunConfig:
     )
     model_name: str = field("", "Model the activations come from (provenance).")
     corpus: str = field("", "Corpus the activations come from (provenance).")
+    data_fingerprint: str = field(
+        "", "Identity of the training activations (the pipeline sets it); checked on resume."
+    )
 
     def __post_init__(self):
         convert_fields(self, "run")

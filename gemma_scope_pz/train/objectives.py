@@ -119,15 +119,26 @@ def pre_activations(params: Params, x_in: jax.Array, dtype: str = "float32") -> 
     return sae.pre_activations(x_in, params["w_enc"], params["b_enc"], dtype=dtype)
 
 
+def topk_threshold(z: jax.Array, k: int) -> jax.Array:
+    """The batch mean of each row's k-th largest pre-activation (ReLU'd, no gradient).
+
+    Its running average is the JumpReLU threshold a TopK dictionary is exported with where the
+    format has no TopK (Gemma Scope 2, SAELens transcoders).
+    """
+    kth = jnp.min(jax.lax.top_k(jax.lax.stop_gradient(z), k)[0], axis=-1)
+    return sae.relu(jnp.mean(kth))
+
+
 def activate(params: Params, z: jax.Array, config: TrainConfig) -> tuple[jax.Array, jax.Array]:
-    """Applies the configured activation; also returns the BatchTopK threshold (else 0)."""
+    """Applies the configured activation; also returns the batch's implied threshold (BatchTopK:
+    the smallest kept value; TopK: :func:`topk_threshold`; 0 otherwise)."""
     kind, zero = config.sae.activation, jnp.zeros((), z.dtype)
     if kind == "relu":
         return sae.relu(z), zero
     if kind == "jumprelu":
         return jumprelu(z, params["threshold"], config.loss.jumprelu_bandwidth), zero
     if kind == "topk":
-        return topk_activation(z, config.sae.k), zero
+        return topk_activation(z, config.sae.k), topk_threshold(z, config.sae.k)
     return batchtopk_activation(z, config.sae.k)
 
 
@@ -324,7 +335,8 @@ def _sparse_topk_loss(params, x_in, x_out, dead, config):
             lambda idx: _gathered(params, x_in, idx, config.run.dtype)[0],
         )
     zero = jnp.zeros((), jnp.float32)
-    return _finish(sq_err, sq_err, zero, aux, l0, x_out, fired, zero)
+    threshold = topk_threshold(z, config.sae.k)
+    return _finish(sq_err, sq_err, zero, aux, l0, x_out, fired, threshold)
 
 
 # --------------------------------------------------------------------------- init

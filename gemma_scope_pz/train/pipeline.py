@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
+import warnings
 
 import numpy as np
 
 from gemma_scope_pz.data.corpus import Corpus, load_corpus
 from gemma_scope_pz.scope.sites import Site
-from gemma_scope_pz.train.config import TrainConfig
+from gemma_scope_pz.train.config import TrainConfig, apply_overrides
 from gemma_scope_pz.train.harvest import harvest, harvest_info
 from gemma_scope_pz.train.store import ActivationCache
 
@@ -114,11 +114,33 @@ class TrainedDictionary:
       sae: The Penzai ``AutoEncoder``/``AutoEncoderSkip`` (takes raw activations).
       folder: Gemma Scope 2 export folder.
       reused: Whether a finished export was loaded instead of training.
+      n_skipped: Training steps skipped for non-finite data or gradients.
     """
 
     sae: object
     folder: pathlib.Path
     reused: bool
+    n_skipped: int = 0
+
+
+def _reusable_export(folder: pathlib.Path, config: TrainConfig):
+    """The export in ``folder`` if its recorded training config has ``config``'s hyper-parameters
+    (``run.data_fingerprint`` included: the same activations); otherwise ``None``."""
+    from gemma_scope_pz.scope.formats.gemma_scope_2 import load_sae
+
+    if not (folder / "params.safetensors").exists():
+        return None
+    sae = load_sae(folder)
+    extra = sae.meta.extra
+    if not isinstance(extra.get("train_config"), dict):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # exports of flat-config releases
+        try:
+            saved = TrainConfig.from_dict(extra["train_config"], source=str(folder))
+        except ValueError:
+            return None
+    return sae if saved.hyperparameters() == config.hyperparameters() else None
 
 
 def train_dictionary(
@@ -131,35 +153,46 @@ def train_dictionary(
 ) -> TrainedDictionary:
     """Trains ``config`` on ``cache`` (checkpointing in ``out_dir/checkpoints``) and exports it.
 
-    The export (Gemma Scope 2 format, loadable with ``gs.load_sae``) lands in ``out_dir/gemma_scope_2``;
-    with ``reuse`` a finished export is loaded instead of training again. With ``saelens`` the
-    SAELens format is written to ``out_dir/saelens`` too.
+    The export (Gemma Scope 2 format, loadable with ``gs.load_sae``) lands in ``out_dir/gemma_scope_2``,
+    replacing an earlier one atomically. With ``reuse`` a finished export is loaded instead of training
+    again, but only if its recorded training config has the same hyper-parameters and it was trained
+    on the same activations (``run.data_fingerprint``, set here from the cache's identity and row
+    count unless given). Training resumes from
+    ``out_dir/checkpoints`` when they exist (refused, naming the fields, if they were written with
+    other hyper-parameters). With ``saelens`` the SAELens format is written to
+    ``out_dir/saelens`` too.
     """
-    from gemma_scope_pz.scope.formats import load_sae
-    from gemma_scope_pz.train.export import export_gemma_scope_2
+    from gemma_scope_pz.train.export import export_gemma_scope_2, export_saelens
     from gemma_scope_pz.train.trainer import train
 
     out_dir = pathlib.Path(out_dir)
     folder = out_dir / "gemma_scope_2"
-    if reuse and (folder / "params.safetensors").exists():
-        return TrainedDictionary(load_sae(folder), folder, True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = config.replace(
-        checkpoint_dir=config.run.checkpoint_dir or str((out_dir / "checkpoints").resolve()),
-        log_path=config.run.log_path or str(out_dir / "metrics.jsonl"),
+    config = apply_overrides(
+        config,
+        {
+            "run.checkpoint_dir": config.run.checkpoint_dir
+            or str((out_dir / "checkpoints").resolve()),
+            "run.log_path": config.run.log_path or str(out_dir / "metrics.jsonl"),
+        },
     )
+    if not config.run.data_fingerprint:
+        config = apply_overrides(
+            config, {"run.data_fingerprint": fingerprint(cache.header, cache.n_rows)}
+        )
+    reused = _reusable_export(folder, config) if reuse else None
+    if reused is not None:
+        return TrainedDictionary(
+            reused, folder, True, int(reused.meta.extra.get("n_skipped_steps", 0))
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
     config.to_json(out_dir / "train_config.json")
     result = train(config, cache_batches(cache, config))
-    if folder.exists():
-        shutil.rmtree(folder)
     export_gemma_scope_2(result, folder)
     if saelens:
-        from gemma_scope_pz.train.export import export_saelens
-
-        if (out_dir / "saelens").exists():
-            shutil.rmtree(out_dir / "saelens")
         export_saelens(result, out_dir / "saelens")
-    return TrainedDictionary(load_sae(folder), folder, False)
+    from gemma_scope_pz.scope.formats.gemma_scope_2 import load_sae
+
+    return TrainedDictionary(load_sae(folder), folder, False, result.n_skipped)
 
 
 def site_widths(model, sites: list[str]) -> list[int]:
