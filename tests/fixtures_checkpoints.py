@@ -284,14 +284,19 @@ def write_orbax_dir(
 
 
 def write_checkpoint(
-    kind: str, root: pathlib.Path, config: Gemma3Config | None = None, seed: int = 0
+    kind: str,
+    root: pathlib.Path,
+    config: Gemma3Config | None = None,
+    seed: int = 0,
+    params: dict[str, np.ndarray] | None = None,
 ) -> tuple[pathlib.Path, Gemma3Config, dict[str, np.ndarray]]:
-    """Writes a tiny random checkpoint of ``kind`` ("gguf", "hf", "orbax") under ``root``.
+    """Writes a tiny checkpoint of ``kind`` ("gguf", "hf", "orbax") under ``root``.
 
+    ``params`` default to ``random_params(config, seed)``.
     Returns ``(path to pass to load_params, config, canonical params)``.
     """
     config = config or Gemma3Config.tiny()
-    params = random_params(config, seed)
+    params = random_params(config, seed) if params is None else params
     root.mkdir(parents=True, exist_ok=True)
     if kind == "gguf":
         path = write_gguf(root / "tiny.gguf", config, gguf_tensors(config, params))

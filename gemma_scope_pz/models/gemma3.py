@@ -21,54 +21,33 @@ in the Gemma Scope 2 tutorial, and ``scope/sites.py`` turns site names into such
 from __future__ import annotations
 
 import dataclasses
-import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 from penzai.models.transformer import model_parts
-from penzai.models.transformer.model_parts import TransformerBlock, TransformerFeedForward
+from penzai.models.transformer.model_parts import TransformerBlock
 
+from gemma_scope_pz.models.builder import ScaledRoPE, build_body, head_axes
 from gemma_scope_pz.models.config import Gemma3Config, param_shapes
+from gemma_scope_pz.models.inputs import as_token_batch, bucket_length, pad_columns
+from gemma_scope_pz.models.special_tokens import PAD_ID
+from gemma_scope_pz.models.stateful import state_variables
 
-# The value masked attention logits are replaced with (finite, so fully-masked pad rows stay finite).
-_MASKED_OUT = -2.3819763e38
-
-
-@pz.pytree_dataclass
-class ScaledRoPE(pz.nn.Layer):
-    """Rotary position embedding (rotate-half form) with linear position scaling.
-
-    Attributes:
-      embedding_axis: Axis holding the per-head vector ("projection").
-      max_wavelength: RoPE base (10,000 on local layers, 1,000,000 on global ones).
-      position_scale: Positions are divided by this (8 on global layers of Gemma 3 4b and larger).
-      positions_input_name: Side input holding integer token positions.
-    """
-
-    embedding_axis: str = dataclasses.field(metadata={"pytree_node": False})
-    max_wavelength: float = dataclasses.field(metadata={"pytree_node": False})
-    position_scale: float = dataclasses.field(default=1.0, metadata={"pytree_node": False})
-    positions_input_name: str = dataclasses.field(
-        default="token_positions", metadata={"pytree_node": False}
-    )
-
-    def __call__(self, x: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
-        positions = side_inputs[self.positions_input_name]
-        head_dim = x.named_shape[self.embedding_axis]
-        inv_freq = self.max_wavelength ** (
-            -jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-        )
-
-        def rotate(vec, pos):
-            angle = (pos.astype(jnp.float32) / self.position_scale) * inv_freq
-            sin, cos = jnp.sin(angle), jnp.cos(angle)
-            first, second = jnp.split(vec.astype(jnp.float32), 2)
-            out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin])
-            return out.astype(vec.dtype)
-
-        return pz.nx.nmap(rotate)(x.untag(self.embedding_axis), positions).tag(self.embedding_axis)
+__all__ = [
+    "Gemma3LM",
+    "ScaledRoPE",
+    "check_params",
+    "check_token_ids",
+    "forward",
+    "head_axes",
+    "positions_for",
+    "random_params",
+    "token_positions",
+    "vocab_size_of",
+]
 
 
 @pz.pytree_dataclass(has_implicitly_inherited_fields=True)  # pytype: disable=wrong-keyword-args
@@ -77,9 +56,13 @@ class Gemma3LM(model_parts.TransformerLM):
 
     Attributes:
       config: The architecture hyper-parameters (static).
+      source: Where the weights were read from (a local file or folder; ``load_tokenizer``
+        accepts it), or None for the offline 270M and for models built in memory. Text inputs
+        to the runners are tokenized with this source's tokenizer.
     """
 
     config: Gemma3Config = dataclasses.field(default=None, metadata={"pytree_node": False})
+    source: str | None = dataclasses.field(default=None, metadata={"pytree_node": False})
 
     @classmethod
     def from_params(
@@ -100,7 +83,10 @@ class Gemma3LM(model_parts.TransformerLM):
             with bfloat16 parameters to upcast activations.
         """
         check_params(config, params)
-        return _build(config, params, jnp.dtype(dtype), jnp.dtype(activation_dtype or dtype))
+        body, metadata = build_body(
+            config, params, jnp.dtype(dtype), jnp.dtype(activation_dtype or dtype)
+        )
+        return cls(body=body, metadata=metadata, config=config)
 
     @classmethod
     def random(
@@ -164,255 +150,89 @@ def random_params(config: Gemma3Config, seed: int = 0) -> dict[str, np.ndarray]:
     return params
 
 
-def _param(label: str, array: np.ndarray, axes: tuple[str, ...], dtype) -> pz.Parameter:
-    value = pz.nx.wrap(jnp.asarray(array, dtype=dtype)).tag(*axes)
-    return pz.Parameter(value=value, label=label)
-
-
-def _linear(label, array, in_axes, out_axes, dtype, parallel_axes=()) -> pz.nn.Linear:
-    return pz.nn.Linear(
-        weights=_param(label, array, (*in_axes, *parallel_axes, *out_axes), dtype),
-        in_axis_names=tuple(in_axes),
-        out_axis_names=tuple(out_axes),
-    )
-
-
-def _rms_norm(label: str, scale: np.ndarray, axis: str, eps: float, dtype) -> pz.nn.RMSLayerNorm:
-    return pz.nn.RMSLayerNorm(
-        [
-            pz.nn.RMSStandardize(across=(axis,), epsilon=jnp.asarray(eps, dtype=dtype)),
-            pz.nn.Linear(
-                weights=_param(f"{label}.scale", scale, (axis,), dtype),
-                in_axis_names=(),
-                out_axis_names=(),
-            ),
-        ]
-    )
-
-
-def head_axes(config: Gemma3Config) -> tuple[dict[str, int], dict[str, int]]:
-    """(axes shared by queries/keys/values, axes only queries have), as in penzai's llama-likes."""
-    mult = config.n_heads // config.n_kv_heads
-    if mult == 1:
-        return {"heads": config.n_heads}, {}
-    if config.n_kv_heads == 1:
-        return {}, {"query_heads": mult}
-    return {"head_groups": config.n_kv_heads}, {"query_heads": mult}
-
-
-def _split_query_heads(config: Gemma3Config, q: np.ndarray, axis: int) -> np.ndarray:
-    """Reshapes a flat query-head axis into (kv group, query head) when both exist."""
-    common, query_only = head_axes(config)
-    if common and query_only:
-        shape = list(q.shape)
-        shape[axis : axis + 1] = [config.n_kv_heads, config.n_heads // config.n_kv_heads]
-        return q.reshape(shape)
-    return q
-
-
-def _attention(config: Gemma3Config, i: int, p: dict, dtype, act_dtype) -> pz.nn.Attention:
-    pre = f"blocks.{i}.attn."
-    common, query_only = head_axes(config)
-    q_heads = (*common, *query_only)
-    kv_heads = tuple(common)
-    einsum_common = {name: name[:2] for name in common}
-    einsum_q = {name: name[:2] for name in query_only}
-    glob = config.is_global(i)
-    rope = functools.partial(
-        ScaledRoPE,
-        embedding_axis="projection",
-        max_wavelength=config.global_rope_base if glob else config.local_rope_base,
-        position_scale=config.global_rope_scale if glob else 1.0,
-    )
-    masked = jnp.array(_MASKED_OUT, dtype=act_dtype)
-    if glob:
-        masker = pz.nn.ApplyCausalAttentionMask(masked_out_value=masked)
-    else:
-        masker = pz.nn.ApplyCausalSlidingWindowAttentionMask(
-            sliding_window_size=config.sliding_window, masked_out_value=masked
-        )
-    kv = p[pre + "key"], p[pre + "value"]
-    if not kv_heads:  # multi-query: a single key/value head
-        kv = tuple(a[:, 0, :] for a in kv)
-    query_w = _split_query_heads(config, p[pre + "query"], 1)
-    output_w = _split_query_heads(config, p[pre + "output"], 0)
-    name = f"blocks.{i}.attention"
-    return pz.nn.Attention(
-        input_to_query=pz.nn.Sequential(
-            [
-                _linear(f"{name}.query", query_w, ("embedding",), (*q_heads, "projection"), dtype),
-                _rms_norm(
-                    f"{name}.query_norm",
-                    p[pre + "query_norm"],
-                    "projection",
-                    config.norm_eps,
-                    dtype,
-                ),
-                rope(),
-                pz.nn.ConstantRescale(by=jnp.array(config.query_scale, dtype=act_dtype)),
-            ]
-        ),
-        input_to_key=pz.nn.Sequential(
-            [
-                _linear(f"{name}.key", kv[0], ("embedding",), (*kv_heads, "projection"), dtype),
-                _rms_norm(
-                    f"{name}.key_norm", p[pre + "key_norm"], "projection", config.norm_eps, dtype
-                ),
-                rope(),
-            ]
-        ),
-        input_to_value=pz.nn.Sequential(
-            [
-                _linear(f"{name}.value", kv[1], ("embedding",), (*kv_heads, "projection"), dtype),
-            ]
-        ),
-        query_key_to_attn=pz.nn.Sequential(
-            [
-                pz.nn.NamedEinsum(
-                    (
-                        {"seq": "tq", **einsum_common, **einsum_q, "projection": "p"},
-                        {"seq": "tkv", **einsum_common, "projection": "p"},
-                    ),
-                    {"seq": "tq", **einsum_common, **einsum_q, "kv_seq": "tkv"},
-                ),
-                masker,
-                pz.nn.Softmax("kv_seq"),
-            ]
-        ),
-        attn_value_to_output=pz.nn.Sequential(
-            [
-                pz.nn.NamedEinsum(
-                    (
-                        {"seq": "tq", **einsum_common, **einsum_q, "kv_seq": "tkv"},
-                        {"seq": "tkv", **einsum_common, "projection": "p"},
-                    ),
-                    {"seq": "tq", **einsum_common, **einsum_q, "projection": "p"},
-                ),
-                pz.nn.NamedGroup(
-                    "attention_output",
-                    [
-                        _linear(
-                            f"{name}.output",
-                            output_w,
-                            (*q_heads, "projection"),
-                            ("embedding",),
-                            dtype,
-                        )
-                    ],
-                ),
-            ]
-        ),
-    )
-
-
-def _mlp(config: Gemma3Config, i: int, p: dict, dtype) -> TransformerFeedForward:
-    pre, name = f"blocks.{i}.mlp.", f"blocks.{i}.mlp"
-    gelu = functools.partial(jax.nn.gelu, approximate=True)
-    return TransformerFeedForward(
-        [
-            pz.nn.BranchAndMultiplyTogether(
-                branches=[
-                    pz.nn.NamedGroup(
-                        "gate",
-                        [
-                            _linear(
-                                f"{name}.gate", p[pre + "gate"], ("embedding",), ("neurons",), dtype
-                            ),
-                            pz.nn.Elementwise(gelu),
-                        ],
-                    ),
-                    _linear(f"{name}.up", p[pre + "up"], ("embedding",), ("neurons",), dtype),
-                ]
-            ),
-            _linear(f"{name}.down", p[pre + "down"], ("neurons",), ("embedding",), dtype),
-        ]
-    )
-
-
-def _block(config: Gemma3Config, i: int, p: dict, dtype, act_dtype) -> TransformerBlock:
-    def norm(kind: str) -> pz.nn.NamedGroup:
-        layer = _rms_norm(
-            f"blocks.{i}.{kind}", p[f"blocks.{i}.{kind}"], "embedding", config.norm_eps, dtype
-        )
-        return pz.nn.NamedGroup(kind, [layer])
-
-    return TransformerBlock(
-        sublayers=[
-            pz.nn.Residual(
-                pz.nn.Sequential(
-                    [
-                        norm("pre_attention_norm"),
-                        _attention(config, i, p, dtype, act_dtype),
-                        norm("post_attention_norm"),
-                    ]
-                )
-            ),
-            pz.nn.Residual(
-                pz.nn.Sequential(
-                    [
-                        norm("pre_ffw_norm"),
-                        _mlp(config, i, p, dtype),
-                        norm("post_ffw_norm"),
-                    ]
-                )
-            ),
-        ]
-    )
-
-
-def _build(config: Gemma3Config, p: dict, dtype, act_dtype) -> Gemma3LM:
-    table = pz.nn.EmbeddingTable(
-        embeddings=_param("embedding", p["embedding"], ("vocabulary", "embedding"), dtype),
-        vocabulary_axis="vocabulary",
-    )
-    sublayers: list[pz.nn.Layer] = [pz.nn.EmbeddingLookup(table)]
-    if act_dtype != dtype:
-        sublayers.append(pz.nn.CastToDType(act_dtype))
-    sublayers.append(pz.nn.ConstantRescale(by=jnp.sqrt(config.d_model).astype(act_dtype)))
-    sublayers += [_block(config, i, p, dtype, act_dtype) for i in range(config.n_layers)]
-    sublayers.append(
-        pz.nn.NamedGroup(
-            "final_norm",
-            [_rms_norm("final_norm", p["final_norm"], "embedding", config.norm_eps, dtype)],
-        )
-    )
-    sublayers.append(pz.nn.EmbeddingDecode(table))
-    common, query_only = head_axes(config)
-    metadata = model_parts.TransformerMetadata(
-        common_head_axes=common,
-        query_only_head_axes=query_only,
-        embedding_dim=config.d_model,
-        projection_dim=config.head_dim,
-        mlp_hidden_dim=config.d_ff,
-        vocab_size=config.vocab_size,
-        activation_dtype=act_dtype,
-    )
-    return Gemma3LM(body=pz.nn.Sequential(sublayers), metadata=metadata, config=config)
-
-
 def token_positions(tokens: jax.Array, pad_id: int = 0) -> jax.Array:
     """Positions counting only non-pad tokens (left padding gets -1 and is masked out)."""
     nonpad = tokens != pad_id
     return jnp.where(nonpad, jnp.cumsum(nonpad, axis=-1) - 1, -1).astype(jnp.int32)
 
 
-@jax.jit
+def check_token_ids(tokens: Any, vocab_size: int, *, what: str = "tokens") -> np.ndarray:
+    """``tokens`` as an int32 numpy array, after checking every id is in ``[0, vocab_size)``.
+
+    The one check used before running the model (forward, generate, capture, harvest): out of
+    range ids would otherwise be silently clamped to the last embedding row by XLA.
+
+    Raises:
+      TypeError: The ids are not integers.
+      ValueError: An id is outside ``[0, vocab_size)``; the message gives the id and where.
+    """
+    array = np.asarray(tokens)
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{what}: token ids must be integers, got dtype {array.dtype}")
+    if array.size:
+        low, high = array.min(), array.max()
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            where = tuple(int(i) for i in np.argwhere(array == bad)[0])
+            raise ValueError(
+                f"{what}: token id {int(bad)} at index {where} is outside the vocabulary "
+                f"[0, {vocab_size})"
+            )
+    return array.astype(np.int32)
+
+
+def vocab_size_of(model: pz.nn.Layer) -> int:
+    """The vocabulary size of a Gemma3LM (or any penzai TransformerLM)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        return config.vocab_size
+    return model.metadata.vocab_size
+
+
+# pz.variable_jit, not jax.jit: a model holding pz.StateVariables (the tutorial's SaveIntermediate)
+# runs too, and its variables are updated as by a direct call (see models/stateful.py).
+@pz.variable_jit
 def _forward(model: Gemma3LM, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     named = pz.nx.wrap(tokens).tag("batch", "seq")
     out = model(named, token_positions=pz.nx.wrap(positions).tag("batch", "seq"))
     return out.unwrap("batch", "seq", "vocabulary")
 
 
-def forward(model: Gemma3LM, tokens, *, pad_id: int | None = None) -> jax.Array:
-    """Jitted logits [batch, seq, vocabulary] for int tokens [batch, seq].
+def forward(
+    model: Gemma3LM,
+    tokens: Any,
+    *,
+    pad_id: int | None = None,
+    bucket: bool = True,
+) -> jax.Array:
+    """Jitted logits ``[batch, seq, vocabulary]``.
 
-    With ``pad_id`` set, pad tokens get position -1 and are masked out of attention, so left-padded
-    batches score like unpadded prompts; by default positions are 0..seq-1.
+    Args:
+      model: The model (any edit of it that stays a ``Gemma3LM``).
+      tokens: Anything ``models.inputs.as_token_batch`` accepts: a string or list of strings
+        (the model's tokenizer, BOS added), ids, ragged lists of ids (right-padded here), or an
+        int ``[batch, seq]`` array.
+      pad_id: With ``pad_id`` set, pad tokens of an array get position -1 and are masked out
+        of attention, so left-padded batches score like unpadded prompts; by default positions
+        are 0..seq-1.
+      bucket: Round the length up to a few shapes (``models.inputs.bucket_length``) so new
+        prompt lengths reuse compiled code; the extra columns are causally invisible and cut
+        off, so the logits are those of the unpadded input.
+
+    Raises:
+      ValueError: A token id outside ``[0, vocab)``, or an input of the wrong shape.
     """
-    tokens = jnp.asarray(tokens, dtype=jnp.int32)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
-    return _forward(pz.freeze_params(model), tokens, positions_for(tokens, pad_id))
+    array, _ = as_token_batch(tokens, model)
+    array = check_token_ids(array, vocab_size_of(model))
+    length = array.shape[1]
+    limit = getattr(getattr(model, "config", None), "max_seq_len", None)
+    # No bucketing for a model holding state variables: they must record the unpadded input.
+    bucket = bucket and not state_variables(model)
+    width = bucket_length(length, limit) if bucket else length
+    fill = PAD_ID if pad_id is None else pad_id
+    padded = jnp.asarray(pad_columns(array, width, fill))
+    logits = _forward(pz.freeze_params(model), padded, positions_for(padded, pad_id))
+    return logits[:, :length]
 
 
 def positions_for(tokens: jax.Array, pad_id: int | None) -> jax.Array:

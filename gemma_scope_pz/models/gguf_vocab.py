@@ -138,17 +138,31 @@ def sentencepiece_proto_from_gguf_metadata(meta: dict[str, Any], where: str = "G
     ):
         if llama_type not in _LLAMA_CPP_TYPES:
             raise ValueError(f"{where}: token {i} ({piece!r}) has unknown token_type {llama_type}")
-        piece_type = _LLAMA_CPP_TYPES[llama_type]
-        if i == ids["unknown"]:
-            piece_type = _PieceType.UNKNOWN
-        elif piece_type == _PieceType.UNKNOWN:
-            piece_type = _PieceType.CONTROL
-        elif piece_type == _PieceType.CONTROL and piece not in CONTROL_PIECES:
-            piece_type = _PieceType.USER_DEFINED
+        piece_type = _piece_type(piece, _LLAMA_CPP_TYPES[llama_type], i == ids["unknown"])
         if piece_type == _PieceType.USER_DEFINED:
             piece = piece.replace(" ", SPACE_SYMBOL)
         proto.pieces.add(piece=piece, score=score, type=piece_type)
+    _set_gemma_specs(
+        proto, n, ids, pad_id, bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+    )
+    return proto.SerializeToString()
 
+
+def _piece_type(piece: str, piece_type: int, is_unknown: bool) -> int:
+    """Undoes llama.cpp's typing: UNKNOWN only for the unknown id, turn markers USER_DEFINED."""
+    if is_unknown:
+        return _PieceType.UNKNOWN
+    if piece_type == _PieceType.UNKNOWN:
+        return _PieceType.CONTROL
+    if piece_type == _PieceType.CONTROL and piece not in CONTROL_PIECES:
+        return _PieceType.USER_DEFINED
+    return piece_type
+
+
+def _set_gemma_specs(
+    proto: sp_pb2.ModelProto, n: int, ids: dict[str, int], pad_id: int, dummy_prefix: bool
+) -> None:
+    """The trainer and normalizer settings of Gemma 3's own ``tokenizer.model``."""
     trainer = proto.trainer_spec
     trainer.model_type = sp_pb2.TrainerSpec.BPE
     trainer.vocab_size = n
@@ -164,7 +178,6 @@ def sentencepiece_proto_from_gguf_metadata(meta: dict[str, Any], where: str = "G
     trainer.unk_surface = " \u2047 "
     normalizer = proto.normalizer_spec
     normalizer.name = "identity"
-    normalizer.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+    normalizer.add_dummy_prefix = dummy_prefix
     normalizer.remove_extra_whitespaces = False
     normalizer.escape_whitespaces = True
-    return proto.SerializeToString()

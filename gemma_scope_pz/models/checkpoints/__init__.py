@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from gemma_scope_pz.models.checkpoints.layout import check_finite, validate_params
+from gemma_scope_pz.models.checkpoints.layout import validate_params
 from gemma_scope_pz.models.config import Gemma3Config
 from gemma_scope_pz.models.sources import (
     HF_WEIGHT_PATTERNS,
+    ResolvedSource,
     detect_format,
     resolve_default_gguf,
     resolve_source,
@@ -35,7 +36,7 @@ HF_ALLOW_PATTERNS = HF_WEIGHT_PATTERNS
 
 
 def load_params(
-    source: str | os.PathLike | None = None,
+    source: str | os.PathLike | ResolvedSource | None = None,
     *,
     dtype: Any = np.float32,
     revision: str | None = None,
@@ -53,7 +54,8 @@ def load_params(
           directory containing one);
         * ``"hf:<repo_id>"``, or a bare ``"google/gemma-3-1b-pt"``-style id that is not an
           existing path: downloaded with ``huggingface_hub.snapshot_download``;
-        * ``"kaggle:<handle>"``: downloaded with ``kagglehub.model_download``.
+        * ``"kaggle:<handle>"``: downloaded with ``kagglehub.model_download``;
+        * a ``ResolvedSource`` from ``models.sources.resolve_source``.
       dtype: Floating dtype of the returned arrays (e.g. ``np.float32``,
         ``ml_dtypes.bfloat16``). Conversion happens one tensor at a time.
       revision: Hub revision for ``hf:`` sources; for ``kaggle:`` sources a version number
@@ -67,16 +69,18 @@ def load_params(
       FileNotFoundError: ``source`` is a path that does not exist.
       ModuleNotFoundError: ``source`` is None and the ``offline`` extra is not installed.
       ValueError: Unknown format or architecture, a missing, extra or mis-shaped tensor, or a
-        tensor holding NaN/Inf; the message names the file and tensor.
+        tensor holding NaN/Inf (every reader checks each stored tensor); the message names the
+        file and tensor.
     """
     dtype = np.dtype(dtype)
     if dtype.kind != "f" and dtype.name != "bfloat16":
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
-    resolved = resolve_source(source, revision=revision, want="weights")
+    if isinstance(source, ResolvedSource):
+        resolved = source
+    else:
+        resolved = resolve_source(source, revision=revision, want="weights")
     config, params = read_checkpoint(resolved.format, resolved.path, dtype)
     validate_params(params, config, resolved.path)
-    for key, values in params.items():
-        check_finite(resolved.path, key, values)
     return config, params
 
 

@@ -329,6 +329,7 @@ def load_gguf(
         expected = layout.out_in_stored_shape(key, config)
         layout.check_shape(path, name, file.tensors[name].shape, expected)
         values, owned = file.dequantized(name)
+        layout.check_finite(path, name, values)
         view = layout.out_in_to_canonical(kind, values, config)
         params[key] = layout.materialize(view, dtype, owned=owned)
     return config, params

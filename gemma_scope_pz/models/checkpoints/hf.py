@@ -10,9 +10,11 @@ the raw ``w`` of ``x * (1 + w)``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -84,35 +86,8 @@ def config_from_hf(config_json: dict[str, Any], file: Any = "config.json") -> Ge
         )
     cfg = {**_HF_DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
 
-    global_base, local_base = cfg["rope_theta"], cfg["rope_local_base_freq"]
-    scaling = text.get("rope_scaling")
-    rope_parameters = text.get("rope_parameters")
-    if isinstance(rope_parameters, dict) and "full_attention" in rope_parameters:
-        scaling = rope_parameters["full_attention"]
-        global_base = scaling.get("rope_theta", global_base)
-        local_base = rope_parameters.get("sliding_attention", {}).get("rope_theta", local_base)
-    scale = 1.0
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        if scaling.get("rope_type", scaling.get("type")) != "linear":
-            raise ValueError(f"{file}: unsupported rope scaling {scaling} (only 'linear')")
-        scale = float(scaling["factor"])
-
-    pattern = int(text.get("sliding_window_pattern") or text.get("_sliding_window_pattern") or 6)
-    layer_types = text.get("layer_types")
-    if layer_types:
-        pattern = (
-            layer_types.index("full_attention") + 1
-            if "full_attention" in layer_types
-            else len(layer_types) + 1
-        )
-        implied = [
-            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-            for i in range(len(layer_types))
-        ]
-        if list(layer_types) != implied:
-            raise ValueError(
-                f"{file}: layer_types are not a periodic 'every {pattern}th layer global' pattern"
-            )
+    global_base, local_base, scale = _rope_settings(text, cfg, file)
+    pattern = _sliding_pattern(text, file)
 
     n_layers, d_model = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])
     preset = layout.matching_preset(n_layers, d_model)
@@ -136,25 +111,111 @@ def config_from_hf(config_json: dict[str, Any], file: Any = "config.json") -> Ge
     )
 
 
+def _rope_settings(text: dict[str, Any], cfg: dict[str, Any], file: Any) -> tuple[Any, Any, float]:
+    """(global RoPE base, local RoPE base, linear scale) from old or per-layer-type keys."""
+    global_base, local_base = cfg["rope_theta"], cfg["rope_local_base_freq"]
+    scaling = text.get("rope_scaling")
+    rope_parameters = text.get("rope_parameters")
+    if isinstance(rope_parameters, dict) and "full_attention" in rope_parameters:
+        scaling = rope_parameters["full_attention"]
+        global_base = scaling.get("rope_theta", global_base)
+        local_base = rope_parameters.get("sliding_attention", {}).get("rope_theta", local_base)
+    scale = 1.0
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        if scaling.get("rope_type", scaling.get("type")) != "linear":
+            raise ValueError(f"{file}: unsupported rope scaling {scaling} (only 'linear')")
+        scale = float(scaling["factor"])
+    return global_base, local_base, scale
+
+
+def _sliding_pattern(text: dict[str, Any], file: Any) -> int:
+    """Every how many layers one is global, from ``layer_types`` or ``sliding_window_pattern``."""
+    pattern = int(text.get("sliding_window_pattern") or text.get("_sliding_window_pattern") or 6)
+    layer_types = text.get("layer_types")
+    if layer_types:
+        pattern = (
+            layer_types.index("full_attention") + 1
+            if "full_attention" in layer_types
+            else len(layer_types) + 1
+        )
+        implied = [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(len(layer_types))
+        ]
+        if list(layer_types) != implied:
+            raise ValueError(
+                f"{file}: layer_types are not a periodic 'every {pattern}th layer global' pattern"
+            )
+    return pattern
+
+
 def tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
-    """Maps every stored tensor name to its safetensors file (single file, index or glob)."""
+    """Maps every stored tensor name to its safetensors file (single file, index or glob).
+
+    Shard names in ``model.safetensors.index.json`` must be plain file names inside
+    ``directory`` (no absolute paths, no ``..``); every header is parsed (and validated by the
+    safetensors reader: offsets in bounds, contiguous, non-overlapping) before any tensor is read.
+    """
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {name: directory / shard for name, shard in weight_map.items()}
+        files = _index_files(index, directory)
         for shard in sorted(set(files.values())):
             if not shard.is_file():
                 raise FileNotFoundError(f"{index}: shard {shard.name} listed but missing")
+            with open_safetensors(shard) as f:
+                stored = set(f.keys())
+            absent = sorted(n for n, file in files.items() if file == shard and n not in stored)
+            if absent:
+                raise ValueError(
+                    f"{index}: {absent[0]!r} is mapped to {shard.name}, which lacks it"
+                )
         return files
     shards = sorted(directory.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"{directory}: no *.safetensors files")
     files = {}
     for shard in shards:
-        with safe_open(shard, framework="numpy") as f:
+        with open_safetensors(shard) as f:
             for name in f.keys():
                 files[name] = shard
     return files
+
+
+def _index_files(index: pathlib.Path, directory: pathlib.Path) -> dict[str, pathlib.Path]:
+    """The index's ``weight_map`` as tensor name -> shard path, each shard inside ``directory``."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{index}: not a safetensors index ({type(err).__name__}: {err})"
+        ) from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: 'weight_map' is not an object")
+    root = directory.resolve()
+    files = {}
+    for name, shard in weight_map.items():
+        path = (directory / str(shard)).resolve()
+        if (
+            not isinstance(shard, str)
+            or pathlib.PurePath(shard).name != shard
+            or path.parent != root
+        ):
+            raise ValueError(
+                f"{index}: shard path {shard!r} for {name!r} is outside the model folder"
+            )
+        files[name] = directory / shard
+    return files
+
+
+@contextlib.contextmanager
+def open_safetensors(path: pathlib.Path) -> Iterator[Any]:
+    """``safe_open(path)`` whose header and read errors name the file."""
+    try:
+        handle = safe_open(path, framework="numpy")
+    except Exception as err:  # SafetensorError has no importable base class besides Exception
+        raise ValueError(f"{path}: invalid safetensors file ({err})") from None
+    with handle as f:
+        yield f
 
 
 def _text_prefix(names: list[str], directory: pathlib.Path) -> str:
@@ -180,10 +241,45 @@ def load_hf_dir(
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} does not exist")
-    config = config_from_hf(json.loads(config_path.read_text()), config_path)
+    try:
+        config_json = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(config_json, dict):
+        raise ValueError(f"{config_path}: expected a JSON object")
+    config = config_from_hf(config_json, config_path)
     files = tensor_files(directory)
     prefix = _text_prefix(list(files), directory)
 
+    names = _name_table(prefix, config, files, directory)
+    params: dict[str, np.ndarray] = {}
+    by_file: dict[pathlib.Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    progress = tqdm(total=len(names), desc=f"safetensors {directory.name}", leave=False)
+    for shard, shard_names in by_file.items():
+        with open_safetensors(shard) as f:
+            for name in shard_names:
+                key = names[name]
+                kind = layout.canonical_kind(key)
+                shape = tuple(f.get_slice(name).get_shape())
+                layout.check_shape(shard, name, shape, layout.out_in_stored_shape(key, config))
+                stored = f.get_tensor(name)
+                layout.check_finite(shard, name, stored)
+                view = layout.out_in_to_canonical(kind, stored, config)
+                params[key] = layout.materialize(
+                    view, dtype, owned=True, shift=1.0 if kind == "norm" else 0.0
+                )
+                del stored, view
+                progress.update()
+    progress.close()
+    return config, params
+
+
+def _name_table(
+    prefix: str, config: Gemma3Config, files: dict[str, pathlib.Path], directory: pathlib.Path
+) -> dict[str, str]:
+    """Stored tensor name -> canonical key; unexpected or missing tensors are errors."""
     names = {f"{prefix}embed_tokens.weight": "embedding", f"{prefix}norm.weight": "final_norm"}
     for i in range(config.n_layers):
         for short, key in HF_BLOCK_NAMES.items():
@@ -200,25 +296,4 @@ def load_hf_dir(
         raise ValueError(
             f"{directory}: missing tensor {missing[0]!r} ({len(missing)} missing in all)"
         )
-
-    params: dict[str, np.ndarray] = {}
-    by_file: dict[pathlib.Path, list[str]] = {}
-    for name in names:
-        by_file.setdefault(files[name], []).append(name)
-    progress = tqdm(total=len(names), desc=f"safetensors {directory.name}", leave=False)
-    for shard, shard_names in by_file.items():
-        with safe_open(shard, framework="numpy") as f:
-            for name in shard_names:
-                key = names[name]
-                kind = layout.canonical_kind(key)
-                shape = tuple(f.get_slice(name).get_shape())
-                layout.check_shape(shard, name, shape, layout.out_in_stored_shape(key, config))
-                stored = f.get_tensor(name)
-                view = layout.out_in_to_canonical(kind, stored, config)
-                params[key] = layout.materialize(
-                    view, dtype, owned=True, shift=1.0 if kind == "norm" else 0.0
-                )
-                del stored, view
-                progress.update()
-    progress.close()
-    return config, params
+    return names

@@ -196,10 +196,14 @@ def load_orbax(
     for stored, _, _ in table.values():
         remaining_uses[stored] = remaining_uses.get(stored, 0) + 1
     params: dict[str, np.ndarray] = {}
+    checked: set[str] = set()
     for key, (stored, shape, to_canonical) in table.items():
         if stored not in flat:
             raise ValueError(f"{directory}: missing tensor {stored!r} (for {key})")
         layout.check_shape(directory, stored, flat[stored].shape, shape)
+        if stored not in checked:
+            layout.check_finite(directory, stored, flat[stored])
+            checked.add(stored)
         shift = 1.0 if layout.canonical_kind(key) == "norm" else 0.0
         params[key] = layout.materialize(to_canonical(flat[stored]), dtype, owned=True, shift=shift)
         remaining_uses[stored] -= 1
