@@ -87,6 +87,38 @@ def project_out_parallel(grad_w_dec: jax.Array, w_dec: jax.Array) -> jax.Array:
     return grad_w_dec - jnp.sum(grad_w_dec * unit, axis=-1, keepdims=True) * unit
 
 
+def normalise_batch(norm: dict, x_in: jax.Array, x_out: jax.Array | None):
+    """``(finite, x_in', x_out')``: the batch normalised (zeros where it is not finite)."""
+    finite = jnp.all(jnp.isfinite(x_in))
+    if x_out is not None:
+        finite &= jnp.all(jnp.isfinite(x_out))
+    x_in = jnp.where(finite, (x_in - norm["in_shift"]) * norm["in_scale"], 0.0)
+    if x_out is None:
+        return finite, x_in, x_in
+    return finite, x_in, jnp.where(finite, (x_out - norm["out_shift"]) * norm["out_scale"], 0.0)
+
+
+def _make_update(config: TrainConfig, optimizer: optax.GradientTransformation) -> Callable:
+    """``update(operands, step, fired, batch_threshold)`` for a good step: Adam, constraints,
+    dead-latent counters and the running inference threshold."""
+
+    def update(operands, step, fired, batch_threshold):
+        params, opt_state, grads, since_fired, threshold_ema = operands
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if config.sae.unit_norm_decoder:
+            w_dec = new_params["w_dec"]
+            new_params["w_dec"] = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
+        if "threshold" in new_params:
+            new_params["threshold"] = jnp.maximum(new_params["threshold"], _MIN_THRESHOLD)
+        since_fired = jnp.where(fired, 0, jnp.minimum(since_fired + 1, _SATURATE))
+        momentum = jnp.where(step == 0, 0.0, 0.99)
+        threshold_ema = momentum * threshold_ema + (1 - momentum) * batch_threshold
+        return new_params, opt_state, since_fired, threshold_ema
+
+    return update
+
+
 def make_train_step(config: TrainConfig) -> Callable:
     """``step_fn(state, x_in, x_out_or_None) -> (state, metrics)`` (not yet jitted).
 
@@ -95,18 +127,12 @@ def make_train_step(config: TrainConfig) -> Callable:
     ``first_bad_step`` is left unchanged (the step is skipped).
     """
     optimizer = make_optimizer(config)
+    update = _make_update(config, optimizer)
     window = config.dead_window_steps
 
     def step_fn(state: State, x_in: jax.Array, x_out: jax.Array | None):
-        norm, params, step = state["norm"], state["params"], state["step"]
-        finite = jnp.all(jnp.isfinite(x_in))
-        if x_out is not None:
-            finite &= jnp.all(jnp.isfinite(x_out))
-        x_in = jnp.where(finite, (x_in - norm["in_shift"]) * norm["in_scale"], 0.0)
-        if x_out is None:
-            x_out = x_in
-        else:
-            x_out = jnp.where(finite, (x_out - norm["out_shift"]) * norm["out_scale"], 0.0)
+        params, step = state["params"], state["step"]
+        finite, x_in, x_out = normalise_batch(state["norm"], x_in, x_out)
         dead = state["since_fired"] >= window
         grad_fn = jax.value_and_grad(objectives.loss_fn, has_aux=True)
         (loss, (metrics, fired, batch_threshold)), grads = grad_fn(
@@ -116,26 +142,6 @@ def make_train_step(config: TrainConfig) -> Callable:
             grads["w_dec"] = project_out_parallel(grads["w_dec"], params["w_dec"])
         grad_norm = _global_norm(grads)
         ok = finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def apply_update(operands):
-            params, opt_state, grads, since_fired, threshold_ema = operands
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            if config.sae.unit_norm_decoder:
-                w_dec = new_params["w_dec"]
-                new_params["w_dec"] = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
-            if "threshold" in new_params:
-                new_params["threshold"] = jnp.maximum(new_params["threshold"], _MIN_THRESHOLD)
-            since_fired = jnp.where(fired, 0, jnp.minimum(since_fired + 1, _SATURATE))
-            momentum = jnp.where(step == 0, 0.0, 0.99)
-            threshold_ema = momentum * threshold_ema + (1 - momentum) * batch_threshold
-            return new_params, opt_state, since_fired, threshold_ema
-
-        def skip_update(operands):
-            params, opt_state, _, since_fired, threshold_ema = operands
-            return params, opt_state, since_fired, threshold_ema
-
-        # lax.cond (not a select): the update runs only for good steps, with no extra pass.
         operands = (
             params,
             state["opt_state"],
@@ -143,20 +149,23 @@ def make_train_step(config: TrainConfig) -> Callable:
             state["since_fired"],
             state["inference_threshold"],
         )
-        chosen = jax.lax.cond(ok, apply_update, skip_update, operands)
-        chosen = dict(
-            zip(("params", "opt_state", "since_fired", "inference_threshold"), chosen, strict=True)
+        # lax.cond (not a select): the update runs only for good steps, with no extra pass.
+        chosen = jax.lax.cond(
+            ok,
+            lambda ops: update(ops, step, fired, batch_threshold),
+            lambda ops: (ops[0], ops[1], ops[3], ops[4]),
+            operands,
         )
         new_state = dict(state)
-        new_state.update(chosen)
+        new_state.update(
+            zip(("params", "opt_state", "since_fired", "inference_threshold"), chosen, strict=True)
+        )
         new_state["step"] = step + 1
         new_state["n_skipped"] = state["n_skipped"] + (~ok).astype(jnp.int32)
         new_state["first_bad_step"] = jnp.where(
             (~ok) & (state["first_bad_step"] < 0), step, state["first_bad_step"]
         )
-        metrics = dict(metrics)
-        metrics["grad_norm"] = grad_norm
-        metrics["lr"] = learning_rate(config, step)
+        metrics = dict(metrics, grad_norm=grad_norm, lr=learning_rate(config, step))
         metrics["dead_fraction"] = jnp.mean(
             (new_state["since_fired"] >= window).astype(jnp.float32)
         )
