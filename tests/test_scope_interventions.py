@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from penzai.toolshed.save_intermediates import SaveIntermediate
 
 from gemma_scope_pz.models.config import Gemma3Config
 from gemma_scope_pz.models.gemma3 import Gemma3LM, forward
@@ -19,6 +20,7 @@ from gemma_scope_pz.scope.evaluate import evaluate_sae, top_features
 from gemma_scope_pz.scope.interventions import capture, splice, steer
 from gemma_scope_pz.scope.layers import AutoEncoder, AutoEncoderSkip, SaeMeta
 from gemma_scope_pz.scope.lens import logit_lens
+from gemma_scope_pz.scope.sites import attach
 from tests import reference_gemma3 as ref
 
 # Four blocks (1 and 3 global, 0 and 2 sliding-window) keep compiles short.
@@ -316,6 +318,26 @@ def test_transcoder_replaces_the_mlp(setup):
     across = _random_sae(CONFIG.d_model, 8, "relu", site_in=site_in, site_out="blocks.3.mlp_out")
     with pytest.raises(ValueError, match="spans blocks"):
         splice(model, across)
+
+
+def test_transcoder_splice_keeps_layers_attached_at_mlp_in_and_mlp_out(setup):
+    """The MLP branch is rewritten by name: layers already at mlp_in / mlp_out stay around it."""
+    _, model, _, sites = setup
+    site_in, site_out = f"blocks.{LAYER}.mlp_in", f"blocks.{LAYER}.mlp_out"
+    tc = _random_sae(
+        CONFIG.d_model, 48, "relu", seed=10, skip=True, site_in=site_in, site_out=site_out
+    )
+    probe = SaveIntermediate()
+    direction = np.zeros(CONFIG.d_model, np.float32)
+    direction[3] = 1.0
+    edited = steer(attach(model, site_in, probe), site_out, direction, 2.5, norm_scaled=False)
+    replaced = splice(edited, tc)
+    mid = sites[f"blocks.{LAYER}.resid_post"] - sites[site_out]
+    expected = mid + _np_reconstruct(tc, sites[site_in]) + 2.5 * direction
+    expected[:, 0] = sites[f"blocks.{LAYER}.resid_post"][:, 0]
+    _assert_close(_after_resid_post(replaced, LAYER), expected, 1e-4, "probe + transcoder + steer")
+    forward(replaced, TOKENS)
+    _assert_close(probe.saved.value.unwrap("batch", "seq", "embedding"), sites[site_in], 1e-5)
 
 
 def test_attn_out_dictionary(setup):

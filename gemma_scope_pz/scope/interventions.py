@@ -19,7 +19,8 @@ from penzai import pz
 from penzai.models.transformer.model_parts import TransformerBlock, TransformerFeedForward
 from penzai.toolshed.save_intermediates import SaveIntermediate
 
-from gemma_scope_pz.models.gemma3 import Gemma3LM, positions_for
+from gemma_scope_pz.models.gemma3 import Gemma3LM, check_token_ids, positions_for, vocab_size_of
+from gemma_scope_pz.models.inputs import as_token_batch
 from gemma_scope_pz.models.stateful import state_variables
 from gemma_scope_pz.scope.sites import Site, attach, truncate_after_block
 
@@ -283,7 +284,8 @@ def run_with_captures(
     }
 
 
-# pz.variable_jit: the model may hold state variables of its own (see models/stateful.py).
+# pz.variable_jit: the model may hold state variables of its own (see models/stateful.py). Not
+# penzai's Jitted wrapper: it jits a layer's __call__, while capture needs static site names.
 @functools.partial(pz.variable_jit, static_argnames=("site_names", "stop_early"))
 def _capture(model, tokens, positions, site_names: tuple[str, ...], stop_early: bool):
     return run_with_captures(model, tokens, positions, site_names, stop_early)[1]
@@ -314,9 +316,8 @@ def capture(
     if config is not None:
         for s in parsed:
             s.check(config)
-    tokens = jnp.asarray(tokens, dtype=jnp.int32)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    tokens, _ = as_token_batch(tokens, model)  # text, ids, ragged lists or [batch, seq]
+    tokens = jnp.asarray(check_token_ids(tokens, vocab_size_of(model)))
     positions = positions_for(tokens, pad_id)
     unique = tuple(dict.fromkeys(s.name for s in parsed))
     if stop_early and _truncation_drops_state(model, max(s.last_block for s in parsed)):
