@@ -48,7 +48,6 @@ _EXPORTS = {
     "capture": "gemma_scope_pz.scope.interventions",
     "splice": "gemma_scope_pz.scope.interventions",
     "steer": "gemma_scope_pz.scope.interventions",
-    "SaveActivation": "gemma_scope_pz.scope.interventions",
     # evaluation and lens
     "evaluate_sae": "gemma_scope_pz.scope.evaluate",
     "top_features": "gemma_scope_pz.scope.evaluate",

@@ -142,12 +142,12 @@ def _raising(err: BaseException):
     ],
 )
 def test_runtime_failures_exit_1_with_one_line(capsys, monkeypatch, err, text):
-    monkeypatch.setattr(cli, "cmd_generate", _raising(err))
+    monkeypatch.setitem(cli.COMMANDS, "generate", _raising(err))
     line = _fail(capsys, ["generate", "hi"], status=1)
     assert line.startswith(text) and line.endswith("(rerun with --debug for the traceback)")
 
 
 def test_debug_shows_the_traceback(monkeypatch):
-    monkeypatch.setattr(cli, "cmd_generate", _raising(RuntimeError("boom")))
+    monkeypatch.setitem(cli.COMMANDS, "generate", _raising(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         cli.main(["generate", "hi", "--debug"])

@@ -1,4 +1,4 @@
-"""The tour's steps on a tiny random Gemma 3 and a random SAE (fast): typed results, the report.
+"""The tour's steps (app/steps.py) on a tiny random Gemma 3 and a random SAE (fast): typed results, the report.
 
 The whole tour on the real model runs in tests/test_cli.py (slow).
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import gemma_scope_pz as gs
-from gemma_scope_pz.app import tour
+from gemma_scope_pz.app import steps, tour
 
 LAYER = 2
 
@@ -27,8 +27,8 @@ def parts(tiny_model, make_sae, char_tokenizer):
 def test_features_step_finds_the_strongest_non_dense_feature(parts):
     model, tok, sae, settings = parts
     logged = []
-    feats = tour.features_step(model, tok, sae, settings, log=logged.append)
-    ids = tok.encode(tour.ENERGY)
+    feats = steps.features_step(model, tok, sae, settings.card_contexts, log=logged.append)
+    ids = tok.encode(steps.ENERGY)
     assert feats.latents.shape == (len(ids), sae.meta.d_sae)
     assert feats.strings == tok.token_strings(ids)
     # The examples saw every counted token of the held-out contexts (BOS and padding excluded).
@@ -46,7 +46,7 @@ def test_features_step_finds_the_strongest_non_dense_feature(parts):
 
 def test_lens_and_steer_step_zero_coefficient_changes_nothing(parts):
     model, tok, sae, _ = parts
-    out = tour.lens_and_steer_step(model, tok, sae, feature=5, coeff=0.0, log=lambda _: None)
+    out = steps.lens_and_steer_step(model, tok, sae, feature=5, coeff=0.0, log=lambda _: None)
     assert out["steering"]["plain"] == out["steering"]["steered"]
     assert len(out["logit_lens"]["top"]) == 10 and len(out["logit_lens"]["bottom"]) == 10
     top = [v for _, v in out["logit_lens"]["top"]]
@@ -57,9 +57,10 @@ def test_metrics_step_reports_both_dictionaries(parts, make_sae):
     model, tok, sae, settings = parts
     d = model.config.d_model
     transcoder = make_sae(d, 32, skip=True, site_in="blocks.1.mlp_in", site_out="blocks.1.mlp_out")
-    dicts = tour.Dictionaries(sae, transcoder, "random")
     logged = []
-    metrics = tour.metrics_step(model, tok, dicts, settings, log=logged.append)
+    metrics = steps.metrics_step(
+        model, tok, sae, transcoder, settings.eval_contexts, log=logged.append
+    )
     assert set(metrics) == {"sae_metrics", "transcoder_metrics"}
     for value in metrics.values():
         assert value["n_tokens"] > 0 and np.isfinite(value["fvu"])
@@ -69,7 +70,7 @@ def test_metrics_step_reports_both_dictionaries(parts, make_sae):
 
 def test_report_step_writes_escaped_pages(parts, tmp_path):
     model, tok, sae, settings = parts
-    feats = tour.features_step(model, tok, sae, settings, log=lambda _: None)
+    feats = steps.features_step(model, tok, sae, settings.card_contexts, log=lambda _: None)
     summary = {
         "dictionaries": "random <SAE>",
         "next_tokens": [("<b>", 0.5)],
@@ -78,11 +79,11 @@ def test_report_step_writes_escaped_pages(parts, tmp_path):
         "transcoder_metrics": {},
         "strongest_feature": feats.strongest,
     }
-    summary.update(tour.lens_and_steer_step(model, tok, sae, feats.strongest, 0.1, lambda _: None))
+    summary.update(steps.lens_and_steer_step(model, tok, sae, feats.strongest, 0.1, lambda _: None))
     metric_keys = ("fvu", "l0", "ce_clean", "ce_spliced", "delta_loss", "ce_recovered", "kl")
     for key in ("sae_metrics", "transcoder_metrics"):
         summary[key] = {k: 0.5 for k in metric_keys} | {"n_tokens": 3, "dead_fraction": 0.1}
-    report = tour.report_step(model, tok, sae, feats, summary, tmp_path)
+    report = steps.report_step(model, tok, sae, feats, summary, tmp_path)
     html = report.read_text()
     assert "random &lt;SAE&gt;" in html and "<code>&lt;b&gt;</code>" in html
     assert "The capital of France is &amp; more" in html
