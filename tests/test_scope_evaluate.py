@@ -55,7 +55,9 @@ def test_latents_of_a_batch(setup):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     one = np.asarray(latents(model, sae, tokens[1].tolist()))  # a plain list is one sequence
     np.testing.assert_allclose(one[0], got[1], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=r"int ids \[seq\] or \[batch, seq\], got float"):
+    ragged = np.asarray(latents(model, sae, [tokens[0, :4].tolist(), tokens[1].tolist()]))
+    np.testing.assert_allclose(ragged[0, :4], got[0, :4], rtol=1e-5, atol=1e-6)  # right-padded
+    with pytest.raises(TypeError, match="token ids must be integers"):
         latents(model, sae, np.zeros((2, 3), np.float32))
 
 

@@ -24,7 +24,9 @@ import numpy as np
 from penzai import pz
 from tqdm.auto import tqdm
 
+from gemma_scope_pz.models import stateful
 from gemma_scope_pz.models.gemma3 import Gemma3LM, positions_for
+from gemma_scope_pz.models.inputs import as_token_batch
 from gemma_scope_pz.models.stateful import detach_state
 from gemma_scope_pz.scope import metrics
 from gemma_scope_pz.scope.interventions import capture, run_with_captures, splice
@@ -99,10 +101,10 @@ def _activation_sums(sae, x_in, target, counted) -> dict[str, jax.Array]:
     }
 
 
-# pz.variable_jit: the model may hold state variables (models/stateful.py); the derived copies are
+# stateful.jit: the model may hold state variables (models/stateful.py); the derived copies are
 # detached so that only the clean model writes them.
 @functools.partial(
-    pz.variable_jit,
+    stateful.jit,
     static_argnames=("site_in", "site_out", "exclude_prefix", "pad_id", "special_ids"),
 )
 def _batch_sums(
@@ -218,15 +220,9 @@ def _encode(sae, x):
     return sae.encode(x)
 
 
-def _as_batch(tokens) -> np.ndarray:
-    tokens = np.asarray(tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(
-            f"tokens must be int ids [seq] or [batch, seq], got {tokens.dtype}{tokens.shape}"
-        )
-    return tokens.astype(np.int32)
+def _as_batch(tokens, model) -> np.ndarray:
+    """int32 [batch, seq] from anything ``models.inputs.as_token_batch`` accepts."""
+    return as_token_batch(tokens, model)[0]
 
 
 def latents(
@@ -237,15 +233,17 @@ def latents(
     site: str | None = None,
     pad_id: int | None = None,
 ) -> jax.Array:
-    """The dictionary's latents ``[batch, seq, d_sae]`` (float32) for ``tokens`` [batch, seq].
+    """The dictionary's latents ``[batch, seq, d_sae]`` (float32) for a batch of tokens.
 
+    ``tokens`` is anything ``models.inputs.as_token_batch`` accepts: text (the model's tokenizer,
+    BOS added), a list of ids, ragged lists of ids (right-padded) or an int ``[batch, seq]`` array.
     Captures ``site`` (default ``sae.meta.site_in``) in one jitted forward that stops after its
     block and encodes it. Every position is encoded, BOS and padding included: select the
     positions that count with `gemma_scope_pz.scope.tokens.token_mask`. ``pad_id`` as in
     `gemma_scope_pz.scope.interventions.capture` (left padding masked out of attention).
     """
     site = site or sae.meta.site_in
-    x = capture(model, _as_batch(tokens), [site], pad_id=pad_id)[site].astype(jnp.float32)
+    x = capture(model, tokens, [site], pad_id=pad_id)[site].astype(jnp.float32)
     named = pz.nx.wrap(x).tag("batch", "seq", "embedding")
     return _encode(pz.freeze_params(sae), named).unwrap("batch", "seq", "latents")
 
@@ -272,14 +270,14 @@ def top_features(
     site: str | None = None,
     exclude_bos: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Per-token top-k latents for ONE sequence ``tokens`` [seq].
+    """Per-token top-k latents for ONE sequence: a string, a list of ids or a ``[seq]`` array.
 
     Returns ``{"values": [seq, k], "ids": [seq, k], "latents": [seq, d_sae], "mean": [d_sae],
     "mask": [seq]}``. With ``exclude_bos`` (the default) BOS (position 0, whose huge activations
     would dwarf every real token) does not count: its latents are zeroed (so its ids are 0..k-1 with
     value 0) and ``mean`` averages the counted positions only; ``mask`` says which positions count.
     """
-    tokens = _as_batch(tokens)
+    tokens = _as_batch(tokens, model)
     if tokens.shape[0] != 1:
         raise ValueError(f"top_features takes one sequence [seq], got shape {tokens.shape}")
     mask = token_mask(tokens[0], pad_id=None, exclude_bos=exclude_bos)
@@ -296,7 +294,7 @@ def top_features(
     }
 
 
-@functools.partial(pz.variable_jit, static_argnames=("pad_id",))
+@functools.partial(stateful.jit, static_argnames=("pad_id",))
 def _token_nll(model, spliced, tokens, pad_id):
     positions = positions_for(tokens, pad_id)
     clean = metrics.next_token_nll(_logits_of(model, tokens, positions), tokens)
@@ -306,12 +304,13 @@ def _token_nll(model, spliced, tokens, pad_id):
 def token_losses(
     model: Gemma3LM, sae: pz.nn.Layer, tokens, *, site: str | None = None
 ) -> dict[str, np.ndarray]:
-    """Next-token loss (nats) at every position of ONE sequence, clean and with ``sae`` spliced in.
+    """Next-token loss (nats) at every position of ONE sequence (a string, ids or a ``[seq]``
+    array), clean and with ``sae`` spliced in.
 
     Returns ``{"clean": [seq - 1], "spliced": [seq - 1]}``; entry t is the loss of predicting
     token t + 1 (so the first entry is the prediction made at BOS).
     """
-    tokens = _as_batch(tokens)
+    tokens = _as_batch(tokens, model)
     if tokens.shape[0] != 1 or tokens.shape[1] < 2:
         raise ValueError(
             f"token_losses takes one sequence of >= 2 tokens, got shape {tokens.shape}"
