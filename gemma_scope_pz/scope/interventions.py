@@ -19,6 +19,7 @@ from penzai import pz
 from penzai.models.transformer.model_parts import TransformerBlock, TransformerFeedForward
 from penzai.toolshed.save_intermediates import SaveIntermediate
 
+from gemma_scope_pz.models import stateful
 from gemma_scope_pz.models.gemma3 import Gemma3LM, check_token_ids, positions_for, vocab_size_of
 from gemma_scope_pz.models.inputs import as_token_batch
 from gemma_scope_pz.models.stateful import state_variables
@@ -284,9 +285,9 @@ def run_with_captures(
     }
 
 
-# pz.variable_jit: the model may hold state variables of its own (see models/stateful.py). Not
+# stateful.jit: the model may hold state variables of its own (see models/stateful.py). Not
 # penzai's Jitted wrapper: it jits a layer's __call__, while capture needs static site names.
-@functools.partial(pz.variable_jit, static_argnames=("site_names", "stop_early"))
+@functools.partial(stateful.jit, static_argnames=("site_names", "stop_early"))
 def _capture(model, tokens, positions, site_names: tuple[str, ...], stop_early: bool):
     return run_with_captures(model, tokens, positions, site_names, stop_early)[1]
 
