@@ -193,3 +193,23 @@ def test_detach_state_copies_variables_and_keeps_sharing():
     assert float(var.value) == 2.0 and float(shared.value) == 0.0
     plain = pz.nn.Sequential([pz.nn.Identity()])
     assert detach_state(plain) is plain and state_variables(plain) == ()
+
+
+def test_runner_jit_takes_the_variable_path_only_when_needed(model):
+    from gemma_scope_pz.models import stateful
+
+    calls = []
+
+    def double(tree, x):
+        calls.append(1)  # counts traces
+        return x * 2
+
+    fn = stateful.jit(double)
+    frozen = pz.freeze_params(model)
+    edited, probe = _probed(model)
+    assert not stateful.has_variables(frozen) and stateful.has_variables(edited)
+    assert stateful.has_variables(model)  # unfrozen parameters are variables too
+    np.testing.assert_array_equal(fn(frozen, jnp.ones(3)), 2.0)
+    np.testing.assert_array_equal(fn(pz.freeze_params(edited), jnp.ones(3)), 2.0)
+    fn(frozen, jnp.ones(3))
+    assert len(calls) == 2  # one trace per path, the plain one reused

@@ -30,6 +30,7 @@ from penzai import pz
 from penzai.models.transformer import model_parts
 from penzai.models.transformer.model_parts import TransformerBlock
 
+from gemma_scope_pz.models import stateful
 from gemma_scope_pz.models.builder import ScaledRoPE, build_body, head_axes
 from gemma_scope_pz.models.config import Gemma3Config, param_shapes
 from gemma_scope_pz.models.inputs import as_token_batch, bucket_length, pad_columns
@@ -189,9 +190,9 @@ def vocab_size_of(model: pz.nn.Layer) -> int:
     return model.metadata.vocab_size
 
 
-# pz.variable_jit, not jax.jit: a model holding pz.StateVariables (the tutorial's SaveIntermediate)
+# stateful.jit, not jax.jit: a model holding pz.StateVariables (the tutorial's SaveIntermediate)
 # runs too, and its variables are updated as by a direct call (see models/stateful.py).
-@pz.variable_jit
+@stateful.jit
 def _forward(model: Gemma3LM, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     named = pz.nx.wrap(tokens).tag("batch", "seq")
     out = model(named, token_positions=pz.nx.wrap(positions).tag("batch", "seq"))
