@@ -25,7 +25,7 @@ from penzai import pz
 from tqdm.auto import tqdm
 
 from gemma_scope_pz.models import stateful
-from gemma_scope_pz.models.gemma3 import Gemma3LM, positions_for
+from gemma_scope_pz.models.gemma3 import Gemma3LM, check_token_ids, positions_for, vocab_size_of
 from gemma_scope_pz.models.inputs import as_token_batch
 from gemma_scope_pz.models.stateful import detach_state
 from gemma_scope_pz.scope import metrics
@@ -201,7 +201,7 @@ def evaluate_sae(
     special = tuple(int(i) for i in special_ids)
     totals: dict[str, np.ndarray] = {}
     for tokens in tqdm(batches, desc="evaluate", disable=not progress):
-        tokens = jnp.asarray(tokens, jnp.int32)
+        tokens = jnp.asarray(check_token_ids(tokens, vocab_size_of(model)))
         positions = positions_for(tokens, pad_id)
         sums = _batch_sums(
             *frozen, tokens, positions, site_in, site_out, exclude_prefix, pad_id, special
