@@ -12,6 +12,7 @@ from gemma_scope_pz.models.checkpoints import load_params
 from gemma_scope_pz.models.config import Gemma3Config
 from gemma_scope_pz.models.gemma3 import Gemma3LM, check_token_ids, forward
 from gemma_scope_pz.models.sampling import generate
+from gemma_scope_pz.scope.interventions import capture
 from tests import fixtures_checkpoints as fx
 
 CONFIG = Gemma3Config.tiny()
@@ -159,3 +160,5 @@ def test_forward_and_generate_refuse_out_of_range_ids():
         generate(model, [[2, 5], [2, 70, 3]], max_new_tokens=2)
     with pytest.raises(ValueError, match="does not fit in int32"):
         forward(model, np.array([[2, 2**40]], dtype=np.int64))
+    with pytest.raises(ValueError, match=r"token id -3 at index \(1, 1\)"):
+        capture(model, [[2, 5], [2, -3]], "blocks.1.resid_post")
