@@ -219,3 +219,17 @@ def test_derived_values():
     assert _cfg(sae=dict(architecture="relu", d_out=6)).sae.is_transcoder
     hyper = cfg.hyperparameters()
     assert "optim.lr" in hyper and "run.log_path" not in hyper and "run.checkpoint_dir" not in hyper
+
+
+def test_sections_may_be_given_as_mappings():
+    cfg = TrainConfig(
+        sae={"d_in": 8, "d_sae": 32, "architecture": "matryoshka", "matryoshka_prefixes": [8, 16]},
+        loss={"target_l0": 20},
+        run={"total_steps": "10"},
+    )
+    cfg = apply_overrides(cfg, {"sae.site_in": "blocks.3.resid_post"})
+    assert cfg == _cfg() and isinstance(cfg.sae, DictionaryConfig)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['sae.kk'\]"):
+        TrainConfig(sae={"d_in": 8, "d_sae": 32, "kk": 1}, run={"total_steps": 1})
+    with pytest.raises(TypeError, match="TrainConfig.optim: expected OptimConfig"):
+        TrainConfig(sae={"d_in": 8, "d_sae": 32}, run={"total_steps": 1}, optim=3)
