@@ -149,6 +149,10 @@ def test_old_flat_files_still_load_with_a_warning(tmp_path):
         assert cfg.k == 2  # old flat attribute reads keep working for one release
     with pytest.raises(AttributeError, match="no attribute 'kk'"):
         cfg.kk  # noqa: B018
+    with pytest.warns(DeprecationWarning, match="replace"):
+        changed = cfg.replace(k=3, log_path="x.jsonl")
+    assert (changed.sae.k, changed.run.log_path) == (3, "x.jsonl")
+    assert cfg.replace(run=RunConfig(total_steps=5)).num_steps == 5
 
 
 def test_every_old_flat_name_has_one_home():
