@@ -86,9 +86,11 @@ def _np_encode(sae, x):
         return pre * (pre > a["threshold"])
     if sae.meta.activation == "relu":
         return np.maximum(pre, 0)
-    k = sae.meta.k
-    kth = np.sort(pre, axis=-1)[..., -k][..., None]
-    return np.maximum(np.where(pre >= kth, pre, 0), 0)
+    # exactly k per token, ties to the lowest index (a stable sort of -pre), ReLU'd
+    top = np.argsort(-pre, axis=-1, kind="stable")[..., : sae.meta.k]
+    kept = np.zeros(pre.shape, bool)
+    np.put_along_axis(kept, top, True, axis=-1)
+    return np.maximum(np.where(kept, pre, 0), 0)
 
 
 def _np_reconstruct(sae, x):
