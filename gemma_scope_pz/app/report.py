@@ -49,6 +49,13 @@ def _metrics_table(rows: dict[str, dict]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _feature_on_sentence(tokens: list[str], values: np.ndarray, feature: int) -> str:
+    """The feature's activation as highlighted text and as a bar chart (BOS left out of both)."""
+    return gs.highlight_tokens(
+        tokens, values, title=f"activation of feature #{feature}"
+    ) + gs.activation_svg(tokens, values, title=f"Feature #{feature} along the sentence")
+
+
 def _loss_plot(losses: dict | None) -> str:
     """Per-token loss, clean vs SAE spliced in, from ``{"tokens", "clean", "spliced"}`` if given."""
     if not losses:
@@ -103,12 +110,7 @@ def write_report(
             {"SAE": summary["sae_metrics"], "transcoder": summary["transcoder_metrics"]}
         ),
         f"<h2>Feature #{strongest} on the sentence</h2>",
-        gs.highlight_tokens(
-            list(sentence_tokens), values, title=f"activation of feature #{strongest}"
-        ),
-        gs.activation_svg(
-            list(sentence_tokens), values, title=f"Feature #{strongest} along the sentence"
-        ),
+        _feature_on_sentence(list(sentence_tokens), values, strongest),
         _loss_plot(summary.get("token_losses")),
         "<h3>Logit lens</h3><p>Promotes: "
         + " ".join(f"<code>{_e(t)}</code>" for t, _ in lens_s["top"])
