@@ -213,3 +213,16 @@ def test_runner_jit_takes_the_variable_path_only_when_needed(model):
     np.testing.assert_array_equal(fn(pz.freeze_params(edited), jnp.ones(3)), 2.0)
     fn(frozen, jnp.ones(3))
     assert len(calls) == 2  # one trace per path, the plain one reused
+
+
+def test_a_probe_inside_the_dictionary(model):
+    from gemma_scope_pz.scope.layers import JumpReLU
+
+    tokens = _tokens(batch=1)[0]
+    probe = SaveIntermediate()
+    probed_sae = pz.select(_sae()).at_instances_of(JumpReLU).insert_after(probe)
+    got = top_features(model, probed_sae, tokens, k=3)
+    want = top_features(model, _sae(), tokens, k=3)
+    np.testing.assert_array_equal(got["ids"], want["ids"])
+    latents = np.asarray(probe.saved.value.unwrap("batch", "seq", "latents"))[0]
+    np.testing.assert_allclose(latents[1:], want["latents"][1:], rtol=1e-5, atol=1e-5)

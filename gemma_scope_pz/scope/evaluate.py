@@ -215,7 +215,7 @@ def evaluate_sae(
     return _finish(totals)
 
 
-@jax.jit
+@stateful.jit  # the dictionary may hold state variables too (a probe inside its encoder)
 def _encode(sae, x):
     return sae.encode(x)
 
