@@ -538,3 +538,12 @@ def test_top_features_matches_numpy(setup):
     _assert_close(out["latents"], f, 1e-4, "latents")
     np.testing.assert_array_equal(out["ids"], np.argsort(-f, axis=-1)[:, :3])
     _assert_close(out["mean"], f[1:].mean(0), 1e-4, "mean after BOS")
+
+
+def test_save_activation_is_a_deprecated_alias_of_penzais_save_intermediate():
+    from gemma_scope_pz.scope import interventions
+
+    with pytest.warns(DeprecationWarning, match="SaveIntermediate"):
+        assert interventions.SaveActivation is SaveIntermediate
+    with pytest.raises(AttributeError, match="no attribute 'SaveNothing'"):
+        interventions.SaveNothing  # noqa: B018
