@@ -89,10 +89,10 @@ def test_report_step_writes_escaped_pages(parts, tmp_path):
     assert "The capital of France is &amp; more" in html
     assert f"Feature #{feats.strongest} on the sentence" in html
     assert f"Feature #{feats.strongest} along the sentence</title>" in html  # the SVG bar chart
-    assert "Per-token loss" not in html  # only when the summary carries token_losses
-    summary["token_losses"] = {"tokens": [" a", "<b>"], "clean": [1.0, 2.0], "spliced": [1.5, 4.0]}
-    again = steps.report_step(model, tok, sae, feats, summary, tmp_path / "with_losses").read_text()
-    assert "Per-token loss: clean vs spliced</title>" in again and 'data-value="4"' in again
+    assert "Per-token loss: clean vs spliced</title>" in html  # on the same sentence
+    losses = summary["token_losses"]
+    assert len(losses["tokens"]) == len(losses["clean"]) == len(losses["spliced"]) > 5
+    assert f'data-value="{losses["spliced"][-1]:.6g}"' in html
     assert (tmp_path / "feature_cards.html").stat().st_size > 1000
     json.dumps(summary, default=str)  # the summary stays JSON-able
 

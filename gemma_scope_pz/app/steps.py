@@ -170,9 +170,22 @@ def lens_and_steer_step(model, tok, sae, feature: int, coeff: float, log: Log = 
     return {"logit_lens": lens, "steering": steering}
 
 
+def sentence_losses(model, tok, sae) -> dict:
+    """Per-token loss on the ``ENERGY`` sentence, clean and with ``sae`` spliced in (JSON-able)."""
+    ids = tok.encode(ENERGY)
+    losses = gs.token_losses(model, sae, ids)
+    return {
+        "tokens": list(tok.token_strings(ids))[1:],
+        "clean": [float(v) for v in losses["clean"]],
+        "spliced": [float(v) for v in losses["spliced"]],
+    }
+
+
 def report_step(model, tok, sae, feats: FeatureStep, summary: dict, out_dir) -> pathlib.Path:
     """Feature cards of the strongest and most specific features, and the report page."""
     from gemma_scope_pz.app.report import write_report
+
+    summary.setdefault("token_losses", sentence_losses(model, tok, sae))
 
     chosen = [feats.strongest] + [
         int(f)
