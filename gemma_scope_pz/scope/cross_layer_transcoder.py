@@ -86,4 +86,3 @@ class CrossLayerTranscoder(pz.Struct):
             self.decode_to_layer(latents, j) + self.skip_to_layer(inputs_by_layer[j], j)
             for j in range(len(inputs_by_layer))
         ]
-
