@@ -89,8 +89,11 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> np.ndarray:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "config", "stop_token"))
-def _generate(sampler_def, state, user_state, prompt, key, max_new_tokens, config, stop_token):
+@functools.partial(jax.jit, static_argnames=("capacity", "config", "stop_token"))
+def _generate(sampler_def, state, user_state, prompt, key, n_steps, capacity, config, stop_token):
+    # ``capacity`` (static) sizes the output; ``n_steps`` (traced) is how many tokens to make, so
+    # one compiled program serves every count up to ``capacity``; the loop also ends once every
+    # row has produced ``stop_token``.
     # ``state``: the sampler's own variables (KV caches), carried through the loop. ``user_state``:
     # variables the user's model holds (models/stateful.py); they keep the prompt pass's values.
     def run(state, tokens):
@@ -105,20 +108,25 @@ def _generate(sampler_def, state, user_state, prompt, key, max_new_tokens, confi
     user_after = prompt_pass[len(state) :]
     key, sub = jax.random.split(key)
     first = choose(logits, config, sub)
-    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    out = jnp.zeros((batch, capacity), jnp.int32).at[:, 0].set(first)
     done = first == stop_token if stop_token is not None else jnp.zeros((batch,), bool)
 
-    def step(i, carry):
-        out, state, key, done = carry
+    def step(carry):
+        i, out, state, key, done = carry
         logits, state, _ = run(state, jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1))
         key, sub = jax.random.split(key)
         nxt = choose(logits, config, sub)
         if stop_token is not None:
             nxt = jnp.where(done, 0, nxt)
             done = done | (nxt == stop_token)
-        return out.at[:, i].set(nxt), state, key, done
+        return i + 1, out.at[:, i].set(nxt), state, key, done
 
-    out, _, _, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out, state, key, done))
+    def more(carry):
+        i, done = carry[0], carry[-1]
+        return (i < n_steps) & ~jnp.all(done)
+
+    carry = (jnp.asarray(1, jnp.int32), out, state, key, done)
+    out = jax.lax.while_loop(more, step, carry)[1]
     return out, user_after
 
 
@@ -140,9 +148,10 @@ def generate(
     ``prompts`` is anything ``models.inputs.as_token_batch`` accepts: a string or list of strings
     (the model's tokenizer, BOS added), ids, ragged lists of ids (left-padded here), or a
     left-padded int array. Generation of a row stops after ``stop_token`` (default EOS = 1;
-    included in the output; None disables). With ``bucket`` the prompt length and the number of
-    steps are rounded up to a few shapes (extra prompt columns are masked padding, extra steps
-    are cut off), so new lengths reuse compiled code and the tokens are the same.
+    included in the output; None disables; the loop ends early once every row has stopped).
+    With ``bucket`` the prompt length and the room for new tokens are rounded up to a few shapes
+    (extra prompt columns are masked padding; the step count is a traced value, so no step is
+    wasted), so new lengths reuse compiled code and the tokens are the same.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -166,6 +175,7 @@ def generate(
         [v.freeze() for v in user],
         jnp.asarray(prompt),
         jax.random.key(seed),
+        jnp.asarray(max_new_tokens, jnp.int32),
         steps,
         config,
         stop_token,
@@ -184,7 +194,7 @@ def generate(
 def _bucketed(
     model: Gemma3LM, prompt: np.ndarray, max_new_tokens: int, pad_id: int, bucket: bool
 ) -> tuple[np.ndarray, int]:
-    """(prompt left-padded to its bucket, number of decode steps), within the model's context."""
+    """(prompt left-padded to its bucket, room for new tokens), within the model's context."""
     length = prompt.shape[1]
     limit = getattr(getattr(model, "config", None), "max_seq_len", None)
     if limit is not None and length + max_new_tokens > limit:
