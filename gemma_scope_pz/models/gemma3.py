@@ -33,7 +33,12 @@ from penzai.models.transformer.model_parts import TransformerBlock
 from gemma_scope_pz.models import stateful
 from gemma_scope_pz.models.builder import ScaledRoPE, build_body, head_axes
 from gemma_scope_pz.models.config import Gemma3Config, param_shapes
-from gemma_scope_pz.models.inputs import as_token_batch, bucket_length, pad_columns
+from gemma_scope_pz.models.inputs import (
+    as_token_batch,
+    bucket_length,
+    check_token_ids,
+    pad_columns,
+)
 from gemma_scope_pz.models.special_tokens import PAD_ID
 from gemma_scope_pz.models.stateful import state_variables
 
@@ -155,31 +160,6 @@ def token_positions(tokens: jax.Array, pad_id: int = 0) -> jax.Array:
     """Positions counting only non-pad tokens (left padding gets -1 and is masked out)."""
     nonpad = tokens != pad_id
     return jnp.where(nonpad, jnp.cumsum(nonpad, axis=-1) - 1, -1).astype(jnp.int32)
-
-
-def check_token_ids(tokens: Any, vocab_size: int, *, what: str = "tokens") -> np.ndarray:
-    """``tokens`` as an int32 numpy array, after checking every id is in ``[0, vocab_size)``.
-
-    The one check used before running the model (forward, generate, capture, harvest): out of
-    range ids would otherwise be silently clamped to the last embedding row by XLA.
-
-    Raises:
-      TypeError: The ids are not integers.
-      ValueError: An id is outside ``[0, vocab_size)``; the message gives the id and where.
-    """
-    array = np.asarray(tokens)
-    if array.size and not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"{what}: token ids must be integers, got dtype {array.dtype}")
-    if array.size:
-        low, high = array.min(), array.max()
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            where = tuple(int(i) for i in np.argwhere(array == bad)[0])
-            raise ValueError(
-                f"{what}: token id {int(bad)} at index {where} is outside the vocabulary "
-                f"[0, {vocab_size})"
-            )
-    return array.astype(np.int32)
 
 
 def vocab_size_of(model: pz.nn.Layer) -> int:

@@ -7,7 +7,7 @@
 * a ``[seq]`` or ``[batch, seq]`` integer array (numpy or JAX).
 
 It returns ``(tokens int32 [batch, seq], mask bool [batch, seq])`` with ``mask`` True on real
-tokens. ``bucket_length`` and ``pad_columns`` round sequence lengths up to a few shapes so that
+tokens. ``check_token_ids`` is the one range check every runner applies before the model. ``bucket_length`` and ``pad_columns`` round sequence lengths up to a few shapes so that
 a session of prompts of varied lengths compiles a handful of programs, not one per length.
 """
 
@@ -24,6 +24,7 @@ __all__ = [
     "MIN_BUCKET",
     "as_token_batch",
     "bucket_length",
+    "check_token_ids",
     "pad_columns",
     "pad_rows",
     "tokenizer_of",
@@ -31,6 +32,31 @@ __all__ = [
 
 # The shortest bucket; lengths round up to the next power of two at or above it.
 MIN_BUCKET = 16
+
+
+def check_token_ids(tokens: Any, vocab_size: int, *, what: str = "tokens") -> np.ndarray:
+    """``tokens`` as an int32 numpy array, after checking every id is in ``[0, vocab_size)``.
+
+    The one check used before running the model (forward, generate, capture, harvest): out of
+    range ids would otherwise be silently clamped to the last embedding row by XLA.
+
+    Raises:
+      TypeError: The ids are not integers.
+      ValueError: An id is outside ``[0, vocab_size)``; the message gives the id and where.
+    """
+    array = np.asarray(tokens)
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{what}: token ids must be integers, got dtype {array.dtype}")
+    if array.size:
+        low, high = array.min(), array.max()
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            where = tuple(int(i) for i in np.argwhere(array == bad)[0])
+            raise ValueError(
+                f"{what}: token id {int(bad)} at index {where} is outside the vocabulary "
+                f"[0, {vocab_size})"
+            )
+    return array.astype(np.int32)
 
 
 def bucket_length(length: int, limit: int | None = None) -> int:

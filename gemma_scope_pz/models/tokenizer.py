@@ -36,7 +36,7 @@ from gemma_scope_pz.models.gguf_vocab import (
     read_gguf_tokenizer_metadata,
     sentencepiece_proto_from_gguf_metadata,
 )
-from gemma_scope_pz.models.inputs import pad_rows
+from gemma_scope_pz.models.inputs import check_token_ids, pad_rows
 from gemma_scope_pz.models.sources import find_tokenizer_file, resolve_default_gguf, resolve_source
 from gemma_scope_pz.models.special_tokens import (
     BOS_ID,
@@ -235,13 +235,7 @@ class Gemma3Tokenizer:
         array = np.asarray(ids)
         if array.ndim > 1:
             raise ValueError(f"expected a 1-D sequence of ids, got shape {array.shape}")
-        if array.size and not np.issubdtype(array.dtype, np.integer):
-            raise TypeError(f"token ids must be integers, got dtype {array.dtype}")
-        out = array.reshape(-1).astype(np.int64).tolist()
-        bad = [i for i in out if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
-        return out
+        return check_token_ids(array.reshape(-1), self.vocab_size, what=self.source).tolist()
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of ``ids``; padding, BOS and EOS (and other control tokens) are dropped.
