@@ -7,8 +7,9 @@
 * a ``[seq]`` or ``[batch, seq]`` integer array (numpy or JAX).
 
 It returns ``(tokens int32 [batch, seq], mask bool [batch, seq])`` with ``mask`` True on real
-tokens. ``check_token_ids`` is the one range check every runner applies before the model. ``bucket_length`` and ``pad_columns`` round sequence lengths up to a few shapes so that
-a session of prompts of varied lengths compiles a handful of programs, not one per length.
+tokens. ``check_token_ids`` (from ``models.token_ids``) is the range check every runner applies.
+``bucket_length`` and ``pad_columns`` round sequence lengths up to a few shapes so that a session
+of prompts of varied lengths compiles a handful of programs, not one per length.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from gemma_scope_pz.models.special_tokens import PAD_ID
+from gemma_scope_pz.models.token_ids import check_token_ids, pad_rows
 
 __all__ = [
     "MIN_BUCKET",
@@ -32,31 +34,6 @@ __all__ = [
 
 # The shortest bucket; lengths round up to the next power of two at or above it.
 MIN_BUCKET = 16
-
-
-def check_token_ids(tokens: Any, vocab_size: int, *, what: str = "tokens") -> np.ndarray:
-    """``tokens`` as an int32 numpy array, after checking every id is in ``[0, vocab_size)``.
-
-    The one check used before running the model (forward, generate, capture, harvest): out of
-    range ids would otherwise be silently clamped to the last embedding row by XLA.
-
-    Raises:
-      TypeError: The ids are not integers.
-      ValueError: An id is outside ``[0, vocab_size)``; the message gives the id and where.
-    """
-    array = np.asarray(tokens)
-    if array.size and not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"{what}: token ids must be integers, got dtype {array.dtype}")
-    if array.size:
-        low, high = array.min(), array.max()
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            where = tuple(int(i) for i in np.argwhere(array == bad)[0])
-            raise ValueError(
-                f"{what}: token id {int(bad)} at index {where} is outside the vocabulary "
-                f"[0, {vocab_size})"
-            )
-    return array.astype(np.int32)
 
 
 def bucket_length(length: int, limit: int | None = None) -> int:
@@ -79,46 +56,6 @@ def pad_columns(tokens: np.ndarray, width: int, fill: int, *, side: str = "right
         return tokens
     pad = ((0, 0), (0, extra)) if side == "right" else ((0, 0), (extra, 0))
     return np.pad(tokens, pad, constant_values=fill)
-
-
-def pad_rows(
-    rows: Sequence[Sequence[int]],
-    *,
-    pad_id: int = PAD_ID,
-    side: str = "right",
-    max_len: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Stacks ragged id rows into ``(tokens int32 [batch, seq], mask bool [batch, seq])``.
-
-    Args:
-      rows: One list of ids per row (each at least one id).
-      pad_id: The fill value.
-      side: "right" (real tokens keep positions 0..n-1) or "left" (all rows end together, as
-        generation wants).
-      max_len: Pad or truncate (keeping the start) to this width; default the longest row.
-    """
-    if side not in ("left", "right"):
-        raise ValueError(f"pad_side must be 'left' or 'right', got {side!r}")
-    if max_len is not None and max_len < 1:
-        raise ValueError(f"max_len must be positive, got {max_len}")
-    if len(rows) == 0:
-        raise ValueError("got an empty batch (no rows)")
-    width = max_len if max_len is not None else max(len(r) for r in rows)
-    rows = [list(r)[:width] for r in rows]
-    lengths = np.array([len(r) for r in rows])
-    columns = np.arange(width)[None, :]
-    if side == "right":
-        mask = columns < lengths[:, None]
-    else:
-        mask = columns >= (width - lengths)[:, None]
-    tokens = np.full((len(rows), width), pad_id, np.int32)
-    ids = np.fromiter((i for r in rows for i in r), np.int64, int(lengths.sum()))
-    if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
-        raise ValueError(
-            f"token id {ids.max() if ids.max() > 0 else ids.min()} does not fit in int32"
-        )
-    tokens[mask] = ids
-    return tokens, mask
 
 
 _tokenizers: dict[str, Any] = {}

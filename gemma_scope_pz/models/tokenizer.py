@@ -36,7 +36,6 @@ from gemma_scope_pz.models.gguf_vocab import (
     read_gguf_tokenizer_metadata,
     sentencepiece_proto_from_gguf_metadata,
 )
-from gemma_scope_pz.models.inputs import check_token_ids, pad_rows
 from gemma_scope_pz.models.sources import find_tokenizer_file, resolve_default_gguf, resolve_source
 from gemma_scope_pz.models.special_tokens import (
     BOS_ID,
@@ -49,6 +48,7 @@ from gemma_scope_pz.models.special_tokens import (
     START_OF_TURN_ID,
     UNK_ID,
 )
+from gemma_scope_pz.models.token_ids import check_token_ids, pad_rows
 from gemma_scope_pz.models.tokenizer_cache import default_cache_dir, model_cache_path
 
 __all__ = [
