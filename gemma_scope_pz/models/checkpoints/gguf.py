@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
-from gemma_scope_pz.models.checkpoints import layout
+import gemma_scope_pz.models.checkpoints.layout as layout
 from gemma_scope_pz.models.config import Gemma3Config
 
 __all__ = ["GGUFFile", "TensorInfo", "config_from_gguf", "load_gguf", "read_gguf"]

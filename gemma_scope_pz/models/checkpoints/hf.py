@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from gemma_scope_pz.models.checkpoints import layout
+import gemma_scope_pz.models.checkpoints.layout as layout
 from gemma_scope_pz.models.config import Gemma3Config
 
 __all__ = ["config_from_hf", "load_hf_dir", "tensor_files"]

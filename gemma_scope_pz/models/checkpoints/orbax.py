@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from gemma_scope_pz.models.checkpoints import layout
+import gemma_scope_pz.models.checkpoints.layout as layout
 from gemma_scope_pz.models.config import Gemma3Config
 from gemma_scope_pz.models.sources import find_orbax_dir
 
