@@ -173,3 +173,15 @@ def test_bfloat16_model_runs_interventions_and_generation():
     np.testing.assert_array_equal(zero, clean)
     out = generate(model, [[2, 5, 6]], 4, stop_token=None)[0]
     assert len(out) == 4 and all(0 <= t < config.vocab_size for t in out)
+
+
+def test_named_accessors_return_the_loaded_arrays():
+    config = CONFIGS["gqa"]
+    params = ref.random_params(config, seed=7)
+    model = Gemma3LM.from_params(config, params)
+    for m in (model, pz.freeze_params(model)):
+        np.testing.assert_array_equal(np.asarray(m.final_norm_scale()), params["final_norm"])
+        np.testing.assert_array_equal(np.asarray(m.embedding_table()), params["embedding"])
+        assert len(m.blocks) == config.n_layers
+        assert all(isinstance(b, TransformerBlock) for b in m.blocks)
+    assert isinstance(model.final_norm(), pz.nn.RMSLayerNorm)
