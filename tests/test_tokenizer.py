@@ -484,3 +484,14 @@ def test_format_chat_system_and_turns():
         format_chat([{"role": "system", "content": "only a system prompt"}])
     with pytest.raises(ValueError, match="only text"):
         format_chat([{"role": "user", "content": [{"type": "image", "image": None}]}])
+
+
+def test_load_tokenizer_of_a_model_uses_its_source(tiny_tok, tmp_path):
+    import dataclasses
+
+    from gemma_scope_pz.models.config import Gemma3Config
+    from gemma_scope_pz.models.gemma3 import Gemma3LM
+
+    (tmp_path / "tokenizer.model").write_bytes(tiny_tok.processor.serialized_model_proto())
+    model = dataclasses.replace(Gemma3LM.random(Gemma3Config.tiny()), source=str(tmp_path))
+    assert load_tokenizer(model).encode("ab ab c") == tiny_tok.encode("ab ab c")

@@ -332,7 +332,8 @@ def load_tokenizer(
           ``.gguf`` file (vocabulary from its metadata), a SentencePiece ``tokenizer.model``,
           a directory holding one (or a single ``.gguf``), ``"hf:<repo_id>"`` (only
           ``tokenizer.model`` is fetched), ``"kaggle:<handle>"``;
-        * a :class:`Gemma3Tokenizer` (returned as is) or a ``gemma`` library tokenizer.
+        * a :class:`Gemma3Tokenizer` (returned as is) or a ``gemma`` library tokenizer;
+        * a model from ``load_model``: the tokenizer of the checkpoint it was read from.
       cache_dir: where GGUF-built models are cached (default :func:`default_cache_dir`).
 
     Returns:
@@ -342,6 +343,8 @@ def load_tokenizer(
         return _default_tokenizer() if cache_dir is None else _offline_tokenizer(cache_dir)
     if isinstance(source, Gemma3Tokenizer):
         return source
+    if getattr(source, "body", None) is not None and hasattr(source, "config"):
+        return load_tokenizer(getattr(source, "source", None), cache_dir)  # a Gemma3LM
     if not isinstance(source, (str, os.PathLike)):
         return Gemma3Tokenizer.from_gemma(source)
     try:
