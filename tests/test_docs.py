@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -145,3 +148,117 @@ def test_link_checker_detects_breakage(tmp_path):
     assert _anchors(page) == {"title-x"}
     assert github_anchor("`gemma-scope-pz tour`") == "gemma-scope-pz-tour"
     assert github_anchor("How to … run on TPU/GPU") == "how-to--run-on-tpugpu"
+
+
+# ------------------------------------------------------------------ the code blocks run as written
+# A block whose first line is one of these is not run by the tests (the docs say why).
+SKIP_MARKERS = ("# online", "# notebook")
+_PYTHON_FENCE = re.compile(r"^```python\s*$")
+
+
+def python_blocks(path: Path) -> list[tuple[int, str]]:
+    """``(first line number, code)`` of every fenced ```python block of a Markdown file."""
+    blocks, current, start = [], None, 0
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if current is None and _PYTHON_FENCE.match(line.strip()):
+            current, start = [], number + 1
+        elif current is not None and line.strip() == "```":
+            blocks.append((start, "\n".join(current) + "\n"))
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def runnable_blocks(path: Path) -> list[tuple[int, str]]:
+    """The python blocks without a skip marker on their first line."""
+    return [
+        (n, code) for n, code in python_blocks(path) if not code.lstrip().startswith(SKIP_MARKERS)
+    ]
+
+
+def test_block_extraction_honours_markers(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "text\n```python\nx = 1\n```\n```bash\nls\n```\n```python\n# online\ny = 2\n```\n"
+        "```python\n# notebook\nz\n```\n```python\nprint(x)\n```\n",
+        encoding="utf-8",
+    )
+    assert python_blocks(page) == [
+        (3, "x = 1\n"),
+        (9, "# online\ny = 2\n"),
+        (13, "# notebook\nz\n"),
+        (17, "print(x)\n"),
+    ]
+    assert runnable_blocks(page) == [(3, "x = 1\n"), (17, "print(x)\n")]
+
+
+def run_blocks(path: Path, blocks: list[tuple[int, str]]) -> dict:
+    """Executes ``blocks`` in order in one fresh module, as a reader pasting them into a session
+    would; a failure names the file and line."""
+    module = types.ModuleType("docs_session")
+    sys.modules[module.__name__] = module  # dataclasses defined in a block look their module up
+    try:
+        for number, code in blocks:
+            exec(compile(code, f"{path.name}:{number}", "exec", dont_inherit=True), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+    return module.__dict__
+
+
+@pytest.fixture(scope="module")
+def docs_cache(tmp_path_factory):
+    """Where the docs' offline dictionaries are cached: ``$GEMMA_SCOPE_PZ_CACHE`` when set (as a
+    reader's own cache would be), else a fresh folder (the first call trains them)."""
+    return os.environ.get("GEMMA_SCOPE_PZ_CACHE") or str(tmp_path_factory.mktemp("docs_cache"))
+
+
+@pytest.fixture
+def in_empty_folder(tmp_path, monkeypatch, docs_cache):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GEMMA_SCOPE_PZ_CACHE", str(docs_cache))
+    return tmp_path
+
+
+def test_every_howto_block_is_run_or_marked():
+    blocks = python_blocks(DOCS / "howto.md")
+    runnable = runnable_blocks(DOCS / "howto.md")
+    assert len(runnable) >= 15 and len(blocks) - len(runnable) <= 5
+
+
+@pytest.mark.slow
+def test_howto_blocks_run_offline(in_empty_folder):
+    namespace = run_blocks(DOCS / "howto.md", runnable_blocks(DOCS / "howto.md"))
+    assert (in_empty_folder / "cards.html").stat().st_size > 10_000
+    assert (in_empty_folder / "runs" / "sae" / "saelens" / "cfg.json").is_file()
+    assert namespace["reloaded"].meta.d_sae == namespace["my_sae"].meta.d_sae == 1024
+    assert namespace["trained"].sae.meta.site_out == "blocks.6.mlp_out"
+
+
+def readme_first_session() -> list[tuple[int, str]]:
+    """The python block(s) under the README's "A first session" heading."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index("## A first session")
+    end = text.index("\n## ", start + 1)
+    blocks = []
+    offset = text[:start].count("\n")
+    lines = text[start:end].splitlines()
+    number = 0
+    while number < len(lines):
+        if _PYTHON_FENCE.match(lines[number].strip()):
+            close = lines.index("```", number + 1)
+            blocks.append((offset + number + 2, "\n".join(lines[number + 1 : close]) + "\n"))
+            number = close
+        number += 1
+    return blocks
+
+
+@pytest.mark.slow
+def test_readme_first_session_runs_offline(in_empty_folder, capsys):
+    blocks = readme_first_session()
+    assert blocks and not any(code.lstrip().startswith(SKIP_MARKERS) for _, code in blocks)
+    namespace = run_blocks(README, blocks)
+    out = capsys.readouterr().out
+    assert "capital of" in out.splitlines()[0]  # the greedy continuation
+    assert 0 < namespace["report"].fvu < 1 and namespace["report"].l0 > 0, namespace["report"]
+    assert f"feature #{namespace['f']} promotes" in out
