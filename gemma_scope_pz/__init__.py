@@ -71,7 +71,11 @@ _EXPORTS = {
     "train_dictionary": "gemma_scope_pz.train.pipeline",
     "export_gemma_scope_2": "gemma_scope_pz.train.export",
     "export_saelens": "gemma_scope_pz.train.export",
-    "make_mesh": "gemma_scope_pz.train.sharding",
+    "make_mesh": "gemma_scope_pz.parallel.mesh",
+    # running on a device mesh
+    "shard": "gemma_scope_pz.parallel.shard",
+    "unshard": "gemma_scope_pz.parallel.shard",
+    "shard_batch": "gemma_scope_pz.parallel.shard",
     # analysis
     "collect_examples": "gemma_scope_pz.analysis.examples:collect_max_activating",
     "FeatureStats": "gemma_scope_pz.analysis.stats",

@@ -16,7 +16,7 @@ Mapping onto hardware: put ``"model"`` on the fastest interconnect. On a TPU pod
 (``make_mesh(data=n_devices // 8, model=8)``); across slices/DCN use data parallelism only. On
 GPU clusters use ``model`` ≤ the GPUs of one NVLink node and ``data`` = nodes × (GPUs / model).
 Narrow dictionaries (≤ 64k latents) are best trained with ``model=1`` (pure data parallel).
-``jax.make_mesh`` orders devices so that the last mesh axis is the most local one.
+``parallel.mesh.make_mesh`` (``jax.make_mesh``) puts the last mesh axis on the most local devices.
 
 For multi-host runs, call ``jax.distributed.initialize()`` first and feed each host its slice
 of the global batch (the trainer's ``batch_at(step)`` then returns the host-local rows).
@@ -27,26 +27,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DATA, MODEL = "data", "model"
+from gemma_scope_pz.parallel.mesh import DATA, MODEL, make_mesh
 
-
-def make_mesh(data: int = -1, model: int = 1, devices: list | None = None) -> Mesh:
-    """A ``(data, model)`` mesh; ``data=-1`` uses all remaining devices."""
-    devices = list(jax.devices() if devices is None else devices)
-    if data == -1:
-        if len(devices) % model:
-            raise ValueError(
-                f"make_mesh: {len(devices)} devices are not divisible by model={model}"
-            )
-        data = len(devices) // model
-    if data * model > len(devices):
-        raise ValueError(f"make_mesh: mesh {data}x{model} needs more than {len(devices)} devices")
-    grid = np.asarray(devices[: data * model], dtype=object).reshape(data, model)
-    return Mesh(grid, (DATA, MODEL))
+# The one home of mesh creation is parallel/mesh.py; re-exported here for the trainer's callers.
+__all__ = ["DATA", "MODEL", "batch_sharding", "check_divisible", "make_mesh", "state_shardings"]
 
 
 def _leaf_spec(path: tuple, leaf: Any, d_sae: int) -> P:
