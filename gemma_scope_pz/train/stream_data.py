@@ -1,0 +1,206 @@
+"""Where streamed batches come from: packed contexts, the refill schedule, the device refill and draw.
+
+:class:`StreamConfig` sets how text becomes batches; :class:`ContextStream` serves the packed
+contexts of refill ``r`` (the corpus restarts when it runs out); :func:`make_data_step` builds the
+traceable refill-and-draw of one step (LM forward stopping after the deepest site, activations into
+the ring buffer of :mod:`~gemma_scope_pz.train.buffer`, one draw of slots). The schedule (refill
+``r`` takes contexts ``[r * n, (r + 1) * n)`` into chunk ``r % buffer_refills``; refills ``0 ..
+buffer_refills - 1`` fill the buffer before step 0, then one at every step ``s > 0`` divisible by
+``refill_every``) is documented in :mod:`~gemma_scope_pz.train.streaming`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_scope_pz.data import packing
+from gemma_scope_pz.data.corpus import Corpus
+from gemma_scope_pz.scope.interventions import run_with_captures
+from gemma_scope_pz.scope.sites import Site
+from gemma_scope_pz.train import buffer as buffer_lib
+from gemma_scope_pz.train.config import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    """How text becomes batches on the device.
+
+    Attributes:
+      context_len: Tokens per context, BOS included.
+      contexts_per_refill: Contexts per forward pass (``None``: enough document tokens for
+        ``refill_every`` batches, ``ceil(refill_every * batch_size / (context_len - 1))``).
+      refill_every: Steps between refills.
+      buffer_refills: Chunks in the ring buffer (refills mixed in every batch).
+      seed: Seed of the slot draws.
+      checkpoint_every: Checkpoint interval in steps (with a ``checkpoint_dir``).
+      log_every: Metrics are read back and shown every this many steps.
+      progress_bar: Show a tqdm bar (tokens/s, L0, FVU, dead fraction per dictionary).
+    """
+
+    context_len: int = 128
+    contexts_per_refill: int | None = None
+    refill_every: int = 4
+    buffer_refills: int = 8
+    seed: int = 0
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        for name in ("context_len", "refill_every", "buffer_refills", "checkpoint_every"):
+            if int(getattr(self, name)) < (2 if name == "context_len" else 1):
+                raise ValueError(f"stream.{name} must be >= 1 (context_len >= 2)")
+        if self.contexts_per_refill is not None and self.contexts_per_refill < 1:
+            raise ValueError(
+                f"stream.contexts_per_refill must be >= 1, got {self.contexts_per_refill}"
+            )
+
+    def n_contexts(self, batch_size: int) -> int:
+        """Contexts per refill."""
+        if self.contexts_per_refill is not None:
+            return int(self.contexts_per_refill)
+        return math.ceil(self.refill_every * batch_size / (self.context_len - 1))
+
+    def resume_keys(self) -> dict[str, Any]:
+        """The fields a resumed run must share with the checkpoint."""
+        keys = dataclasses.asdict(self)
+        for operational in ("checkpoint_every", "log_every", "progress_bar"):
+            del keys[operational]
+        return keys
+
+
+class ContextStream:
+    """Packed contexts of a corpus in batches addressed by refill index (the corpus restarts when it
+    runs out). Token ids are checked against the model's vocabulary.
+
+    Attributes:
+      corpus: The corpus.
+      n_contexts: Contexts per batch.
+      context_len: Tokens per context.
+    """
+
+    def __init__(
+        self, corpus: Corpus, tokenizer: Any, n_contexts: int, context_len: int, vocab: int
+    ):
+        self.corpus, self.n_contexts, self.context_len = corpus, n_contexts, context_len
+        self.tokenizer = packing.text_tokenizer(tokenizer)
+        self.vocab = vocab
+        self._iterator, self._position = None, 0
+
+    def _contexts(self):
+        while True:
+            empty = True
+            for context in packing.pack_contexts(self.corpus, self.tokenizer, self.context_len):
+                empty = False
+                yield context
+            if empty:
+                raise ValueError(f"Corpus {self.corpus.name!r} yielded no tokens to stream")
+
+    def tokens(self, refill: int) -> np.ndarray:
+        """int32 ``[n_contexts, context_len]`` of refill ``refill``."""
+        if self._iterator is None or refill < self._position:
+            self._iterator, self._position = self._contexts(), 0
+        while self._position < refill:
+            for _ in range(self.n_contexts):
+                next(self._iterator)
+            self._position += 1
+        batch = np.stack([next(self._iterator) for _ in range(self.n_contexts)])
+        self._position += 1
+        if batch.min() < 0 or batch.max() >= self.vocab:
+            bad = int(batch.min()) if batch.min() < 0 else int(batch.max())
+            raise ValueError(
+                f"Corpus {self.corpus.name!r}: token id {bad} is outside the model's vocabulary "
+                f"[0, {self.vocab}) (wrong tokenizer?)"
+            )
+        return batch
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_id)
+
+
+# --------------------------------------------------------------------------- checks
+def check_sites(model, configs: Mapping[str, TrainConfig]) -> dict[str, int]:
+    """``{site: width}`` the dictionaries need, after checking each against the model."""
+    if not configs:
+        raise ValueError("train_streaming: no dictionaries to train")
+    widths: dict[str, int] = {}
+    for name, config in configs.items():
+        sae = config.sae
+        pairs = [("site_in", sae.site_in, sae.d_in)]
+        if sae.is_transcoder:
+            pairs.append(("site_out", sae.site_out, sae.out_dim))
+        for field, site_name, width in pairs:
+            if not site_name:
+                raise ValueError(f"train_streaming: dictionary {name!r} has no sae.{field}")
+            site = Site.parse(site_name)
+            try:
+                site.check(model.config)
+            except ValueError as exc:
+                raise ValueError(f"train_streaming: dictionary {name!r}: {exc}") from None
+            if site.width(model.config) != width:
+                raise ValueError(
+                    f"train_streaming: dictionary {name!r} has width {width} for sae.{field}="
+                    f"{site.name}, but the model's {site.name} has width {site.width(model.config)}"
+                )
+            widths[site.name] = width
+    first = next(iter(configs.values()))
+    for name, config in configs.items():
+        for key in ("batch_size", "num_steps"):
+            if getattr(config, key) != getattr(first, key):
+                raise ValueError(
+                    f"train_streaming: dictionaries share one data stream, so {key} must agree: "
+                    f"{name!r} has {getattr(config, key)}, another {getattr(first, key)}"
+                )
+    return widths
+
+
+def _site_of(config: TrainConfig, which: str) -> str:
+    return Site.parse(config.sae.site_in if which == "in" else config.sae.site_out).name
+
+
+# --------------------------------------------------------------------------- the device program
+def make_data_step(sites: tuple[str, ...], stream: StreamConfig, pad_id: int, batch_size: int):
+    """``data_step(model, buffer, tokens, step, refill) -> (buffer, n_bad, slots)``: the refill
+    (when ``refill``) and the draw of step ``step`` (traceable)."""
+
+    def fill(model, buffer, tokens, chunk):
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        _, acts = run_with_captures(model, tokens, positions, sites, stop_early=True)
+        rows = {s: acts[s].reshape(-1, acts[s].shape[-1]) for s in sites}
+        valid = ((positions > 0) & (tokens != pad_id)).reshape(-1)
+        return buffer_lib.write_chunk(buffer, chunk, rows, valid)
+
+    def data_step(model, buffer, tokens, step, refill):
+        chunk = (stream.buffer_refills - 1 + step // stream.refill_every) % stream.buffer_refills
+        buffer, n_bad = jax.lax.cond(
+            refill,
+            lambda b: fill(model, b, tokens, chunk),
+            lambda b: (b, jnp.zeros((), jnp.int32)),
+            buffer,
+        )
+        slots = buffer_lib.draw_slots(buffer["valid"], stream.seed, step, batch_size)
+        return buffer, n_bad, slots
+
+    return fill, data_step
+
+
+def batch_of(buffer, slots, config: TrainConfig):
+    x_in = buffer_lib.take_rows(buffer, _site_of(config, "in"), slots)
+    if not config.sae.is_transcoder:
+        return x_in, None
+    return x_in, buffer_lib.take_rows(buffer, _site_of(config, "out"), slots)
+
+
+def refill_at(step: int, stream: StreamConfig) -> int | None:
+    """Index of the refill done at ``step`` (None: no refill there)."""
+    if step == 0 or step % stream.refill_every:
+        return None
+    return stream.buffer_refills - 1 + step // stream.refill_every
