@@ -151,15 +151,23 @@ def check_sites(model, configs: Mapping[str, TrainConfig]) -> dict[str, int]:
                     f"{site.name}, but the model's {site.name} has width {site.width(model.config)}"
                 )
             widths[site.name] = width
+    _check_shared(configs)
+    return widths
+
+
+def _check_shared(configs: Mapping[str, TrainConfig]) -> None:
+    """The dictionaries of one stream agree on the batch size and the number of steps."""
     first = next(iter(configs.values()))
     for name, config in configs.items():
-        for key in ("batch_size", "num_steps"):
-            if getattr(config, key) != getattr(first, key):
+        for key, get in (
+            ("batch_size", lambda c: c.run.batch_size),
+            ("num_steps", lambda c: c.num_steps),
+        ):
+            if get(config) != get(first):
                 raise ValueError(
                     f"train_streaming: dictionaries share one data stream, so {key} must agree: "
-                    f"{name!r} has {getattr(config, key)}, another {getattr(first, key)}"
+                    f"{name!r} has {get(config)}, another {get(first)}"
                 )
-    return widths
 
 
 def _site_of(config: TrainConfig, which: str) -> str:

@@ -25,6 +25,7 @@ from the first ``norm_estimation_batches`` batches of this order, as the cached 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 import warnings
@@ -89,16 +90,26 @@ def _make_program(configs: Mapping[str, TrainConfig], data_step):
     return program
 
 
+@functools.lru_cache(maxsize=8)
+def _programs(
+    configs: tuple, sites: tuple[str, ...], stream: StreamConfig, pad_id: int, batch: int
+):
+    """The jitted refill (initial fill), refill-and-draw (set-up) and whole-step programs, kept
+    across calls with the same settings so a second run does not compile again."""
+    fill, data_step = stream_data.make_data_step(sites, stream, pad_id, batch)
+    program = jax.jit(_make_program(dict(configs), data_step), donate_argnums=(1, 2))
+    return jax.jit(fill), jax.jit(data_step), program
+
+
 # --------------------------------------------------------------------------- set-up
 def _initial_buffer(model, fill, contexts: ContextStream, widths, stream: StreamConfig):
     """The buffer before step 0 (refills ``0 .. buffer_refills - 1``) and its non-finite count."""
     buffer = buffer_lib.init_buffer(
         widths, stream.buffer_refills, contexts.n_contexts * stream.context_len
     )
-    jitted = jax.jit(fill)
     n_bad = 0
     for r in range(stream.buffer_refills):
-        buffer, bad = jitted(model, buffer, jnp.asarray(contexts.tokens(r)), jnp.int32(r))
+        buffer, bad = fill(model, buffer, jnp.asarray(contexts.tokens(r)), jnp.int32(r))
         n_bad += int(bad)
     return buffer, n_bad
 
@@ -107,14 +118,15 @@ def _initial_states(model, configs, data_step, buffer, contexts, stream):
     """Fresh trainer states: normaliser and ``b_dec`` from the first batches of the stream (read
     back to the host once, as :func:`~gemma_scope_pz.train.trainer.initial_state` expects)."""
     n_batches = max(c.sae.norm_estimation_batches for c in configs.values())
-    jitted = jax.jit(data_step)
     host: list[dict[str, tuple]] = []
     tokens = jnp.zeros((contexts.n_contexts, stream.context_len), jnp.int32)
     for step in range(n_batches):
         r = stream_data.refill_at(step, stream)
         if r is not None:
             tokens = jnp.asarray(contexts.tokens(r))
-        buffer, _, slots = jitted(model, buffer, tokens, jnp.int32(step), jnp.bool_(r is not None))
+        buffer, _, slots = data_step(
+            model, buffer, tokens, jnp.int32(step), jnp.bool_(r is not None)
+        )
         host.append(
             {n: jax.device_get(stream_data.batch_of(buffer, slots, c)) for n, c in configs.items()}
         )
@@ -318,8 +330,8 @@ def train_streaming(
     contexts = ContextStream(
         as_corpus(corpus), tokenizer, n_contexts, stream.context_len, model.config.vocab_size
     )
-    fill, data_step = stream_data.make_data_step(
-        tuple(widths), stream, contexts.pad_id, first.run.batch_size
+    fill, data_step, program = _programs(
+        tuple(configs.items()), tuple(widths), stream, contexts.pad_id, first.run.batch_size
     )
     frozen = pz.freeze_params(model)
     manager = _manager(checkpoint_dir, first.run.keep_checkpoints) if checkpoint_dir else None
@@ -336,7 +348,6 @@ def train_streaming(
         states, buffer, n_bad = restored
     start = int(jax.device_get(next(iter(states.values()))["step"]))
     stop = first.num_steps if stop_at is None else min(int(stop_at), first.num_steps)
-    program = jax.jit(_make_program(configs, data_step), donate_argnums=(1, 2))
     run = _Run(configs, stream, contexts, program, manager, {n: [] for n in configs})
     began = time.perf_counter()
     states, buffer, n_bad = _loop(run, frozen, states, buffer, n_bad, start, stop)

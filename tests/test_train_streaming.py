@@ -1,0 +1,204 @@
+"""Streaming training on a tiny random model, against the cached path rebuilt in numpy."""
+
+import numpy as np
+import pytest
+
+from gemma_scope_pz.data.corpus import Corpus
+from gemma_scope_pz.data.packing import pack_contexts, real_token_mask
+from gemma_scope_pz.models.config import Gemma3Config
+from gemma_scope_pz.models.gemma3 import Gemma3LM, random_params
+from gemma_scope_pz.scope.interventions import capture
+from gemma_scope_pz.train import buffer as buffer_lib
+from gemma_scope_pz.train.config import TrainConfig
+from gemma_scope_pz.train.sources import CallableSource
+from gemma_scope_pz.train.streaming import StreamConfig, train_streaming
+from gemma_scope_pz.train.trainer import train
+
+CONTEXT_LEN = 8
+BATCH = 32
+STEPS = 12
+STREAM = StreamConfig(context_len=CONTEXT_LEN, contexts_per_refill=6, refill_every=2,
+                      buffer_refills=3, seed=5, log_every=1, progress_bar=False)  # fmt: skip
+SAE_SITE = "blocks.2.resid_post"
+TC_IN, TC_OUT = "blocks.1.mlp_in", "blocks.1.mlp_out"
+
+
+class Tok:
+    """One token per character, ids 3..63 (the tiny vocabulary is 64); "z" is id 63."""
+
+    bos_id, eos_id, pad_id = 2, 1, 0
+
+    def encode(self, text, add_bos=True, add_eos=False):
+        ids = [63 if c == "z" else 3 + (ord(c) - ord("a")) % 60 for c in text]
+        return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
+
+
+def _docs(n=40, seed=0, letters=25):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 20, n)
+    return ["".join(chr(97 + int(c)) for c in rng.integers(0, letters, int(k))) for k in lengths]
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = Gemma3Config.tiny()
+    return Gemma3LM.from_params(config, random_params(config, seed=1))
+
+
+def _sae(sae=(), **run):
+    return TrainConfig(
+        sae={
+            "d_in": 32,
+            "d_sae": 48,
+            "site_in": SAE_SITE,
+            "norm_estimation_batches": 3,
+            **dict(sae),
+        },
+        loss={"l0_coeff": 0.01},
+        run={"batch_size": BATCH, "total_steps": STEPS, "progress_bar": False, **run},
+    )
+
+
+def _transcoder(**run):
+    return TrainConfig(
+        sae={"d_in": 32, "d_sae": 40, "site_in": TC_IN, "site_out": TC_OUT,
+             "architecture": "topk", "k": 4, "norm_estimation_batches": 2},
+        run={"batch_size": BATCH, "total_steps": STEPS, "progress_bar": False, **run},
+    )  # fmt: skip
+
+
+def _stream(model, configs, docs, **kwargs):
+    return train_streaming(model, configs, Corpus.from_texts(docs), tokenizer=Tok(),
+                           stream=kwargs.pop("stream", STREAM), **kwargs)  # fmt: skip
+
+
+def _cached_batches(model, docs, sites, n_steps):
+    """The documented data order, rebuilt on the host: packed contexts (corpus restarting), one
+    capture() over them, a numpy ring buffer, and the draw of buffer.draw_slots."""
+    once = list(pack_contexts(docs, Tok(), CONTEXT_LEN))
+    n_refills = STREAM.buffer_refills + n_steps // STREAM.refill_every
+    n = STREAM.contexts_per_refill
+    contexts = np.stack([once[i % len(once)] for i in range(n_refills * n)])
+    acts = {
+        s: np.asarray(a).reshape(-1, a.shape[-1])
+        for s, a in capture(model, contexts, sites).items()
+    }
+    valid_all = real_token_mask(contexts, Tok.pad_id).reshape(-1)
+    chunk = n * CONTEXT_LEN
+    rows = {
+        s: np.zeros((STREAM.buffer_refills * chunk, a.shape[1]), np.float32)
+        for s, a in acts.items()
+    }
+    valid = np.zeros(STREAM.buffer_refills * chunk, bool)
+
+    def refill(r):
+        at = slice((r % STREAM.buffer_refills) * chunk, (r % STREAM.buffer_refills + 1) * chunk)
+        for s in sites:
+            rows[s][at] = acts[s][r * chunk : (r + 1) * chunk]
+        valid[at] = valid_all[r * chunk : (r + 1) * chunk]
+
+    for r in range(STREAM.buffer_refills):
+        refill(r)
+    batches = []
+    for step in range(n_steps):
+        if step and step % STREAM.refill_every == 0:
+            refill(STREAM.buffer_refills - 1 + step // STREAM.refill_every)
+        slots = np.asarray(buffer_lib.draw_slots(valid, STREAM.seed, step, BATCH))
+        assert valid[slots].all()
+        batches.append({s: rows[s][slots].copy() for s in sites})
+    return batches
+
+
+def test_streaming_equals_cached_path_on_the_same_data_order(model):
+    docs = _docs()
+    assert sum(len(d) for d in docs) < 20 * BATCH  # the corpus restarts during the run
+    result = _stream(model, {"sae": _sae(), "tc": _transcoder()}, docs)
+    batches = _cached_batches(model, docs, [SAE_SITE, TC_IN, TC_OUT], STEPS)
+    for name, config, batch_of in (
+        ("sae", _sae(log_every=1), lambda i: batches[i][SAE_SITE]),
+        ("tc", _transcoder(log_every=1), lambda i: (batches[i][TC_IN], batches[i][TC_OUT])),
+    ):
+        cached = train(config, CallableSource(batch_of))
+        streamed = result.dictionaries[name]
+        assert [m["step"] for m in streamed.metrics] == list(range(STEPS))
+        for key in ("loss", "fvu", "l0", "dead_fraction", "grad_norm"):
+            np.testing.assert_allclose([m[key] for m in streamed.metrics],
+                                       [m[key] for m in cached.metrics], rtol=2e-4, atol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(
+            streamed.normaliser.in_scale, cached.normaliser.in_scale, rtol=1e-6
+        )
+        for k, v in cached.params.items():
+            np.testing.assert_allclose(streamed.params[k], v, rtol=1e-3, atol=1e-5, err_msg=k)
+    assert result.n_nonfinite_rows == 0 and result.step == STEPS
+
+
+def test_kill_and_resume_gives_bit_identical_weights(model, tmp_path):
+    docs = _docs(seed=1)
+    configs = {"sae": _sae(), "tc": _transcoder()}
+    whole = _stream(model, configs, docs, checkpoint_dir=tmp_path / "a")
+    first = _stream(model, configs, docs, checkpoint_dir=tmp_path / "b", stop_at=5)
+    assert first.step == 5
+    again = _stream(model, configs, docs, checkpoint_dir=tmp_path / "b")
+    assert again.step == STEPS and again.tokens == (STEPS - 5) * BATCH
+    for name in configs:
+        for k, v in whole.dictionaries[name].params.items():
+            np.testing.assert_array_equal(again.dictionaries[name].params[k], v, err_msg=k)
+        assert [m["step"] for m in again.dictionaries[name].metrics] == list(range(5, STEPS))
+    with pytest.raises(ValueError, match="stream.seed: checkpoint 5 vs 6"):
+        _stream(model, configs, docs, checkpoint_dir=tmp_path / "b",
+                stream=StreamConfig(**{**STREAM.__dict__, "seed": 6}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"trains \['sae', 'tc'\], not \['sae'\]"):
+        _stream(model, {"sae": _sae()}, docs, checkpoint_dir=tmp_path / "b")
+
+
+def test_two_dictionaries_from_one_forward_equal_one_by_one(model):
+    docs = _docs(seed=2)
+    together = _stream(model, {"sae": _sae(), "tc": _transcoder()}, docs)
+    for name, config in (("sae", _sae()), ("tc", _transcoder())):
+        alone = _stream(model, {name: config}, docs).dictionaries[name]
+        for k, v in alone.params.items():
+            np.testing.assert_allclose(together.dictionaries[name].params[k], v, rtol=1e-6,
+                                       atol=1e-7, err_msg=f"{name}.{k}")  # fmt: skip
+
+
+def test_bad_dictionaries_are_refused_naming_them(model):
+    docs = _docs()
+    wide = _sae({"d_in": 64})
+    with pytest.raises(ValueError, match=r"'w' has width 64 for sae.site_in=blocks.2.resid_post, "
+                       r"but the model's blocks.2.resid_post has width 32"):  # fmt: skip
+        _stream(model, {"w": wide}, docs)
+    deep = _sae({"site_in": "blocks.9.resid_post"})
+    with pytest.raises(
+        ValueError, match=r"'deep': Site blocks.9.resid_post: the model has blocks 0..5"
+    ):
+        _stream(model, {"deep": deep}, docs)
+    with pytest.raises(ValueError, match="batch_size must agree"):
+        _stream(model, {"a": _sae(), "b": _sae(batch_size=16)}, docs)
+    with pytest.raises(ValueError, match="has no sae.site_in"):
+        _stream(model, {"a": _sae({"site_in": ""})}, docs)
+    with pytest.raises(ValueError, match=r"needs 4097.00 GiB; about .* at most \d+ rows fit"):
+        buffer_lib.check_fits({"s": 1024}, 2**30)
+
+
+def test_nan_activations_are_counted_and_never_trained_on(model):
+    params = random_params(model.config, seed=1)
+    params["embedding"] = np.asarray(params["embedding"]).copy()
+    params["embedding"][63] = np.nan  # the letter "z": non-finite from its position on
+    poisoned = Gemma3LM.from_params(model.config, params)
+    docs = _docs(seed=3, letters=26)
+    once = np.stack(list(pack_contexts(docs, Tok(), CONTEXT_LEN)))
+    n_contexts = (
+        STREAM.buffer_refills + (STEPS - 1) // STREAM.refill_every
+    ) * STREAM.contexts_per_refill
+    contexts = np.stack([once[i % len(once)] for i in range(n_contexts)])
+    acts = np.asarray(capture(poisoned, contexts, SAE_SITE)[SAE_SITE])
+    bad = real_token_mask(contexts, Tok.pad_id) & ~np.isfinite(acts).all(-1)
+    assert 0 < bad.sum() < bad.size // 4
+    with pytest.warns(UserWarning, match=f"{int(bad.sum())} activation rows had non-finite values"):
+        result = _stream(poisoned, {"sae": _sae()}, docs)
+    assert result.n_nonfinite_rows == int(bad.sum())
+    trained = result.dictionaries["sae"]
+    assert trained.n_skipped == 0
+    assert all(np.isfinite(v).all() for v in trained.params.values())
+    with pytest.raises(FloatingPointError, match="non-finite values by step 0; nan_policy='error'"):
+        _stream(poisoned, {"sae": _sae(nan_policy="error")}, docs)
