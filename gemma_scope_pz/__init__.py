@@ -85,6 +85,8 @@ _EXPORTS = {
     "token_loss_svg": "gemma_scope_pz.analysis.plots",
     "activation_svg": "gemma_scope_pz.analysis.plots",
     "density_histogram_svg": "gemma_scope_pz.analysis.plots",
+    # circuits: attribution graphs over transcoders and CLTs
+    "attribute": "gemma_scope_pz.circuits.attribution",
     # the offline dictionaries trained by the tour's settings
     "offline_dictionaries": "gemma_scope_pz.app.tour",
 }
