@@ -243,8 +243,9 @@ def orbax_tree(
         p, b = f"transformer/layer_{i}/", f"blocks.{i}."
         for norm in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"):
             flat[p + norm] = {"scale": params[b + norm] - np.float32(1.0)}
-        flat[p + "attn/_query_norm"] = {"scale": params[b + "attn.query_norm"] - np.float32(1.0)}
-        flat[p + "attn/_key_norm"] = {"scale": params[b + "attn.key_norm"] - np.float32(1.0)}
+        if c.qk_norm:  # Gemma 2 trees have no query/key norms
+            for norm in ("query_norm", "key_norm"):
+                flat[p + f"attn/_{norm}"] = {"scale": params[b + f"attn.{norm}"] - np.float32(1.0)}
         q, k, v = (
             np.einsum("dnh->ndh", params[b + f"attn.{x}"]) for x in ("query", "key", "value")
         )

@@ -1,4 +1,8 @@
-"""Builds Gemma 3's Penzai layer tree from canonical parameters, out of penzai's own layers.
+"""Builds Gemma 3's (and Gemma 2's) Penzai layer tree from canonical parameters.
+
+The tree is made of penzai's own layers. Gemma 2 differs only where its config says so: no
+QK-norm (``config.qk_norm``), ``pz.nn.TanhSoftCap`` on the attention logits before the mask
+and on the output logits (``attn_logit_softcap`` / ``final_logit_softcap``).
 
 ``build_body`` lays the tree out so that every place an interpretability tool attaches to has a
 name (see ``models.gemma3`` for the picture); ``Gemma3LM.from_params`` wraps the result.
@@ -120,6 +124,9 @@ def _attention_scores(config: Gemma3Config, i: int, act_dtype) -> pz.nn.Sequenti
     einsum_common = {name: name[:2] for name in common}
     einsum_q = {name: name[:2] for name in query_only}
     masked = jnp.array(_MASKED_OUT, dtype=act_dtype)
+    softcap = []
+    if config.attn_logit_softcap is not None:
+        softcap = [pz.nn.TanhSoftCap(soft_cap=jnp.array(config.attn_logit_softcap, act_dtype))]
     if config.is_global(i):
         masker = pz.nn.ApplyCausalAttentionMask(masked_out_value=masked)
     else:
@@ -135,6 +142,7 @@ def _attention_scores(config: Gemma3Config, i: int, act_dtype) -> pz.nn.Sequenti
                 ),
                 {"seq": "tq", **einsum_common, **einsum_q, "kv_seq": "tkv"},
             ),
+            *softcap,
             masker,
             pz.nn.Softmax("kv_seq"),
         ]
@@ -178,14 +186,16 @@ def _attention(config: Gemma3Config, i: int, p: dict, dtype, act_dtype) -> pz.nn
     query_w = _split_query_heads(config, p[pre + "query"], 1)
     eps = config.norm_eps
 
-    def norm(kind: str) -> pz.nn.RMSLayerNorm:
-        return _rms_norm(f"{name}.{kind}", p[pre + kind], "projection", eps, dtype)
+    def norm(kind: str) -> list[pz.nn.RMSLayerNorm]:
+        if not config.qk_norm:  # Gemma 2
+            return []
+        return [_rms_norm(f"{name}.{kind}", p[pre + kind], "projection", eps, dtype)]
 
     return pz.nn.Attention(
         input_to_query=pz.nn.Sequential(
             [
                 _linear(f"{name}.query", query_w, ("embedding",), (*q_heads, "projection"), dtype),
-                norm("query_norm"),
+                *norm("query_norm"),
                 _rope(config, i),
                 pz.nn.ConstantRescale(by=jnp.array(config.query_scale, dtype=act_dtype)),
             ]
@@ -193,7 +203,7 @@ def _attention(config: Gemma3Config, i: int, p: dict, dtype, act_dtype) -> pz.nn
         input_to_key=pz.nn.Sequential(
             [
                 _linear(f"{name}.key", kv[0], ("embedding",), (*kv_heads, "projection"), dtype),
-                norm("key_norm"),
+                *norm("key_norm"),
                 _rope(config, i),
             ]
         ),
@@ -280,6 +290,9 @@ def build_body(
         )
     )
     sublayers.append(pz.nn.EmbeddingDecode(table))
+    if config.final_logit_softcap is not None:
+        cap = jnp.array(config.final_logit_softcap, dtype=act_dtype)
+        sublayers.append(pz.nn.TanhSoftCap(soft_cap=cap))
     common, query_only = head_axes(config)
     metadata = model_parts.TransformerMetadata(
         common_head_axes=common,

@@ -1,4 +1,8 @@
-"""Gemma 3 text-model configuration and the released presets."""
+"""Gemma 2 and Gemma 3 text-model configuration and the released presets.
+
+One dataclass describes both generations: Gemma 2 is a Gemma 3 without QK-norm, with tanh
+soft-capping of the attention and final logits, one RoPE base and every other layer global.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,16 @@ import dataclasses
 import json
 from typing import Any
 
-# The order of the five released text models, smallest first.
+# The order of the five released Gemma 3 text models, smallest first.
 PRESET_NAMES = ("270m", "1b", "4b", "12b", "27b")
+# The released Gemma 2 models (base and -it share a configuration).
+GEMMA2_PRESET_NAMES = ("gemma2-2b", "gemma2-9b", "gemma2-27b")
+FAMILIES = ("gemma2", "gemma3")
 
 
 @dataclasses.dataclass(frozen=True)
 class Gemma3Config:
-    """Hyper-parameters of a Gemma 3 text decoder.
+    """Hyper-parameters of a Gemma 3 (or Gemma 2) text decoder.
 
     Attributes:
       vocab_size: Number of tokens in the (tied) embedding table.
@@ -30,7 +37,12 @@ class Gemma3Config:
       sliding_window_pattern: Every ``pattern``-th layer is global, the others local.
       norm_eps: Epsilon of every RMSNorm.
       max_seq_len: Longest context the checkpoint was trained for.
-      name: Preset name ("270m", ...) or a free-form label.
+      name: Preset name ("270m", "gemma2-2b", ...) or a free-form label.
+      family: "gemma3" or "gemma2" (which released models the checkpoint belongs to).
+      qk_norm: Whether queries and keys pass an RMSNorm before RoPE (Gemma 3 yes, Gemma 2 no).
+      attn_logit_softcap: If set, attention logits become ``cap * tanh(logits / cap)`` before
+        the mask (Gemma 2: 50).
+      final_logit_softcap: If set, the output logits are soft-capped the same way (Gemma 2: 30).
     """
 
     vocab_size: int
@@ -49,8 +61,18 @@ class Gemma3Config:
     norm_eps: float = 1e-6
     max_seq_len: int = 32_768
     name: str = "custom"
+    family: str = "gemma3"
+    qk_norm: bool = True
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
 
     def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"Gemma3Config.family must be one of {FAMILIES}, got {self.family!r}")
+        for field in ("attn_logit_softcap", "final_logit_softcap"):
+            cap = getattr(self, field)
+            if cap is not None and not cap > 0:
+                raise ValueError(f"Gemma3Config.{field} must be positive or None, got {cap}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
@@ -78,16 +100,27 @@ class Gemma3Config:
 
     @classmethod
     def preset(cls, name: str) -> Gemma3Config:
-        """One of the released text models: "270m", "1b", "4b", "12b" or "27b"."""
-        key = name.lower().removeprefix("gemma3-").removeprefix("gemma-3-")
+        """A released text model: Gemma 3 "270m" … "27b" or Gemma 2 "gemma2-2b/9b/27b".
+
+        "gemma-2-2b", "gemma-2-9b-it" and the like name the same Gemma 2 configurations.
+        """
+        key = name.lower().removeprefix("google/").removesuffix("-it")
+        key = key.removeprefix("gemma3-").removeprefix("gemma-3-").replace("gemma-2-", "gemma2-")
+        if key in _GEMMA2_PRESETS:
+            return cls(name=key, **_GEMMA2_COMMON, **_GEMMA2_PRESETS[key])
         if key not in _PRESETS:
-            raise ValueError(f"Unknown Gemma 3 preset {name!r}; choose one of {PRESET_NAMES}")
+            raise ValueError(
+                f"Unknown preset {name!r}; choose one of {PRESET_NAMES + GEMMA2_PRESET_NAMES}"
+            )
         return cls(name=key, **_PRESETS[key])
 
     @classmethod
     def tiny(cls, **overrides: Any) -> Gemma3Config:
-        """A few-layer random-weights configuration for tests and fixtures."""
-        kwargs = dict(
+        """A few-layer random-weights configuration for tests and fixtures.
+
+        ``family="gemma2"`` gives a Gemma 2 one (no QK-norm, soft-caps, every other layer global).
+        """
+        kwargs: dict[str, Any] = dict(
             vocab_size=64,
             d_model=32,
             n_layers=6,
@@ -100,6 +133,9 @@ class Gemma3Config:
             max_seq_len=128,
             name="tiny",
         )
+        if overrides.get("family") == "gemma2":
+            gemma2 = {k: v for k, v in _GEMMA2_COMMON.items() if k not in kwargs}
+            kwargs.update(gemma2, name="tiny-gemma2")
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -183,10 +219,55 @@ _PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Shared by every Gemma 2 model (transformers' Gemma2Config / the gemma library's Gemma 2 configs).
+_GEMMA2_COMMON: dict[str, Any] = dict(
+    family="gemma2",
+    qk_norm=False,
+    attn_logit_softcap=50.0,
+    final_logit_softcap=30.0,
+    vocab_size=256_000,
+    sliding_window=4096,
+    sliding_window_pattern=2,  # local, global, local, global, ...
+    local_rope_base=10_000.0,
+    global_rope_base=10_000.0,
+    max_seq_len=8192,
+)
+_GEMMA2_PRESETS: dict[str, dict[str, Any]] = {
+    "gemma2-2b": dict(
+        d_model=2304,
+        n_layers=26,
+        n_heads=8,
+        n_kv_heads=4,
+        head_dim=256,
+        d_ff=9216,
+        query_pre_attn_scalar=256,
+    ),
+    "gemma2-9b": dict(
+        d_model=3584,
+        n_layers=42,
+        n_heads=16,
+        n_kv_heads=8,
+        head_dim=256,
+        d_ff=14336,
+        query_pre_attn_scalar=256,
+    ),
+    "gemma2-27b": dict(  # queries scaled by (d_model / n_heads) ** -0.5, not head_dim
+        d_model=4608,
+        n_layers=46,
+        n_heads=32,
+        n_kv_heads=16,
+        head_dim=128,
+        d_ff=36864,
+        query_pre_attn_scalar=144,
+    ),
+}
+
+
 def param_shapes(config: Gemma3Config) -> dict[str, tuple[int, ...]]:
     """The canonical parameter dictionary's keys and shapes (see ``models/checkpoints.py``).
 
-    Norm scales are stored as the effective multiplier, i.e. already ``1 + w`` in Gemma's
+    Gemma 2 (``qk_norm=False``) has no ``attn.query_norm`` / ``attn.key_norm``. Norm scales are
+    stored as the effective multiplier, i.e. already ``1 + w`` in Gemma's
     convention. Query head ``h`` belongs to key/value head ``h // (n_heads // n_kv_heads)``.
     """
     c = config
@@ -198,8 +279,9 @@ def param_shapes(config: Gemma3Config) -> dict[str, tuple[int, ...]]:
         p = f"blocks.{i}."
         for norm in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"):
             shapes[p + norm] = (c.d_model,)
-        shapes[p + "attn.query_norm"] = (c.head_dim,)
-        shapes[p + "attn.key_norm"] = (c.head_dim,)
+        if c.qk_norm:
+            shapes[p + "attn.query_norm"] = (c.head_dim,)
+            shapes[p + "attn.key_norm"] = (c.head_dim,)
         shapes[p + "attn.query"] = (c.d_model, c.n_heads, c.head_dim)
         shapes[p + "attn.key"] = (c.d_model, c.n_kv_heads, c.head_dim)
         shapes[p + "attn.value"] = (c.d_model, c.n_kv_heads, c.head_dim)

@@ -1,4 +1,6 @@
-"""Hugging Face (transformers) Gemma 3 checkpoints: ``config.json`` plus safetensors.
+"""Hugging Face (transformers) Gemma 3 and Gemma 2 checkpoints: ``config.json`` plus safetensors.
+
+Gemma 2 (``model_type`` "gemma2") stores the same tensor names without ``q_norm`` / ``k_norm``.
 
 Text-only models (270m, 1b; ``model_type`` "gemma3_text") keep their weights under
 ``model.``; the multimodal ones (4b+; "gemma3" with a ``text_config``) under
@@ -11,6 +13,7 @@ the raw ``w`` of ``x * (1 + w)``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -76,13 +79,15 @@ def config_from_hf(config_json: dict[str, Any], file: Any = "config.json") -> Ge
     per-layer-type ``rope_parameters``, and ``layer_types`` or ``sliding_window_pattern``.
     """
     model_type = config_json.get("model_type")
+    if model_type == "gemma2":
+        return _gemma2_config(config_json, file)
     if model_type == "gemma3":
         text = dict(config_json.get("text_config") or {})
     elif model_type == "gemma3_text":
         text = dict(config_json)
     else:
         raise ValueError(
-            f"{file}: model_type is {model_type!r}, expected 'gemma3_text' or 'gemma3'"
+            f"{file}: model_type is {model_type!r}, expected 'gemma3_text', 'gemma3' or 'gemma2'"
         )
     cfg = {**_HF_DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
 
@@ -107,6 +112,45 @@ def config_from_hf(config_json: dict[str, Any], file: Any = "config.json") -> Ge
         sliding_window_pattern=pattern,
         norm_eps=float(cfg["rms_norm_eps"]),
         max_seq_len=int(cfg["max_position_embeddings"]),
+        name=preset.name if preset else "custom",
+    )
+
+
+def _gemma2_config(config_json: dict[str, Any], file: Any) -> Gemma3Config:
+    """A transformers ``Gemma2Config`` dict as a ``Gemma3Config`` of family "gemma2".
+
+    Keys the file omits take the Gemma 2 2B values (transformers' defaults); one RoPE base for
+    every layer (``rope_theta`` or ``rope_parameters.rope_theta``), every other layer global.
+    """
+    defaults = Gemma3Config.preset("gemma2-2b")
+    cfg = {k: v for k, v in config_json.items() if v is not None}
+    rope = config_json.get("rope_parameters") or config_json.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"{file}: unsupported rope scaling {rope} for Gemma 2 (only 'default')")
+    base = float(rope.get("rope_theta", cfg.get("rope_theta", defaults.global_rope_base)))
+    layer_types = config_json.get("layer_types")
+    pattern = _sliding_pattern(config_json, file) if layer_types else 2
+    n_layers = int(cfg.get("num_hidden_layers", defaults.n_layers))
+    d_model = int(cfg.get("hidden_size", defaults.d_model))
+    preset = layout.matching_preset(n_layers, d_model, family="gemma2")
+    return dataclasses.replace(
+        defaults,
+        vocab_size=int(cfg.get("vocab_size", defaults.vocab_size)),
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=int(cfg.get("num_attention_heads", defaults.n_heads)),
+        n_kv_heads=int(cfg.get("num_key_value_heads", defaults.n_kv_heads)),
+        head_dim=int(cfg.get("head_dim", defaults.head_dim)),
+        d_ff=int(cfg.get("intermediate_size", defaults.d_ff)),
+        sliding_window=int(cfg.get("sliding_window", defaults.sliding_window)),
+        query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", defaults.query_pre_attn_scalar),
+        local_rope_base=base,
+        global_rope_base=base,
+        sliding_window_pattern=pattern,
+        norm_eps=float(cfg.get("rms_norm_eps", defaults.norm_eps)),
+        max_seq_len=int(cfg.get("max_position_embeddings", defaults.max_seq_len)),
+        attn_logit_softcap=config_json.get("attn_logit_softcapping"),
+        final_logit_softcap=config_json.get("final_logit_softcapping"),
         name=preset.name if preset else "custom",
     )
 
@@ -283,6 +327,8 @@ def _name_table(
     names = {f"{prefix}embed_tokens.weight": "embedding", f"{prefix}norm.weight": "final_norm"}
     for i in range(config.n_layers):
         for short, key in HF_BLOCK_NAMES.items():
+            if key.endswith(("query_norm", "key_norm")) and not config.qk_norm:
+                continue
             names[f"{prefix}layers.{i}.{short}.weight"] = f"blocks.{i}.{key}"
     extra = [
         n

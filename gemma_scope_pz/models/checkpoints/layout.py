@@ -22,7 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from gemma_scope_pz.models.config import PRESET_NAMES, Gemma3Config, param_shapes
+from gemma_scope_pz.models.config import (
+    GEMMA2_PRESET_NAMES,
+    PRESET_NAMES,
+    Gemma3Config,
+    param_shapes,
+)
 
 __all__ = [
     "BLOCK_KINDS",
@@ -54,9 +59,9 @@ BLOCK_KINDS: dict[str, str] = {
 }
 
 
-def matching_preset(n_layers: int, d_model: int) -> Gemma3Config | None:
-    """The released preset with this depth and width, if any."""
-    for name in PRESET_NAMES:
+def matching_preset(n_layers: int, d_model: int, *, family: str = "gemma3") -> Gemma3Config | None:
+    """The released preset of ``family`` with this depth and width, if any."""
+    for name in GEMMA2_PRESET_NAMES if family == "gemma2" else PRESET_NAMES:
         preset = Gemma3Config.preset(name)
         if preset.n_layers == n_layers and preset.d_model == d_model:
             return preset

@@ -1,4 +1,4 @@
-"""Kaggle / ``gemma`` library (Flax) Gemma 3 checkpoints stored with orbax.
+"""Kaggle / ``gemma`` library (Flax) Gemma 3 and Gemma 2 checkpoints stored with orbax.
 
 Two tree layouts exist (``gemma.gm.ckpts``): the released FLAT one, whose top-level keys are
 paths such as ``"transformer/layer_0/attn/q_einsum"`` mapping to ``{"w": array}``, and the
@@ -13,7 +13,9 @@ Stored shapes (``gemma/gm/nn/_modules.py``): ``embedder/input_embedding`` ``[V, 
 
 Orbax checkpoints carry no hyper-parameters besides shapes. The remaining fields come from a
 ``gemma3_config.json`` (``Gemma3Config.to_json()``) next to or inside the checkpoint directory
-when present, else from the preset with the same depth and width.
+when present, else from the preset with the same depth and width. Gemma 2 trees are the same
+but for the missing ``attn/_query_norm`` / ``attn/_key_norm``; that absence selects the Gemma 2
+presets.
 """
 
 from __future__ import annotations
@@ -120,10 +122,11 @@ def _config(flat: dict[str, np.ndarray], directory: pathlib.Path) -> Gemma3Confi
                         f"tensors imply {shapes[field]}"
                     )
             return Gemma3Config(**{**config.to_dict(), **shapes})
-    preset = layout.matching_preset(n_layers, d_model)
+    family = "gemma3" if "layer_0/attn/_query_norm" in flat else "gemma2"
+    preset = layout.matching_preset(n_layers, d_model, family=family)
     if preset is None:
         raise ValueError(
-            f"{directory}: no Gemma 3 preset has n_layers={n_layers}, d_model={d_model}, and no "
+            f"{directory}: no Gemma {family[-1]} preset has n_layers={n_layers}, d_model={d_model}, and no "
             f"{CONFIG_SIDECAR} gives sliding_window, query_pre_attn_scalar and RoPE settings"
         )
     return Gemma3Config(**{**preset.to_dict(), **shapes})
@@ -149,6 +152,8 @@ def _layout(flat: dict[str, np.ndarray], c: Gemma3Config) -> dict[str, tuple[str
     for i in range(c.n_layers):
         p, b = f"layer_{i}/", f"blocks.{i}."
         for stored, key in _NORMS.items():
+            if key.startswith("attn.") and not c.qk_norm:
+                continue
             width = c.head_dim if key.startswith("attn.") else c.d_model
             table[b + key] = (p + stored, (width,), _pick(None, None))
         if p + "attn/qkv_einsum" in flat:
