@@ -28,9 +28,9 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "offline"
 CORPUS = "default+deps"
-# The first 285,638 tokens (17 cache shards): what two busy shared CPU cores harvested in 20 min.
+# The first 285,638 tokens (17 cache shards): what two busy, shared CPU cores harvested in about 15 min.
 N_TOKENS = 285_638
-HELD_OUT_CONTEXTS = 24  # ~3000 tokens, the same set tests/test_offline_dictionaries.py measures
+HELD_OUT_CONTEXTS = 32  # 3049 tokens, the same set tests/test_offline_dictionaries.py measures
 EVAL_BATCH = 8
 
 # offline dictionary name (gs.load_sae("offline", NAME)) → its config file
@@ -131,7 +131,7 @@ def measure(model, sae, tokens: np.ndarray) -> dict:
     }
 
 
-def package(model, tok, work: pathlib.Path, configs: dict, corpus_spec: str) -> dict:
+def package(model, tok, work: pathlib.Path, configs: dict, corpus_spec: str, contexts: int) -> dict:
     """bfloat16 Gemma Scope 2 folders + MANIFEST.json under the package data folder."""
     import jax.numpy as jnp
 
@@ -141,7 +141,7 @@ def package(model, tok, work: pathlib.Path, configs: dict, corpus_spec: str) -> 
 
     run = json.loads((work / "run.json").read_text())
     root = offline.data_dir()
-    tokens = held_out_tokens(tok, corpus_spec)
+    tokens = held_out_tokens(tok, corpus_spec, contexts)
     entries = {}
     for name, cfg in configs.items():
         export = work / name.replace("/", "__") / "gemma_scope_2"
@@ -186,7 +186,8 @@ def package(model, tok, work: pathlib.Path, configs: dict, corpus_spec: str) -> 
         "expected_minutes_per_site": round((run["harvest_s"] + slowest) / 60),
         "held_out": {
             "corpus": corpus_spec,
-            "contexts": HELD_OUT_CONTEXTS,
+            "corpus_label": gs.load_corpus(corpus_spec).label,
+            "contexts": contexts,
             "context_len": int(tokens.shape[1]),
             "from_end": True,
             "tokens_sha256": hashlib.sha256(tokens.astype(np.int32).tobytes()).hexdigest(),
@@ -237,6 +238,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=str(ROOT / "runs" / "offline_dictionaries"))
     p.add_argument("--tokens", type=int, default=N_TOKENS)
     p.add_argument("--corpus", default=CORPUS)
+    p.add_argument("--contexts", type=int, default=HELD_OUT_CONTEXTS, help="held-out contexts")
     args = p.parse_args(argv)
     import gemma_scope_pz as gs
 
@@ -257,7 +259,7 @@ def main(argv=None) -> int:
             print(f"{name}: load with gs.load_sae({str(folder)!r})")
         return 0
     if args.stage in ("all", "package"):
-        package(model, tok, work, configs, args.corpus)
+        package(model, tok, work, configs, args.corpus, args.contexts)
     return 0
 
 
