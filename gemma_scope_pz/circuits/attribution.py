@@ -30,10 +30,6 @@ from tqdm.auto import tqdm
 from gemma_scope_pz.circuits import replacement as rep
 from gemma_scope_pz.circuits.graph import Graph
 from gemma_scope_pz.circuits.transcoders import TranscoderStack, as_transcoder_stack
-from gemma_scope_pz.models.special_tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-
-# Token ids circuit-tracer treats as special at position 0 (pad, eos, bos, unk).
-_SPECIAL_IDS = frozenset({PAD_ID, EOS_ID, BOS_ID, UNK_ID})
 
 __all__ = ["AttributionSetup", "attribute", "prepare_attribution", "salient_logits"]
 
@@ -82,12 +78,11 @@ def prepare_attribution(
 ) -> AttributionSetup:
     """Runs the model on the prompt and collects nodes, errors and injections.
 
-    With ``zero_bos`` and a prompt starting with a special token (BOS, as circuit-tracer
-    checks), features and errors at position 0 are not nodes: their contribution joins the bias.
+    With ``zero_bos`` (circuit-tracer 0.5.0's behaviour), features and errors at position 0
+    (the BOS token) are not nodes: their contribution joins the bias.
     """
     stack = as_transcoder_stack(transcoders, model.config.n_layers)
     tokens = rep.prompt_tokens(model, prompt)
-    zero_bos = zero_bos and int(tokens[0]) in _SPECIAL_IDS
     trace = rep.trace_prompt(model, tokens)
     m_in = [rep._plain(x) for x in trace.mlp_in]
     m_out = [rep._plain(x) for x in trace.mlp_out]
@@ -277,6 +272,9 @@ def attribute(
       batch_size: Targets per reverse pass.
       update_interval: Batches between influence re-rankings (with a cap).
       zero_bos: Features and errors at position 0 are not nodes (circuit-tracer's default).
+        Token nodes are the scaled embeddings ``sqrt(d_model) * E[token]`` (circuit-tracer
+        0.5.0 uses ``E[token]`` with the gradient after the scaling: its token edges are ours
+        divided by ``sqrt(d_model)``; see tests/test_circuits_reference.py).
       input_string: Stored in the graph (defaults to the prompt when it is text).
     """
     tokens = rep.prompt_tokens(model, prompt)
