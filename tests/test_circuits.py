@@ -7,6 +7,7 @@ directional derivatives; pruning and scores follow circuit-tracer's formulas; fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -294,3 +295,63 @@ def test_intervention_sets_a_feature(model, per_layer):
     new, old = intervene(model, per_layer, TOKENS, {(int(layer), int(pos), int(latent)): 0.0})
     np.testing.assert_allclose(new[:pos], old[:pos], atol=2e-5)  # causal: earlier positions same
     assert np.abs(new[pos:] - old[pos:]).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_real_270m_replacement_and_completeness(real_model, real_tokenizer):
+    """Offline 270M, random transcoders on layers 3 (skip) and 9 and none elsewhere."""
+    rng = np.random.default_rng(5)
+    d = real_model.config.d_model
+    transcoders = {3: _transcoder(rng, d, True), 9: _transcoder(rng, d, False)}
+    tokens = np.asarray(real_tokenizer.encode("The capital of France is"))
+    replaced, logits = rep.replacement_logits(real_model, transcoders, tokens)
+    np.testing.assert_allclose(replaced, logits, atol=2e-3 * float(np.abs(logits).max()))
+    setup = prepare_attribution(real_model, transcoders, tokens)
+    graph = attribute(real_model, transcoders, tokens, desired_logit_prob=0.9)
+    assert graph.n_features == setup.n_features > 0
+    sl = graph.node_slices()
+    m_ins, final = _readouts(real_model, setup, setup.resid_0, setup.injections)
+    values = _target_values(real_model, setup, graph, m_ins, final)
+    b_m, b_f = _readouts(real_model, setup, jnp.zeros_like(setup.resid_0), setup.bias_injections)
+    bias = _target_values(real_model, setup, graph, b_m, b_f)
+    adj = graph.adjacency_matrix
+    rows = np.concatenate([adj[sl["features"]], adj[sl["logits"]]])
+    scale = np.abs(values).max()
+    np.testing.assert_allclose(rows.sum(axis=1) + bias, values, rtol=1e-3, atol=1e-3 * scale)
+
+
+class _Letters:
+    """One token per letter (ids 3..28), BOS 2 first."""
+
+    def encode(self, text: str) -> list[int]:
+        return [2] + [3 + ord(c) - ord("a") for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(chr(ord("a") + i - 3) if i > 2 else "" for i in ids)
+
+
+def test_cli_attribute_writes_the_graph(tmp_path, monkeypatch, capsys, model, per_layer):
+    import gemma_scope_pz as gs
+    from gemma_scope_pz.app.cli import main
+    from gemma_scope_pz.scope.formats.gemma_scope_2 import save_gemma_scope_2
+
+    monkeypatch.setattr(gs, "load_model", lambda source=None: model)
+    monkeypatch.setattr(gs, "load_tokenizer", lambda source=None: _Letters())
+    folders = []
+    for layer in (0, 3):
+        ae = per_layer[layer]
+        ae = type(ae)(**{**vars(ae), "meta": dataclasses.replace(
+            ae.meta, site_in=f"blocks.{layer}.mlp_in", site_out=f"blocks.{layer}.mlp_out")})  # fmt: skip
+        folders.append(str(save_gemma_scope_2(ae, tmp_path / f"tc{layer}", model_name="270m")))
+    folders[1] = f"3={folders[1]}"
+    out = tmp_path / "graphs"
+    status = main(["attribute", "abcdefg", "--transcoders", *folders, "--out", str(out),
+                   "--slug", "abc", "--max-feature-nodes", "16", "--batch-size", "16"])  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "replacement score" in text and "wrote" in text
+    data = load_graph_json(out / "abc.json")
+    assert data["metadata"]["prompt"] == "abcdefg"
+    graph = load_graph(out / "abc.npz")
+    assert graph.n_features == 16 and set(graph.active_features[:, 0]) <= {0, 3}
+    assert main(["attribute", "abc", "--transcoders", str(tmp_path / "missing")]) == 2

@@ -7,6 +7,7 @@
     gemma-scope-pz eval --sae DIR_OR_REPO:FOLDER
     gemma-scope-pz features --sae DIR_OR_REPO:FOLDER --out cards.html
     gemma-scope-pz steer --sae DIR_OR_REPO:FOLDER --feature 123 --coeff 0.5 "I think that"
+    gemma-scope-pz attribute "The capital of France is" --transcoders DIR_9 DIR_12 --out graphs/
 
 Every command takes ``--model`` (default: the offline Gemma 3 270M; or a .gguf, a Hugging Face
 directory / ``hf:REPO``, an orbax directory / ``kaggle:HANDLE``). Errors print one line
@@ -27,6 +28,7 @@ import numpy as np
 import gemma_scope_pz as gs
 from gemma_scope_pz.app import overrides
 from gemma_scope_pz.app.parser import build_parser
+from gemma_scope_pz.circuits.cli import cmd_attribute
 
 _IT_MODEL = re.compile(r"(^|[-_/.:])it($|[-_/.])")
 
@@ -222,6 +224,7 @@ COMMANDS: dict[str, Callable] = {
     "eval": cmd_eval,
     "features": cmd_features,
     "steer": cmd_steer,
+    "attribute": cmd_attribute,
 }
 _USAGE = (
     UsageError,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import gemma_scope_pz as gs
 from gemma_scope_pz.app import overrides
+from gemma_scope_pz.circuits.cli import add_attribute_parser
 
 DESCRIPTION = "gemma-scope-pz: Gemma 3 and Gemma Scope 2 on the command line."
 
@@ -165,6 +166,7 @@ SUBCOMMANDS: dict[str, Callable] = {
     "eval": _add_eval,
     "features": _add_features,
     "steer": _add_steer,
+    "attribute": add_attribute_parser,
 }
 
 

@@ -2,24 +2,35 @@
 
 ``transcoders`` (the transcoder stack), ``replacement`` (the frozen local replacement model),
 ``attribution`` (nodes and direct-effect edges), ``graph`` (pruning, scores, circuit-tracer
-JSON) and ``interventions`` (set/ablate features and rerun).
+JSON), ``interventions`` (set/ablate features and rerun) and ``cli`` (``gemma-scope-pz
+attribute``). The names below are imported on first use, so the CLI starts without JAX.
 """
 
-from gemma_scope_pz.circuits.attribution import attribute, prepare_attribution
-from gemma_scope_pz.circuits.graph import Graph, graph_scores, prune_graph
-from gemma_scope_pz.circuits.interventions import intervene
-from gemma_scope_pz.circuits.replacement import replacement_logits, trace_prompt
-from gemma_scope_pz.circuits.transcoders import TranscoderStack, as_transcoder_stack
+from __future__ import annotations
 
-__all__ = [
-    "Graph",
-    "TranscoderStack",
-    "as_transcoder_stack",
-    "attribute",
-    "graph_scores",
-    "intervene",
-    "prepare_attribution",
-    "prune_graph",
-    "replacement_logits",
-    "trace_prompt",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Graph": "graph",
+    "graph_scores": "graph",
+    "prune_graph": "graph",
+    "save_graph": "graph",
+    "load_graph": "graph",
+    "save_graph_json": "graph",
+    "load_graph_json": "graph",
+    "attribute": "attribution",
+    "prepare_attribution": "attribution",
+    "intervene": "interventions",
+    "replacement_logits": "replacement",
+    "trace_prompt": "replacement",
+    "TranscoderStack": "transcoders",
+    "as_transcoder_stack": "transcoders",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gemma_scope_pz.circuits' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"gemma_scope_pz.circuits.{_EXPORTS[name]}"), name)
