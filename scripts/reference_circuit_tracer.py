@@ -9,7 +9,8 @@ environment; they are not project dependencies)::
 
 Writes ``tests/data/circuit_tracer/``: ``model/`` (a 4-layer random Gemma 3 saved by
 transformers, with a 64-token word-level tokenizer), ``transcoders.safetensors`` (random JumpReLU
-transcoders in our layout: w_enc [d, n], w_dec [n, d], w_skip [d_in, d_out]) and, per case,
+transcoders in our layout: w_enc [d, n], w_dec [n, d], w_skip [d_in, d_out], and a random
+JumpReLU CLT with skips, w_dec.{i} [n, n_layers - i, d]) and, per case,
 ``graph_<case>.npz`` with circuit-tracer's active features, activations, selected features,
 adjacency matrix, logit tokens and probabilities, plus the model's logits on the prompt.
 ``tests/test_circuits_reference.py`` compares `gemma_scope_pz.circuits.attribute` against them.
@@ -25,7 +26,7 @@ import numpy as np
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "circuit_tracer"
 PROMPT = [2, 5, 9, 13, 7, 22, 31, 4, 17, 40]
 D_MODEL, D_SAE, N_LAYERS, VOCAB = 32, 40, 4, 64
-CASES = {"skip": True, "noskip": False}
+CASES = {"skip": True, "noskip": False, "clt": True}
 
 
 def _tokenizer(folder: Path) -> None:
@@ -86,6 +87,44 @@ def _transcoders(skip: bool) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
+def _clt_arrays() -> dict[str, np.ndarray]:
+    """A random JumpReLU CLT with affine skips: w_dec.{i} is [n, N_LAYERS - i, d]."""
+    rng = np.random.default_rng(1)
+    out = {}
+    for i in range(N_LAYERS):
+        out[f"w_enc.{i}"] = rng.normal(size=(D_MODEL, D_SAE)) / np.sqrt(D_MODEL)
+        out[f"b_enc.{i}"] = 0.1 * rng.normal(size=D_SAE)
+        out[f"threshold.{i}"] = rng.uniform(0.2, 0.4, size=D_SAE)
+        out[f"w_dec.{i}"] = 0.1 * rng.normal(size=(D_SAE, N_LAYERS - i, D_MODEL))
+        out[f"b_dec.{i}"] = 0.1 * rng.normal(size=D_MODEL)
+        out[f"w_skip.{i}"] = 0.05 * rng.normal(size=(D_MODEL, D_MODEL))
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def _clt(arrays: dict[str, np.ndarray]):
+    import torch
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+
+    clt = CrossLayerTranscoder(
+        N_LAYERS, D_SAE, D_MODEL, activation_function="jump_relu", skip_connection=True,
+        lazy_decoder=False, lazy_encoder=False, feature_input_hook="mlp.hook_in",
+        feature_output_hook="hook_mlp_out", device=torch.device("cpu"), dtype=torch.float32,
+    )  # fmt: skip
+
+    def stack(name):
+        return torch.tensor(np.stack([arrays[f"{name}.{i}"] for i in range(N_LAYERS)]))
+
+    with torch.no_grad():
+        clt.W_enc.copy_(stack("w_enc").transpose(1, 2))
+        clt.b_enc.copy_(stack("b_enc"))
+        clt.b_dec.copy_(stack("b_dec"))
+        clt.W_skip.copy_(stack("w_skip"))  # circuit-tracer's CLT computes x @ W_skip[layer]
+        clt.activation_function.threshold.copy_(stack("threshold")[:, None, :])
+        for i in range(N_LAYERS):
+            clt.W_dec[i].copy_(torch.tensor(arrays[f"w_dec.{i}"]))
+    return clt
+
+
 def _transcoder_set(arrays: dict[str, np.ndarray], skip: bool):
     import torch
     from circuit_tracer.transcoder import SingleLayerTranscoder, TranscoderSet
@@ -127,10 +166,11 @@ def main() -> None:
         hf_logits = hf(torch.tensor([PROMPT])).logits[0].numpy()
     all_arrays = {}
     for case, skip in CASES.items():
-        arrays = _transcoders(skip)
+        arrays = _clt_arrays() if case == "clt" else _transcoders(skip)
         all_arrays.update({f"{case}.{k}": v for k, v in arrays.items()})
+        transcoders = _clt(arrays) if case == "clt" else _transcoder_set(arrays, skip)
         rm = ReplacementModel.from_pretrained_and_transcoders(
-            str(model_dir), _transcoder_set(arrays, skip), backend="nnsight",
+            str(model_dir), transcoders, backend="nnsight",
             device=torch.device("cpu"), dtype=torch.float32,
         )  # fmt: skip
         graph = attribute(torch.tensor(PROMPT), rm, max_n_logits=10, desired_logit_prob=0.999)

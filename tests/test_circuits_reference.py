@@ -1,7 +1,8 @@
 """Our attribution graphs against circuit-tracer 0.5.0's, recorded on a tiny random Gemma 3.
 
 ``scripts/reference_circuit_tracer.py`` saved a 4-layer random Gemma 3 with transformers, random
-JumpReLU transcoders (with and without affine skip) and circuit-tracer's graphs (nnsight backend)
+JumpReLU transcoders (with and without affine skip), a random JumpReLU cross-layer transcoder
+with skips, and circuit-tracer's graphs (nnsight backend)
 under ``tests/data/circuit_tracer/``. We load the same checkpoint with our HF reader and the same
 transcoders, and require the same active features and the same adjacency to 1e-4 relative.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -22,7 +24,8 @@ from safetensors.numpy import load_file
 from gemma_scope_pz.circuits.attribution import attribute
 from gemma_scope_pz.models.checkpoints.hf import load_hf_dir
 from gemma_scope_pz.models.gemma3 import Gemma3LM, forward
-from gemma_scope_pz.scope.layers import AutoEncoder
+from gemma_scope_pz.scope.cross_layer_transcoder import CrossLayerTranscoder
+from gemma_scope_pz.scope.layers import AutoEncoder, SaeMeta
 
 DATA = Path(__file__).parent / "data" / "circuit_tracer"
 
@@ -33,8 +36,20 @@ def model() -> Gemma3LM:
     return Gemma3LM.from_params(config, params)
 
 
-def _transcoders(case: str) -> dict[int, AutoEncoder]:
+def _transcoders(case: str) -> dict[int, AutoEncoder] | CrossLayerTranscoder:
     arrays = load_file(str(DATA / "transcoders.safetensors"))
+    if case == "clt":
+        a = {k[len("clt.") :]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("clt.")}
+
+        def per_layer(name):
+            return [a[f"{name}.{i}"] for i in range(4)]
+
+        d, n = a["w_enc.0"].shape
+        return CrossLayerTranscoder(
+            w_enc=per_layer("w_enc"), b_enc=per_layer("b_enc"), threshold=per_layer("threshold"),
+            w_dec=per_layer("w_dec"), b_dec=per_layer("b_dec"), w_skip=per_layer("w_skip"),
+            meta=SaeMeta(d_in=d, d_sae=n, d_out=d, extra={"n_layers": 4}),
+        )  # fmt: skip
     out = {}
     for layer in range(4):
         prefix = f"{case}.{layer}."
@@ -45,7 +60,7 @@ def _transcoders(case: str) -> dict[int, AutoEncoder]:
     return out
 
 
-@pytest.mark.parametrize("case", ["skip", "noskip"])
+@pytest.mark.parametrize("case", ["skip", "noskip", "clt"])
 def test_graph_equals_circuit_tracer(model, case):
     ref = np.load(DATA / f"graph_{case}.npz")
     tokens = ref["input_tokens"]
