@@ -96,7 +96,9 @@ def test_embedding_sae_scaled_like_saelens(tmp_path):
         tmp_path, "embedding/width_4k/average_l0_6", release="gemma-scope-2b-pt-res"
     )
     scale = math.sqrt(D)
-    assert sae.meta.site_in == "" and sae.meta.extra["saelens_hook_name"] == "hook_embed"
+    # SAELens's hook_embed is TransformerLens's embedding already times sqrt(d_model): resid_pre 0.
+    assert sae.meta.site_in == "blocks.0.resid_pre"
+    assert sae.meta.extra["saelens_hook_name"] == "hook_embed"
     x = np.random.default_rng(4).normal(size=(5, D)).astype(np.float32)
     pre = x.astype(np.float64) @ (a["W_enc"] / scale) + a["b_enc"]  # SAELens's gemma_2 loader
     want = np.where(pre > a["threshold"], pre, 0) @ (a["W_dec"] * scale) + a["b_dec"]

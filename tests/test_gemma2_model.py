@@ -12,7 +12,6 @@ import json
 import math
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,6 +20,7 @@ from gemma_scope_pz.models.checkpoints.hf import config_from_hf, load_hf_dir
 from gemma_scope_pz.models.config import Gemma3Config, param_shapes
 from gemma_scope_pz.models.gemma3 import Gemma3LM, forward
 from gemma_scope_pz.scope.layers import AutoEncoder, SaeMeta
+from gemma_scope_pz.scope.lens import direction_logits
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = json.loads((DATA / "reference_gemma2.json").read_text())
@@ -135,9 +135,11 @@ def test_last_resid_post_gives_the_soft_capped_logits(model):
     normed = resid / np.sqrt((resid**2).mean(-1, keepdims=True) + 1e-6)
     raw = (normed * np.asarray(model.final_norm_scale())) @ np.asarray(model.embedding_table()).T
     cap = model.config.final_logit_softcap
-    np.testing.assert_allclose(
-        np.asarray(forward(model, TOKENS)), cap * np.tanh(raw / cap), rtol=1e-4, atol=1e-5
-    )
+    logits = np.asarray(forward(model, TOKENS))
+    np.testing.assert_allclose(logits, cap * np.tanh(raw / cap), rtol=1e-4, atol=1e-5)
+    # The logit lens reads a direction out the same way, soft-cap included.
+    lens = np.asarray(direction_logits(model, resid[0]))
+    np.testing.assert_allclose(lens, logits[0], rtol=1e-4, atol=1e-5)
 
 
 def _sae(config: Gemma3Config, site: str, seed: int = 0) -> AutoEncoder:
@@ -180,7 +182,6 @@ def test_generate_equals_greedy_full_forward_past_the_window():
         seq.append(int(logits[0, -1].argmax()))
     assert new == seq[len(prompt) :]
     assert len(set(new)) > 1
-
 
 
 def test_orbax_gemma_library_layout(tmp_path):

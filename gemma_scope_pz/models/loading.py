@@ -22,7 +22,7 @@ def load_model(
     activation_dtype: jax.typing.DTypeLike | None = None,
     revision: str | None = None,
 ) -> Gemma3LM:
-    """Loads Gemma 3 as a Penzai model.
+    """Loads Gemma 3 (or Gemma 2: same sources, see docs/gemma2.md) as a Penzai model.
 
     Args:
       source: None for the offline Gemma 3 270M (the ``offline`` extra:

@@ -23,6 +23,7 @@ from gemma_scope_pz.models import stateful
 from gemma_scope_pz.models.gemma3 import Gemma3LM, check_token_ids, positions_for, vocab_size_of
 from gemma_scope_pz.models.inputs import as_token_batch
 from gemma_scope_pz.models.stateful import state_variables
+from gemma_scope_pz.scope.formats.hook_names import check_model_family
 from gemma_scope_pz.scope.sites import Site, attach, truncate_after_block
 
 
@@ -183,6 +184,9 @@ def _missing_site():
 def _check_width(model: Gemma3LM, sae: pz.nn.Layer, site: Site) -> None:
     meta = getattr(sae, "meta", None)
     config = getattr(model, "config", None)
+    if meta is not None and config is not None:
+        sae_model = (meta.extra or {}).get("model_name")
+        check_model_family(sae_model, config, f"SAE {meta.source or site.name}")
     if meta is not None and config is not None and meta.d_in != site.width(config):
         raise ValueError(
             f"SAE d_in={meta.d_in} does not match site {site.name} of width {site.width(config)}"

@@ -50,9 +50,15 @@ def _lens_logits(directions, scale, table, eps):
 
 
 def direction_logits(model: Gemma3LM, directions) -> jax.Array:
-    """Logits [n, vocab] of directions [n, d_model] after the final RMSNorm and the unembedding."""
+    """Logits [n, vocab] of directions [n, d_model] after the final RMSNorm and the unembedding.
+
+    Gemma 2's final soft-cap (``cap * tanh(logits / cap)``) is applied as the model applies it; it
+    keeps the order of the logits.
+    """
     scale, table, eps = unembedding_readout(model)
-    return _lens_logits(jnp.atleast_2d(jnp.asarray(directions)), scale, table, eps)
+    logits = _lens_logits(jnp.atleast_2d(jnp.asarray(directions)), scale, table, eps)
+    cap = getattr(getattr(model, "config", None), "final_logit_softcap", None)
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 def logit_lens(

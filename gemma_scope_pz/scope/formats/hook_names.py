@@ -28,9 +28,11 @@ import re
 __all__ = [
     "ARCHITECTURE_NAMES",
     "SAELENS_HOOKS",
+    "check_model_family",
     "hf_hook_point",
     "hf_model_id",
     "hook_from_site",
+    "model_family",
     "saelens_hook_name",
     "site_from_hook",
     "site_kind_from_hook",
@@ -165,3 +167,39 @@ def hf_model_id(name: str) -> str:
     instruct = bool(re.search(r"[-_]it\b", text))
     suffix = "-it" if instruct else ("" if size == "270m" else "-pt")
     return f"google/gemma-3-{size}{suffix}"
+
+
+def model_family(model_name: str | None) -> str | None:
+    """ "gemma2" or "gemma3" for a model name in any spelling we meet, None when it names neither.
+
+    "google/gemma-2-2b", "gemma2-9b", "gemma-2-27b-it" -> "gemma2"; "google/gemma-3-270m",
+    "gemma3-1b", "270m" -> "gemma3" (the bare sizes are Gemma 3's presets).
+    """
+    text = str(model_name or "").strip().lower().removeprefix("hf:")
+    if re.search(r"gemma[-_]?v?2(?![0-9])", text):
+        return "gemma2"
+    if re.search(r"gemma[-_]?v?3(?![0-9])", text) or text in _MODEL_SIZES:
+        return "gemma3"
+    return None
+
+
+def check_model_family(sae_model: str | None, config, what: str = "dictionary") -> None:
+    """Refuses a dictionary trained on one Gemma generation attached to the other.
+
+    Args:
+      sae_model: The model the dictionary was trained on (``meta.extra["model_name"]``), or None.
+      config: The model's ``Gemma3Config`` (its ``family`` and ``name`` are read).
+      what: How to call the dictionary in the message (e.g. its source).
+
+    Raises:
+      ValueError: naming both models when their families differ.
+    """
+    family = model_family(sae_model)
+    model_family_ = getattr(config, "family", None)
+    if family is None or model_family_ is None or family == model_family_:
+        return
+    raise ValueError(
+        f"{what} was trained on {sae_model} ({family}) but the model is "
+        f"{getattr(config, 'name', '?')} ({model_family_}); load a {family} model "
+        f"(e.g. gs.load_model('hf:{sae_model}')) or a dictionary for {model_family_}"
+    )
