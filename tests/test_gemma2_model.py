@@ -200,3 +200,24 @@ def test_orbax_gemma_library_layout(tmp_path):
     bare = write_orbax_dir(tmp_path / "bare" / "ckpt", orbax_tree(config, params, layout="nested"))
     with pytest.raises(ValueError, match="no Gemma 2 preset has n_layers=4, d_model=32"):
         load_params(bare)
+
+
+def test_gemma2_vocabulary_turn_markers(tmp_path):
+    """Gemma 2's vocabulary has one more "<unusedN>" piece: the turn markers are 106 and 107."""
+    from gemma_scope_pz.models.tokenizer import Gemma3Tokenizer
+    from tests.test_tokenizer import _tiny_vocab, _write_gguf
+
+    tokens, scores, types_ = _tiny_vocab()
+    tokens.insert(105, "<unused100>")
+    scores.insert(105, -1000.0)
+    types_.insert(105, 3)
+    path = _write_gguf(tmp_path / "gemma2.gguf", vocab=(tokens, scores, types_))
+    tok = Gemma3Tokenizer.from_gguf(path, cache_dir=tmp_path / "cache")
+    assert (tok.start_of_turn_id, tok.end_of_turn_id) == (106, 107)
+    assert tok.encode("<start_of_turn>ab<end_of_turn>", add_bos=False)[::2] == [106, 107]
+    tokens[107] = (
+        "<unused101>"  # a vocabulary with <start_of_turn> at 106 but no <end_of_turn> at 107
+    )
+    bad = _write_gguf(tmp_path / "bad.gguf", vocab=(tokens, scores, types_))
+    with pytest.raises(ValueError, match=r"id 107 is '<unused101>', expected '<end_of_turn>'"):
+        Gemma3Tokenizer.from_gguf(bad, cache_dir=tmp_path / "cache2")

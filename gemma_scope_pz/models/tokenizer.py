@@ -94,9 +94,9 @@ class Gemma3Tokenizer:
       eos_id: end-of-sequence id (1).
       pad_id: padding id (0), used by :meth:`encode_batch` and skipped by :meth:`decode`.
       unk_id: unknown-piece id (3).
-      start_of_turn_id: ``<start_of_turn>`` (105).
-      end_of_turn_id: ``<end_of_turn>`` (106).
-      vocab_size: number of pieces (262144 for Gemma 3).
+      start_of_turn_id: ``<start_of_turn>`` (105; 106 in Gemma 2's vocabulary).
+      end_of_turn_id: ``<end_of_turn>`` (106; 107 in Gemma 2's vocabulary).
+      vocab_size: number of pieces (262144 for Gemma 3, 256000 for Gemma 2).
       source: where the tokenizer came from, for messages.
     """
 
@@ -108,15 +108,27 @@ class Gemma3Tokenizer:
     end_of_turn_id = END_OF_TURN_ID
 
     def __init__(self, processor: spm.SentencePieceProcessor | Any, source: str = "processor"):
-        """Wraps a SentencePieceProcessor and checks it has Gemma 3's special-token ids."""
+        """Wraps a SentencePieceProcessor and checks it has Gemma's special-token ids.
+
+        Gemma 3 has the turn markers at 105/106, Gemma 2 at 106/107: they are looked up by piece.
+        """
         self._sp = processor
         self.source = source
         self.vocab_size = int(processor.get_piece_size())
         if self.vocab_size <= END_OF_TURN_ID:
-            raise ValueError(f"{source}: vocabulary of {self.vocab_size} pieces is not Gemma 3's")
-        for token_id, piece in EXPECTED_PIECES.items():
-            if not getattr(processor, "has_pieces", True):
-                break  # a duck-typed tokenizer without a piece list: nothing to check
+            raise ValueError(
+                f"{source}: vocabulary of {self.vocab_size} pieces is not Gemma 3's (nor Gemma 2's)"
+            )
+        if not getattr(processor, "has_pieces", True):
+            return  # a duck-typed tokenizer without a piece list: nothing to check
+        if int(processor.piece_to_id("<start_of_turn>")) == START_OF_TURN_ID + 1:  # Gemma 2
+            self.start_of_turn_id, self.end_of_turn_id = START_OF_TURN_ID + 1, END_OF_TURN_ID + 1
+        expected = {
+            k: v for k, v in EXPECTED_PIECES.items() if k not in (START_OF_TURN_ID, END_OF_TURN_ID)
+        }
+        expected[self.start_of_turn_id] = "<start_of_turn>"
+        expected[self.end_of_turn_id] = "<end_of_turn>"
+        for token_id, piece in expected.items():
             found = processor.id_to_piece(token_id)
             if found.replace(" ", SPACE_SYMBOL) != piece:
                 raise ValueError(f"{source}: id {token_id} is {found!r}, expected {piece!r}")
