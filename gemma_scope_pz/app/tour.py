@@ -131,6 +131,10 @@ def _train_configs(model, s: TourSettings, sites: list[str], corpus: str) -> dic
     }
 
 
+# The dictionaries shipped as package data (gemma_scope_pz/data/offline_dictionaries).
+SHIPPED = {"sae": "resid_post/layer_9", "transcoder": "transcoder/layer_6"}
+
+
 def _expected_time(s: TourSettings) -> str:
     """Rough wall time of the first :func:`offline_dictionaries` call, from measured tour runs."""
     return "about 2 minutes" if s.quick else "about 10 minutes"
@@ -139,16 +143,22 @@ def _expected_time(s: TourSettings) -> str:
 def offline_dictionaries(
     model=None, tok=None, settings: TourSettings | None = None, log: Log = print
 ) -> Dictionaries:
-    """The tour's SAE at ``blocks.{layer}.resid_post`` and transcoder at ``blocks.{transcoder_layer}``.
+    """An SAE at ``blocks.{layer}.resid_post`` and a transcoder at ``blocks.{transcoder_layer}``.
 
-    Loads ``settings.sae``/``settings.transcoder`` when given; otherwise harvests the offline corpus
-    once (one forward pass for the three sites, cached on disk, with a progress bar) and trains
-    both, reusing cached exports. With no arguments: the offline model and the quick settings.
+    Without ``settings``: the dictionaries shipped with the package for the offline 270M
+    (``gs.load_sae("offline", "resid_post/layer_9")`` and ``"transcoder/layer_6"``; seconds).
+    With ``settings`` (the tour): loads ``settings.sae``/``settings.transcoder`` when given;
+    otherwise harvests the offline corpus once (one forward pass for the three sites, cached on
+    disk, with a progress bar) and trains both with those settings, reusing cached exports.
     """
     from gemma_scope_pz.models.fingerprint import weights_fingerprint
     from gemma_scope_pz.train.pipeline import default_cache_root, fingerprint
 
-    s = settings or TourSettings.quick_settings()
+    if settings is None:
+        names = SHIPPED.values()
+        sae, transcoder = (gs.load_sae("offline", name) for name in names)
+        return Dictionaries(sae, transcoder, "shipped: " + ", ".join(f"offline:{n}" for n in names))
+    s = settings
     if s.sae and s.transcoder:
         return Dictionaries(gs.load_sae(s.sae), gs.load_sae(s.transcoder), "loaded")
     model = model if model is not None else gs.load_model(s.model)
