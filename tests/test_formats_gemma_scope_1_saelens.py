@@ -164,3 +164,20 @@ def test_gemma3_dictionary_on_gemma2_refused_naming_both():
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"google/gemma-3-270m \(gemma3\).*tiny-gemma2 \(gemma2\)"):
         gs.splice(model, sae)
+
+
+def test_transcoder_evaluated_on_gemma2(hub):
+    """evaluate_sae runs a Gemma Scope 1 transcoder on Gemma 2; its clean loss is the soft-capped
+    model's next-token loss (numpy, BOS's own prediction not counted)."""
+    model = _tiny_gemma2()
+    tc = load_gemma_scope_1(
+        "google/gemma-scope-2b-pt-transcoders", "layer_2/width_16k/average_l0_76"
+    )
+    tokens = np.array([[2, 5, 9, 11, 40, 7, 8, 30], [2, 6, 10, 12, 41, 3, 9, 31]])
+    ev = gs.evaluate_sae(model, tc, tokens, progress=False)
+    logits = np.asarray(forward(model, tokens)).astype(np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+    assert ev.n_tokens == 14
+    np.testing.assert_allclose(ev.ce_clean, nll[:, 1:].mean(), rtol=1e-5)
+    assert np.isfinite([ev.fvu, ev.ce_spliced, ev.kl]).all() and ev.ce_spliced != ev.ce_clean
