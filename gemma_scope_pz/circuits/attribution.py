@@ -18,7 +18,6 @@ when ``max_feature_nodes`` caps them, as circuit-tracer does.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -138,34 +137,60 @@ def _transpose_step(model, setup: AttributionSetup, layer: int):
     return jax.linear_transpose(step, setup.resid_0)
 
 
-def _row(model, setup: AttributionSetup, t_layer, t_pos, t_vec):
-    """One target's row [n_features + n_layers * seq + seq] of direct effects."""
-    stack, n_layers = setup.stack, setup.stack.n_layers
-    seq = setup.resid_0.shape[0]
+def _layer_sources(setup: AttributionSetup, layer: int, g: jax.Array) -> list:
+    """Edges from the sources written at ``mlp_out`` of ``layer``, given the gradient ``g``
+    [batch, seq, d] there: (error edges [batch, seq], feature edges per source entry)."""
+    stack = setup.stack
+    errors = jnp.einsum("btd,td->bt", g, setup.errors[layer])
+    feats = []
+    for s in range(len(stack.layers)):
+        if layer in stack.targets(s):
+            dec = (
+                stack.w_dec[s][setup.latents[s], layer - stack.layers[s]] * setup.values[s][:, None]
+            )
+            feats.append(jnp.einsum("bnd,nd->bn", g[:, setup.positions[s]], dec))
+        else:
+            feats.append(jnp.zeros((g.shape[0], setup.positions[s].shape[0]), g.dtype))
+    return [errors, feats]
+
+
+@jax.jit
+def _rows(model, setup: AttributionSetup, t_layer, t_pos, t_vec):
+    """Rows [batch, n_features + n_layers * seq + seq] of direct effects on a batch of targets.
+
+    One reverse pass through the frozen blocks, from the highest target layer down (blocks
+    above every target in the batch are skipped), each target's gradient contracted with the
+    source vectors at every ``mlp_out`` it passes.
+    """
+    n_layers, seq = setup.stack.n_layers, setup.resid_0.shape[0]
     _, _, after = rep._body_parts(model)
-    onehot = jax.nn.one_hot(t_pos, seq, dtype=t_vec.dtype)[:, None] * t_vec[None, :]
+    onehot = jax.nn.one_hot(t_pos, seq, dtype=t_vec.dtype)[:, :, None] * t_vec[:, None, :]
 
     def final(x):
         return rep._plain(rep._frozen_norm(after[0], rep._named(x), setup.trace.final_inv_rms))
 
-    (g,) = jax.linear_transpose(final, setup.resid_0)(jnp.where(t_layer == n_layers, onehot, 0.0))
-    feats = [jnp.zeros(p.shape, g.dtype) for p in setup.positions]
+    final_t = jax.vmap(jax.linear_transpose(final, setup.resid_0))
+    (g,) = final_t(jnp.where((t_layer == n_layers)[:, None, None], onehot, 0.0))
+    top = jnp.max(t_layer)
+    feats = [jnp.zeros((t_layer.shape[0], p.shape[0]), g.dtype) for p in setup.positions]
     errors = []
     for layer in reversed(range(n_layers)):
-        errors.append(jnp.sum(setup.errors[layer] * g, axis=-1))
-        for s in range(len(stack.layers)):
-            if layer in stack.targets(s):
-                dec = stack.w_dec[s][setup.latents[s], layer - stack.layers[s]]
-                feats[s] += setup.values[s] * jnp.sum(dec * g[setup.positions[s]], axis=-1)
-        ct_in = jnp.where(t_layer == layer, onehot, 0.0)
-        (g,) = _transpose_step(model, setup, layer)((g, ct_in))
-    tokens = jnp.sum(setup.resid_0 * g, axis=-1)
-    return jnp.concatenate([*feats, *reversed(errors), tokens])
+        ct_in = jnp.where((t_layer == layer)[:, None, None], onehot, 0.0)
+        step = jax.vmap(_transpose_step(model, setup, layer))
 
+        def active(g, ct_in, layer=layer, step=step):
+            (g_below,) = step((g, ct_in))
+            return g_below, _layer_sources(setup, layer, g)
 
-@functools.partial(jax.jit, donate_argnums=())
-def _rows(model, setup: AttributionSetup, t_layer, t_pos, t_vec):
-    return jax.vmap(functools.partial(_row, model, setup))(t_layer, t_pos, t_vec)
+        def idle(g, ct_in, layer=layer):
+            return g, jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                lambda: _layer_sources(setup, layer, g)))  # fmt: skip
+
+        g, (err, contrib) = jax.lax.cond(top >= layer, active, idle, g, ct_in)
+        errors.append(err)
+        feats = [f + c for f, c in zip(feats, contrib, strict=True)]
+    tokens = jnp.einsum("btd,td->bt", g, setup.resid_0)
+    return jnp.concatenate([*feats, *reversed(errors), tokens], axis=1)
 
 
 @dataclasses.dataclass
@@ -188,7 +213,9 @@ def _compute_rows(model, setup, targets: _Targets, idx: np.ndarray, batch_size: 
     if n == 0:
         width = setup.n_features + (setup.stack.n_layers + 1) * setup.resid_0.shape[0]
         return np.zeros((0, width), np.float32)
-    pad = np.concatenate([idx, np.full((-n) % batch_size, idx[0])]).astype(int)
+    by_layer = np.argsort(targets.layers[idx], kind="stable")  # batches skip blocks above them
+    idx = np.asarray(idx)[by_layer]
+    pad = np.concatenate([idx, np.full((-n) % batch_size, idx[-1])]).astype(int)
     out = []
     frozen = pz.freeze_params(model)
     for start in range(0, len(pad), batch_size):
@@ -201,7 +228,9 @@ def _compute_rows(model, setup, targets: _Targets, idx: np.ndarray, batch_size: 
             jnp.asarray(targets.vectors[sel]),
         )
         out.append(np.asarray(rows))
-    return np.concatenate(out)[:n]
+    rows = np.empty((n, out[0].shape[1]), np.float32)
+    rows[by_layer] = np.concatenate(out)[:n]
+    return rows
 
 
 def _partial_influence(rows: np.ndarray, row_nodes: np.ndarray, logit_p: np.ndarray) -> np.ndarray:
