@@ -181,3 +181,16 @@ def test_transcoder_evaluated_on_gemma2(hub):
     assert ev.n_tokens == 14
     np.testing.assert_allclose(ev.ce_clean, nll[:, 1:].mean(), rtol=1e-5)
     assert np.isfinite([ev.fvu, ev.ce_spliced, ev.kl]).all() and ev.ce_spliced != ev.ce_clean
+
+
+def test_load_sae_reads_gemma_scope_1(hub):
+    """gs.load_sae hands Gemma Scope 1 repos (canonical ids too) and params.npz folders over."""
+    case = CASES[0]
+    sae = gs.load_sae(case["repo"], case["sae_id"])
+    assert (sae.meta.extra["format"], sae.meta.site_in) == ("gemma_scope_1", "blocks.3.resid_post")
+    x = np.array(case["x"], np.float32)
+    np.testing.assert_allclose(sae.encode(x), np.array(case["encode"]), rtol=1e-5, atol=1e-5)
+    local = DATA / "gemma_scope_1" / case["repo"] / case["sae_id"]
+    assert gs.load_sae(local).meta.d_sae == sae.meta.d_sae
+    with pytest.raises(CheckpointError, match=r"d_in=24, expected 2304"):
+        gs.load_sae(case["repo"], case["sae_id"], expected_d_in=2304)

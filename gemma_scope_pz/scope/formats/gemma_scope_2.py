@@ -34,6 +34,7 @@ from safetensors.numpy import save_file
 from gemma_scope_pz.io import write_folder_atomically
 from gemma_scope_pz.scope.formats.files import (
     CONFIG_FILE,
+    NPZ_FILE,
     PARAMS_FILE,
     CheckpointError,
     TensorEntry,
@@ -45,7 +46,9 @@ from gemma_scope_pz.scope.formats.files import (
     load_tensors,
     read_json,
     read_safetensors_header,
+    split_source,
 )
+from gemma_scope_pz.scope.formats.gemma_scope_1 import load_gemma_scope_1, model_from_release
 from gemma_scope_pz.scope.formats.hook_names import (
     ARCHITECTURE_NAMES,
     hf_model_id,
@@ -148,6 +151,15 @@ def _sites(config_path: Path, config: dict) -> tuple[str, str]:
         raise CheckpointError(f"{config_path}: {exc}") from exc
 
 
+def _is_gemma_scope_1(source: str | os.PathLike, folder: str | None) -> bool:
+    """A Gemma Scope 1 hub repo ("google/gemma-scope-2b-pt-res"), or a local params.npz folder."""
+    base, sub, local = split_source(source, folder)
+    if not local:
+        return model_from_release(base) is not None
+    root = Path(base) / (sub or "")
+    return (root / NPZ_FILE).is_file() and not (root / CONFIG_FILE).is_file()
+
+
 def load_sae(
     source: str | os.PathLike,
     folder: str | None = None,
@@ -157,7 +169,10 @@ def load_sae(
     expected_d_in: int | None = None,
     name: str = "sae",
 ) -> AutoEncoder | AutoEncoderSkip:
-    """Loads a Gemma Scope 2 SAE or (skip) transcoder folder.
+    """Loads a Gemma Scope 2 SAE or (skip) transcoder folder (Gemma Scope 1 ones too).
+
+    A Gemma Scope 1 hub repo ("google/gemma-scope-2b-pt-res", "layer_20/width_16k/canonical") or a
+    local folder holding only ``params.npz`` is read by `load_gemma_scope_1`.
 
     Args:
       source: A local folder, a hub repo id ("google/gemma-scope-2-1b-pt", with
@@ -180,6 +195,13 @@ def load_sae(
         from gemma_scope_pz.scope.formats import offline
 
         return offline.load_offline(folder or "", dtype=dtype, expected_d_in=expected_d_in)
+    if _is_gemma_scope_1(source, folder):
+        sae = load_gemma_scope_1(source, folder, dtype=dtype, revision=revision, name=name)
+        if expected_d_in is not None and sae.meta.d_in != expected_d_in:
+            raise CheckpointError(
+                f"{sae.meta.source}: d_in={sae.meta.d_in}, expected {expected_d_in}"
+            )
+        return sae
     paths, label = fetch_files(source, folder, [CONFIG_FILE], revision)
     config_path = paths[CONFIG_FILE]
     config, kind, activation, k = _read_config(config_path)  # before downloading the weights
