@@ -41,6 +41,7 @@ from gemma_scope_pz.models.inputs import (
 )
 from gemma_scope_pz.models.special_tokens import PAD_ID
 from gemma_scope_pz.models.stateful import state_variables
+from gemma_scope_pz.parallel.shard import batch_on_mesh
 
 __all__ = [
     "Gemma3LM",
@@ -211,7 +212,7 @@ def forward(
     bucket = bucket and not state_variables(model)
     width = bucket_length(length, limit) if bucket else length
     fill = PAD_ID if pad_id is None else pad_id
-    padded = jnp.asarray(pad_columns(array, width, fill))
+    padded = batch_on_mesh(jnp.asarray(pad_columns(array, width, fill)), model)
     logits = _forward(pz.freeze_params(model), padded, positions_for(padded, pad_id))
     return logits[:, :length]
 

@@ -24,6 +24,7 @@ from penzai.models.transformer.sampling_mode import KVCachingTransformerLM
 from gemma_scope_pz.models.gemma3 import Gemma3LM, check_token_ids, vocab_size_of
 from gemma_scope_pz.models.inputs import as_token_batch, bucket_length, pad_columns
 from gemma_scope_pz.models.stateful import state_variables
+from gemma_scope_pz.parallel.shard import batch_on_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +174,7 @@ def generate(
         sampler_def,
         state,
         [v.freeze() for v in user],
-        jnp.asarray(prompt),
+        batch_on_mesh(jnp.asarray(prompt), model),
         jax.random.key(seed),
         jnp.asarray(max_new_tokens, jnp.int32),
         steps,

@@ -25,6 +25,8 @@ from typing import Any
 import jax
 from penzai import pz
 
+from gemma_scope_pz.parallel.shard import mesh_of
+
 _COPIES = itertools.count()
 
 
@@ -45,6 +47,7 @@ def jit(fun: Callable, **jit_kwargs) -> Callable:
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
+        mesh_of((args, kwargs))  # arrays sharded over two meshes: a clear error, not a reshard
         if has_variables((args, kwargs)):
             return with_variables(*args, **kwargs)
         return plain(*args, **kwargs)

@@ -55,15 +55,22 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence | None = None) -
     )
 
 
-def mesh_shapes(n_devices: int, dims: Sequence[int] = (), near: int | None = None) -> list:
-    """``(data, model)`` shapes using all ``n_devices`` whose ``model`` divides every ``dims``.
-
-    Sorted by distance of ``model`` from ``near`` (when given), else by ``model``.
+def mesh_shapes(
+    n_devices: int,
+    dims: Sequence[int] = (),
+    near: int | None = None,
+    data_dims: Sequence[int] = (),
+) -> list:
+    """``(data, model)`` shapes of all ``n_devices`` where ``model`` divides every one of ``dims``
+    and ``data`` every one of ``data_dims``; sorted by distance of ``model`` from ``near`` (when
+    given), else by ``model``.
     """
     shapes = [
         (n_devices // m, m)
         for m in range(1, n_devices + 1)
-        if n_devices % m == 0 and all(d % m == 0 for d in dims)
+        if n_devices % m == 0
+        and all(d % m == 0 for d in dims)
+        and all(d % (n_devices // m) == 0 for d in data_dims)
     ]
     if near is not None:
         shapes.sort(key=lambda s: (abs(s[1] - near), -s[1]))
@@ -89,7 +96,8 @@ def check_divides(mesh: Mesh, dims: Mapping[str, tuple[int, str]], what: str = "
         return
     n = mesh.devices.size
     model_dims = [size for size, axis in dims.values() if axis == MODEL]
-    fits = mesh_shapes(n, model_dims, near=mesh.shape.get(MODEL))
+    data_dims = [size for size, axis in dims.values() if axis == DATA]
+    fits = mesh_shapes(n, model_dims, near=mesh.shape.get(MODEL), data_dims=data_dims)
     raise ValueError(
         f"cannot shard {what} over mesh {describe(mesh)}: "
         + "; ".join(problems)

@@ -24,6 +24,7 @@ from gemma_scope_pz.parallel.mesh import DATA, check_divides, describe
 from gemma_scope_pz.parallel.rules import DEFAULT_RULES, ShardingRules
 
 __all__ = [
+    "batch_on_mesh",
     "device_bytes",
     "mesh_of",
     "shard",
@@ -68,12 +69,13 @@ def shard(tree: Any, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> Any:
 def shard_abstract(tree: Any, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> Any:
     """``tree`` (frozen, leaves ``jax.ShapeDtypeStruct``) with shardings attached, for AOT lowering.
 
-    Parameter values get the rules' shardings; every other leaf is replicated.
+    Parameter and state values (e.g. KV caches: batch over ``"data"``, heads over ``"model"``) get
+    the rules' shardings; every other leaf is replicated.
     """
     _check_fits(tree, mesh, rules)
     tree = (
         pz.select(tree)
-        .at_instances_of(pz.ParameterValue)
+        .at_instances_of(pz.ParameterValue | pz.StateVariableValue)
         .apply(lambda v: dataclasses.replace(v, value=_place(v.value, mesh, rules, True)))
     )
     replicated = NamedSharding(mesh, P())
@@ -101,6 +103,19 @@ def shard_batch(array: Any, mesh: Mesh) -> jax.Array:
     return jax.device_put(array, NamedSharding(mesh, P(DATA)))
 
 
+def batch_on_mesh(array: Any, tree: Any) -> Any:
+    """``array`` ``[batch, ...]`` split over ``"data"`` of the mesh ``tree`` is sharded over.
+
+    The runners call this on their token batch, so a sharded model runs data-parallel. Unchanged
+    (replicated by ``jit``) when ``tree`` is not sharded, the ``"data"`` axis has size 1, or the
+    batch does not divide by it (results are the same, only the work is not split).
+    """
+    mesh = mesh_of(tree)
+    if mesh is None or mesh.shape[DATA] == 1 or array.shape[0] % mesh.shape[DATA]:
+        return array
+    return jax.device_put(array, NamedSharding(mesh, P(DATA)))
+
+
 def mesh_of(tree: Any) -> Mesh | None:
     """The one mesh the arrays of ``tree`` are sharded over, or None (nothing sharded).
 
@@ -109,7 +124,7 @@ def mesh_of(tree: Any) -> Mesh | None:
         sharded for another mesh spliced into a sharded model).
     """
     meshes: list[Mesh] = []
-    for leaf in jax.tree_util.tree_leaves(pz.freeze_variables(tree)):
+    for leaf in _array_leaves(tree):
         sharding = getattr(leaf, "sharding", None)
         if isinstance(sharding, NamedSharding) and not any(sharding.mesh == m for m in meshes):
             meshes.append(sharding.mesh)
@@ -120,6 +135,15 @@ def mesh_of(tree: Any) -> Mesh | None:
             + "; shard the model and every dictionary in it with the same mesh"
         )
     return meshes[0] if meshes else None
+
+
+def _array_leaves(tree: Any):
+    """The leaves of ``tree``, looking inside penzai variables (one walk, no tree rebuild)."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, pz.AbstractVariable):
+            yield from jax.tree_util.tree_leaves(leaf.value)
+        else:
+            yield leaf
 
 
 def device_bytes(tree: Any) -> dict[jax.Device, int]:
@@ -133,19 +157,24 @@ def device_bytes(tree: Any) -> dict[jax.Device, int]:
     return out
 
 
-def _named_values(tree: Any) -> list[tuple[str, pz.nx.NamedArray]]:
+def _named_values(tree: Any) -> list[tuple[str, pz.nx.NamedArrayBase]]:
+    """(label, NamedArray) of every parameter and frozen parameter or state value in ``tree``."""
     _, params = pz.unbind_params(tree)
     values = [(p.label, p.value) for p in params]
-    frozen = pz.select(tree).at_instances_of(pz.ParameterValue).get_sequence()
-    return values + [(v.label, v.value) for v in frozen]
+    frozen = pz.select(tree).at_instances_of(pz.ParameterValue | pz.StateVariableValue)
+    values += [(v.label, v.value) for v in frozen.get_sequence()]
+    return [
+        (label, leaf)
+        for label, value in values
+        for leaf in jax.tree_util.tree_leaves(value, is_leaf=pz.nx.is_namedarray)
+        if isinstance(leaf, pz.nx.NamedArrayBase)
+    ]
 
 
 def _check_fits(tree: Any, mesh: Mesh, rules: ShardingRules) -> None:
     """One error listing every sharded axis whose size does not divide its mesh axis."""
     dims: dict[str, tuple[int, str]] = {}
     for label, value in _named_values(tree):
-        if not isinstance(value, pz.nx.NamedArrayBase):
-            continue
         for name, axis in rules.axis_map(value.named_shape).items():
             size = value.named_shape[name]
             if not any(k.startswith(f"axis {name!r} ") and s == size for k, (s, _) in dims.items()):
@@ -154,9 +183,14 @@ def _check_fits(tree: Any, mesh: Mesh, rules: ShardingRules) -> None:
 
 
 def _place(value: Any, mesh: Mesh, rules: ShardingRules, abstract: bool) -> Any:
-    if not isinstance(value, pz.nx.NamedArrayBase):
-        return value
-    sharding = sharding_util.name_to_name_sharding(
-        value, mesh, rules.axis_map(value.named_shape), as_shape_dtype_struct=abstract
-    )
-    return sharding if abstract else jax.device_put(value, sharding)
+    """Every NamedArray in ``value`` placed (or, ``abstract``, given its sharding) by the rules."""
+
+    def one(leaf):
+        if not isinstance(leaf, pz.nx.NamedArrayBase):
+            return leaf
+        sharding = sharding_util.name_to_name_sharding(
+            leaf, mesh, rules.axis_map(leaf.named_shape), as_shape_dtype_struct=abstract
+        )
+        return sharding if abstract else jax.device_put(leaf, sharding)
+
+    return jax.tree_util.tree_map(one, value, is_leaf=pz.nx.is_namedarray)

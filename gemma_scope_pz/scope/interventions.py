@@ -23,6 +23,7 @@ from gemma_scope_pz.models import stateful
 from gemma_scope_pz.models.gemma3 import Gemma3LM, check_token_ids, positions_for, vocab_size_of
 from gemma_scope_pz.models.inputs import as_token_batch
 from gemma_scope_pz.models.stateful import state_variables
+from gemma_scope_pz.parallel.shard import batch_on_mesh
 from gemma_scope_pz.scope.formats.hook_names import check_model_family
 from gemma_scope_pz.scope.sites import Site, attach, truncate_after_block
 
@@ -322,7 +323,7 @@ def capture(
         for s in parsed:
             s.check(config)
     tokens, _ = as_token_batch(tokens, model)  # text, ids, ragged lists or [batch, seq]
-    tokens = jnp.asarray(check_token_ids(tokens, vocab_size_of(model)))
+    tokens = batch_on_mesh(jnp.asarray(check_token_ids(tokens, vocab_size_of(model))), model)
     positions = positions_for(tokens, pad_id)
     unique = tuple(dict.fromkeys(s.name for s in parsed))
     if stop_early and _truncation_drops_state(model, max(s.last_block for s in parsed)):
