@@ -202,3 +202,50 @@ def test_nan_activations_are_counted_and_never_trained_on(model):
     assert all(np.isfinite(v).all() for v in trained.params.values())
     with pytest.raises(FloatingPointError, match="non-finite values by step 0; nan_policy='error'"):
         _stream(poisoned, {"sae": _sae(nan_policy="error")}, docs)
+
+
+def test_cli_train_stream_exports_a_loadable_dictionary(model, tmp_path, monkeypatch, capsys):
+    import gemma_scope_pz as gs
+    from gemma_scope_pz.app import cli
+
+    monkeypatch.setattr(gs, "load_model", lambda source=None: model)
+    monkeypatch.setattr(gs, "load_tokenizer", lambda source=None: Tok())
+    (tmp_path / "docs.txt").write_text("\n\n".join(_docs(seed=4)), encoding="utf-8")
+    config = tmp_path / "sae.yaml"
+    config.write_text(
+        f"sae: {{d_in: 32, d_sae: 48, site_in: {SAE_SITE}, norm_estimation_batches: 2}}\n"
+        "run: {batch_size: 32, total_steps: 6, progress_bar: false, model_name: gemma-3-270m}\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    argv = ["train", "--stream", "--config", str(config), "--corpus", str(tmp_path / "docs.txt"),
+            "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "streamed 192 tokens" in printed and "non-finite activation rows dropped: 0" in printed
+    sae = gs.load_sae(str(out / "gemma_scope_2"))
+    assert sae.meta.d_in == 32 and sae.meta.d_sae == 48 and sae.meta.site_in == SAE_SITE
+    assert (out / "saelens").is_dir() and (out / "stream_checkpoints" / "6").is_dir()
+
+
+@pytest.mark.slow
+def test_real_270m_streaming_fvu_and_l0_fall(real_model, real_tokenizer):
+    site = "blocks.5.resid_post"
+    config = TrainConfig(
+        sae={"d_in": 640, "d_sae": 512, "site_in": site},
+        loss={"l0_coeff": 8.0, "sparsity_warmup_steps": 40},
+        optim={"warmup_steps": 20, "lr": 2e-3},
+        run={"batch_size": 256, "total_steps": 200, "progress_bar": False},
+    )
+    stream = StreamConfig(context_len=64, buffer_refills=4, log_every=20, progress_bar=False)
+    result = train_streaming(real_model, {"res5": config}, None, tokenizer=real_tokenizer,
+                             stream=stream)  # fmt: skip
+    metrics = result.dictionaries["res5"].metrics
+    early, late = metrics[:2], metrics[-2:]
+    fvu = [np.mean([m["fvu"] for m in part]) for part in (early, late)]
+    l0 = [np.mean([m["l0"] for m in part]) for part in (early, late)]
+    print(f"fvu {fvu[0]:.3f} -> {fvu[1]:.3f}; l0 {l0[0]:.1f} -> {l0[1]:.1f}; "
+          f"{result.tokens_per_second:.0f} tok/s")  # fmt: skip
+    assert fvu[1] < 0.8 * fvu[0] and fvu[1] < 0.5
+    assert l0[1] < 0.8 * l0[0]
+    assert result.n_nonfinite_rows == 0 and result.dictionaries["res5"].n_skipped == 0

@@ -150,6 +150,9 @@ def cmd_train(args) -> None:
     if not config.run.model_name:
         config = gs.TrainConfig.from_overrides(config, [f"run.model_name={model.config.name}"])
     out = pathlib.Path(args.out)
+    if args.stream:
+        _train_streaming(config, model, tok, args.corpus, out)
+        return
     n_tokens = args.tokens or config.run.batch_size * (config.run.total_steps or 1000)
     cache = gs.harvest_to_cache(
         model, tok, args.corpus, sites, out / "activations", n_tokens=n_tokens
@@ -157,6 +160,33 @@ def cmd_train(args) -> None:
     trained = gs.train_dictionary(config, cache, out, reuse=False, saelens=True)
     print(f"exported Gemma Scope 2 folder: {trained.folder} (SAELens format: {out / 'saelens'})")
     print(f"skipped steps (non-finite data or gradients): {trained.n_skipped}")
+
+
+def _train_streaming(config, model, tok, corpus, out: pathlib.Path) -> None:
+    """``train --stream``: train_streaming, then the same exports as the cached path."""
+    from gemma_scope_pz.train.export import export_gemma_scope_2, export_saelens
+    from gemma_scope_pz.train.streaming import train_streaming
+
+    out.mkdir(parents=True, exist_ok=True)
+    config.to_json(out / "train_config.json")
+    result = train_streaming(
+        model,
+        {"dictionary": config},
+        corpus,
+        tokenizer=tok,
+        checkpoint_dir=out / "stream_checkpoints",
+    )
+    trained = result.dictionaries["dictionary"]
+    export_gemma_scope_2(trained, out / "gemma_scope_2")
+    export_saelens(trained, out / "saelens")
+    print(
+        f"exported Gemma Scope 2 folder: {out / 'gemma_scope_2'} (SAELens format: {out / 'saelens'})"
+    )
+    print(
+        f"streamed {result.tokens} tokens at {result.tokens_per_second:.0f} tokens/s; "
+        f"non-finite activation rows dropped: {result.n_nonfinite_rows}; "
+        f"skipped steps: {trained.n_skipped}"
+    )
 
 
 def cmd_eval(args) -> None:

@@ -121,6 +121,12 @@ def _add_train(sub) -> None:
         "--tokens", type=int, default=None, help="activations to harvest (None: batch × steps)"
     )
     p.add_argument("--out", default="gemma_scope_pz_train", help="output directory")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="train from activations made on the device as it goes (no activation cache; "
+        "see docs/streaming.md); resumes from OUT/stream_checkpoints",
+    )
     overrides.add_dataclass_options(p, gs.TrainConfig, title="config fields (override --config)")
 
 
