@@ -17,59 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gemma_scope_pz.train.trainer import TrainResult
-
-
-def _final_l0(result: TrainResult) -> float | None:
-    return float(result.metrics[-1]["l0"]) if result.metrics else None
-
-
-def training_info(result: TrainResult) -> dict:
-    """What an export records about its training: model, L0, skipped steps, the full config."""
-    cfg = result.config
-    return {
-        "model_name": cfg.run.model_name,
-        "l0": _final_l0(result),
-        "n_skipped_steps": result.n_skipped,
-        "trained_architecture": cfg.sae.architecture,
-        "normalization_folded": cfg.sae.normalization,
-        "trained_with": "gemma_scope_pz",
-        "train_config": cfg.to_dict(),
-    }
-
-
-def to_autoencoder(result: TrainResult, extra: dict | None = None):
-    """The Penzai ``AutoEncoder``/``AutoEncoderSkip`` of a trained result, taking raw activations.
-
-    ``meta`` records the sites; ``meta.extra`` holds :func:`training_info` and anything in ``extra``.
-    """
-    from gemma_scope_pz.scope.layers import AutoEncoder, SaeMeta
-
-    p = result.raw_params()
-    cfg = result.config
-    activation = result.export_activation
-    k = cfg.sae.k if activation == "topk" else None
-    meta = SaeMeta(
-        d_in=cfg.sae.d_in,
-        d_sae=cfg.sae.d_sae,
-        d_out=cfg.sae.out_dim,
-        activation=activation,
-        k=k,
-        site_in=cfg.sae.site_in,
-        site_out=cfg.sae.site_out or cfg.sae.site_in,
-        extra={**training_info(result), **(extra or {})},
-    )
-    return AutoEncoder.from_arrays(
-        p["w_enc"],
-        p["b_enc"],
-        p["w_dec"],
-        p["b_dec"],
-        p.get("threshold"),
-        activation=activation,
-        k=k,
-        w_skip=p.get("w_skip"),
-        meta=meta,
-    )
+from gemma_scope_pz.train.result import TrainResult, to_autoencoder, training_info  # noqa: F401
 
 
 def export_gemma_scope_2(

@@ -22,7 +22,6 @@ the normaliser, the dead-latent counters and the data position, plus the config 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import warnings
@@ -37,51 +36,9 @@ from gemma_scope_pz.io import write_atomically
 from gemma_scope_pz.train import objectives
 from gemma_scope_pz.train import step as step_lib
 from gemma_scope_pz.train.config import TrainConfig
-from gemma_scope_pz.train.normalize import Normaliser, fold_normaliser, geometric_median
+from gemma_scope_pz.train.normalize import Normaliser, geometric_median
+from gemma_scope_pz.train.result import TrainResult
 from gemma_scope_pz.train.sources import as_source
-
-
-@dataclasses.dataclass
-class TrainResult:
-    """Outcome of :func:`train`.
-
-    Attributes:
-      params: Trained parameters (numpy), in the *normalised* activation space.
-      metrics: Logged metric dicts (one per ``log_every`` steps, with a "step" key).
-      normaliser: The normaliser used during training.
-      config: The run configuration.
-      n_skipped: Steps skipped for non-finite data or gradients.
-      inference_threshold: Running BatchTopK threshold (0 for other architectures).
-    """
-
-    params: dict[str, np.ndarray]
-    metrics: list[dict[str, float]]
-    normaliser: Normaliser
-    config: TrainConfig
-    n_skipped: int = 0
-    inference_threshold: float = 0.0
-
-    def raw_params(self) -> dict[str, np.ndarray]:
-        """Parameters for raw activations (normaliser folded in; BatchTopK → JumpReLU threshold)."""
-        params = fold_normaliser(self.params, self.normaliser)
-        if self.config.sae.activation == "batchtopk":
-            params["threshold"] = np.full(
-                self.config.sae.d_sae, self.inference_threshold, np.float32
-            )
-        return params
-
-    @property
-    def export_activation(self) -> str:
-        """Activation of the exported SAE: "relu", "jumprelu" or "topk"."""
-        kind = self.config.sae.activation
-        return "jumprelu" if kind == "batchtopk" else kind
-
-    def to_autoencoder(self, extra: dict | None = None):
-        """The Penzai ``AutoEncoder``/``AutoEncoderSkip`` taking raw activations (see
-        :func:`gemma_scope_pz.train.export.to_autoencoder`)."""
-        from gemma_scope_pz.train.export import to_autoencoder
-
-        return to_autoencoder(self, extra)
 
 
 # --------------------------------------------------------------------------- batches
