@@ -206,15 +206,20 @@ def _check_count(corpus_name: str, done: int, n_tokens: int | None) -> None:
 
 
 def _checked_ids(batches: Iterable[np.ndarray], vocab: int, corpus_name: str) -> Iterator:
-    """``batches``, each checked to hold token ids in ``[0, vocab)`` (else ``ValueError``)."""
+    """``batches``, each checked by ``check_corpus_ids``."""
     for tokens in batches:
-        if tokens.min() < 0 or tokens.max() >= vocab:
-            bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
-            raise ValueError(
-                f"Corpus {corpus_name!r}: token id {bad} is outside the model's "
-                f"vocabulary [0, {vocab}) (wrong tokenizer?)"
-            )
-        yield tokens
+        yield check_corpus_ids(tokens, vocab, corpus_name)
+
+
+def check_corpus_ids(tokens: np.ndarray, vocab: int, corpus_name: str) -> np.ndarray:
+    """``tokens`` if its ids lie in ``[0, vocab)``, else a ``ValueError`` naming the corpus."""
+    if tokens.min() < 0 or tokens.max() >= vocab:
+        bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
+        raise ValueError(
+            f"Corpus {corpus_name!r}: token id {bad} is outside the model's "
+            f"vocabulary [0, {vocab}) (wrong tokenizer?)"
+        )
+    return tokens
 
 
 def _activation_rows(

@@ -26,6 +26,7 @@ from gemma_scope_pz.scope.interventions import run_with_captures
 from gemma_scope_pz.scope.sites import Site
 from gemma_scope_pz.train import buffer as buffer_lib
 from gemma_scope_pz.train.config import TrainConfig
+from gemma_scope_pz.train.harvest import check_corpus_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,13 +114,7 @@ class ContextStream:
             self._position += 1
         batch = np.stack([next(self._iterator) for _ in range(self.n_contexts)])
         self._position += 1
-        if batch.min() < 0 or batch.max() >= self.vocab:
-            bad = int(batch.min()) if batch.min() < 0 else int(batch.max())
-            raise ValueError(
-                f"Corpus {self.corpus.name!r}: token id {bad} is outside the model's vocabulary "
-                f"[0, {self.vocab}) (wrong tokenizer?)"
-            )
-        return batch
+        return check_corpus_ids(batch, self.vocab, self.corpus.name)
 
     @property
     def pad_id(self) -> int:
