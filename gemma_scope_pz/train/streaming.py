@@ -58,7 +58,7 @@ class StreamResult:
     Attributes:
       dictionaries: One :class:`~gemma_scope_pz.train.trainer.TrainResult` per name.
       n_nonfinite_rows: Document rows dropped from the buffer for non-finite activations.
-      tokens: Document tokens that went through the model in this call.
+      tokens: Tokens trained on in this call (steps x batch size).
       seconds: Wall time of this call's training loop.
       step: Steps done (a run stopped with ``stop_at`` can be resumed from here).
     """
@@ -201,6 +201,23 @@ def _save(manager, step: int, states, buffer, n_bad: int, configs, stream) -> No
     manager.wait_until_finished()
 
 
+def _start(model, configs, widths, stream, contexts, programs, manager, resume: bool):
+    """``(states, buffer, n_bad)``: from the latest checkpoint (with ``resume``) or fresh (earlier
+    checkpoints deleted without ``resume``)."""
+    if manager is not None and resume:
+        where = str(manager.directory)
+        restored = _restore(manager, configs, widths, stream, contexts.n_contexts, where)
+        if restored is not None:
+            return restored
+    elif manager is not None:
+        for old in manager.all_steps():
+            manager.delete(old)
+    fill, data_step = programs
+    buffer, n_bad = _initial_buffer(model, fill, contexts, widths, stream)
+    states = _initial_states(model, configs, data_step, buffer, contexts, stream)
+    return states, buffer, n_bad
+
+
 # --------------------------------------------------------------------------- the loop
 @dataclasses.dataclass
 class _Run:
@@ -335,17 +352,9 @@ def train_streaming(
     )
     frozen = pz.freeze_params(model)
     manager = _manager(checkpoint_dir, first.run.keep_checkpoints) if checkpoint_dir else None
-    restored = None
-    if manager is not None and resume:
-        restored = _restore(manager, configs, widths, stream, n_contexts, str(checkpoint_dir))
-    elif manager is not None:
-        for old in manager.all_steps():
-            manager.delete(old)
-    if restored is None:
-        buffer, n_bad = _initial_buffer(frozen, fill, contexts, widths, stream)
-        states = _initial_states(frozen, configs, data_step, buffer, contexts, stream)
-    else:
-        states, buffer, n_bad = restored
+    states, buffer, n_bad = _start(
+        frozen, configs, widths, stream, contexts, (fill, data_step), manager, resume
+    )
     start = int(jax.device_get(next(iter(states.values()))["step"]))
     stop = first.num_steps if stop_at is None else min(int(stop_at), first.num_steps)
     run = _Run(configs, stream, contexts, program, manager, {n: [] for n in configs})
