@@ -23,6 +23,7 @@ from safetensors.numpy import load_file
 import gemma_scope_pz as gs
 from gemma_scope_pz.scope.formats import offline
 from gemma_scope_pz.scope.formats.files import CheckpointError
+from gemma_scope_pz.scope.formats.gemma_scope_2 import load_offline
 
 SAE, TRANSCODER = "resid_post/layer_9", "transcoder/layer_6"
 FLOORS = {
@@ -118,8 +119,8 @@ def test_corrupted_file_is_named(tmp_path):
     data[-1] ^= 0xFF
     params.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"layer_9/params\.safetensors: sha256"):
-        offline.load_offline(SAE, root=root)
-    offline.load_offline(TRANSCODER, root=root)  # the untouched one still loads
+        load_offline(SAE, root=root)
+    load_offline(TRANSCODER, root=root)  # the untouched one still loads
 
 
 def test_missing_manifest_says_how_to_rebuild(tmp_path):

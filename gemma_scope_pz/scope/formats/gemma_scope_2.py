@@ -32,6 +32,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from gemma_scope_pz.io import write_folder_atomically
+from gemma_scope_pz.scope.formats import offline
 from gemma_scope_pz.scope.formats.files import (
     CONFIG_FILE,
     NPZ_FILE,
@@ -192,9 +193,7 @@ def load_sae(
         missing, mis-shaped, non-float, non-finite, or contradict config.json / ``expected_d_in``.
     """
     if source == "offline" and not os.path.exists("offline"):  # the dictionaries shipped with us
-        from gemma_scope_pz.scope.formats import offline
-
-        return offline.load_offline(folder or "", dtype=dtype, expected_d_in=expected_d_in)
+        return load_offline(folder or "", dtype=dtype, expected_d_in=expected_d_in)
     if _is_gemma_scope_1(source, folder):
         sae = load_gemma_scope_1(source, folder, dtype=dtype, revision=revision, name=name)
         if expected_d_in is not None and sae.meta.d_in != expected_d_in:
@@ -354,3 +353,21 @@ def save_gemma_scope_2(
         )
 
     return write_folder_atomically(folder, fill, overwrite=overwrite)
+
+
+def load_offline(
+    name: str,
+    *,
+    dtype: jax.typing.DTypeLike = jnp.float32,
+    expected_d_in: int | None = None,
+    root: Path | None = None,
+):
+    """Loads the shipped offline dictionary ``name`` (e.g. ``"resid_post/layer_9"``).
+
+    The files are checked against ``MANIFEST.json`` first (:func:`offline.verify`), then read as a
+    Gemma Scope 2 folder; ``sae.meta.source`` reads ``"offline:<name>"`` and the manifest's held-out
+    quality figures land in ``sae.meta.extra["offline_quality"]``.
+    """
+    folder = offline.verify(name, root)
+    sae = load_sae(folder, dtype=dtype, expected_d_in=expected_d_in)
+    return offline.annotate(sae, name, root)

@@ -22,9 +22,6 @@ import json
 import pathlib
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
 from gemma_scope_pz.scope.formats.files import CheckpointError
 
 SOURCE = "offline"
@@ -124,23 +121,9 @@ def verify(name: str, root: pathlib.Path | None = None) -> pathlib.Path:
     return folder
 
 
-def load_offline(
-    name: str,
-    *,
-    dtype: jax.typing.DTypeLike = jnp.float32,
-    expected_d_in: int | None = None,
-    root: pathlib.Path | None = None,
-):
-    """Loads the shipped offline dictionary ``name`` (e.g. ``"resid_post/layer_9"``).
-
-    The files are checked against ``MANIFEST.json`` first, then read by the Gemma Scope 2 reader;
-    ``sae.meta.source`` reads ``"offline:<name>"`` and the manifest's held-out quality figures land
-    in ``sae.meta.extra["offline_quality"]``.
-    """
-    from gemma_scope_pz.scope.formats.gemma_scope_2 import load_sae
-
-    folder = verify(name, root)
-    sae = load_sae(folder, dtype=dtype, expected_d_in=expected_d_in)
+def annotate(sae, name: str, root: pathlib.Path | None = None):
+    """``sae`` with ``meta.source`` ``"offline:<name>"`` and the manifest's held-out figures in
+    ``meta.extra["offline_quality"]`` (the Gemma Scope 2 reader calls this after :func:`verify`)."""
     quality = read_manifest(root)["dictionaries"][name].get("quality", {})
     meta = dataclasses.replace(
         sae.meta,
