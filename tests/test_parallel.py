@@ -6,13 +6,11 @@ jax is imported. Meshes 1x8, 2x4 and 8x1 (data x model); the dictionary is shard
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.simulated_devices import run_result
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 MESHES = ("1x8", "2x4", "8x1")
@@ -21,14 +19,7 @@ OPERATIONS = ("logits", "capture", "splice_error", "splice", "steer", "generate"
 
 @pytest.fixture(scope="module")
 def result() -> dict:
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, str(WORKER)], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT") :])
+    return run_result([str(WORKER)])
 
 
 @pytest.mark.parametrize("mesh", MESHES)

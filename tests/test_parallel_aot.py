@@ -6,11 +6,9 @@ decode step for a mesh from abstract bf16 parameters and read XLA's per-device m
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
+
+from tests.simulated_devices import run_result
 
 SCRIPT = textwrap.dedent(
     """
@@ -62,14 +60,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_aot_memory_of_a_small_config_and_27b_parameter_shards():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT")][-1]
-    out = json.loads(line[len("RESULT") :])
+    out = run_result(["-c", SCRIPT])
     # The abstract model is bf16 parameters (float32 only for a few scalar constants).
     assert "bfloat16" in out["leaf_dtypes"]
     assert out["abstract_params"] == out["n_params"]

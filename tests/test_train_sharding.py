@@ -1,10 +1,8 @@
 """Sharded training (8 fake CPU devices, mesh 2x4 and 8x1) matches single-device training."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
+
+from tests.simulated_devices import run_result
 
 SCRIPT = textwrap.dedent(
     """
@@ -40,14 +38,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_sharded_training_matches_single_device():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT")][-1]
-    diffs = json.loads(line[len("RESULT") :])
+    diffs = run_result(["-c", SCRIPT])
     assert len(diffs) == 4
     for name, diff in diffs.items():
         assert diff < 1e-4, (name, diff)
