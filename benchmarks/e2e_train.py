@@ -3,9 +3,10 @@
 Usage: python benchmarks/e2e_train.py [--quick] [--tokens 200000] [--site blocks.9.resid_post]
 
 Prints one JSON object. ``cache``: harvest the activations to host memory (``harvest_array``), then
-``train``; ``stream``: ``train_streaming`` (forward, buffer and update on the device). Both train the
-same JumpReLU and TopK (k=32) dictionaries (640 → ``--d-sae``, context 128, ``--batch`` tokens per
-step, ``--tokens`` tokens), and the wall times include compilation, as a user waits for them.
+``train``; ``stream``: ``train_streaming`` (forward, buffer of 4 refills and update on the
+device). Both train the same JumpReLU and TopK (k=32) dictionaries (640 → ``--d-sae``, context
+128, ``--batch`` tokens per step, ``--tokens`` tokens), and the wall times include compilation, as
+a user waits for them.
 ``many``: three SAEs at blocks 3, 6 and 9 from one stream against streaming each alone.
 The machine may be shared: ``load_average`` says how busy it was.
 """
@@ -55,7 +56,7 @@ def cache_path(model, tok, config: TrainConfig, args) -> dict:
 
 def stream_path(model, tok, configs: dict, args) -> dict:
     """``train_streaming`` of ``configs``: wall time and tokens/s (end to end)."""
-    stream = StreamConfig(context_len=128, progress_bar=False, log_every=10**9)
+    stream = StreamConfig(context_len=128, buffer_refills=4, progress_bar=False, log_every=10**9)
     total, result = _timed(lambda: train_streaming(model, configs, None, tokenizer=tok,
                                                    stream=stream))  # fmt: skip
     return {
