@@ -69,6 +69,8 @@ _EXPORTS = {
     # Not ``gs.train``: importing the ``gemma_scope_pz.train`` package binds that name to it.
     "train_sae": "gemma_scope_pz.train.trainer:train",
     "train_dictionary": "gemma_scope_pz.train.pipeline",
+    "train_streaming": "gemma_scope_pz.train.streaming",
+    "StreamConfig": "gemma_scope_pz.train.stream_data",
     "export_gemma_scope_2": "gemma_scope_pz.train.export",
     "export_saelens": "gemma_scope_pz.train.export",
     "make_mesh": "gemma_scope_pz.parallel.mesh",
