@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,offline]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,offline,kaggle]"
 bash .ci/install_chromium.sh || echo "test.sh: Chromium not installed; the rendering test needs it"
 bash scripts/install_offline_prose.sh || echo "offline prose packages not installed (load_corpus(\"default+prose\") needs them)"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
