@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from penzai import pz
 from penzai.models.transformer.model_parts import TransformerBlock, TransformerFeedForward
 from penzai.toolshed.save_intermediates import SaveIntermediate
@@ -165,8 +166,11 @@ def splice(
         bad = [i for i in clamp if not 0 <= int(i) < (d_sae if d_sae is not None else int(i) + 1)]
         if bad:
             raise ValueError(f"clamp: latent indices {bad} are outside 0..{d_sae}-1 of this SAE")
+        values = np.asarray(list(clamp.values()), dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"clamp: values must be finite, got {dict(clamp)}")
         ids = jnp.asarray(list(clamp.keys()), dtype=jnp.int32)
-        vals = jnp.asarray(list(clamp.values()), dtype=jnp.float32)
+        vals = jnp.asarray(values, dtype=jnp.float32)
     _check_width(model, sae, site)
     site_out = getattr(meta, "site_out", None) if meta else None
     if site.kind == "mlp_in" and site_out and Site.parse(site_out).kind == "mlp_out":
@@ -243,8 +247,12 @@ def steer(
     ``direction`` is normalised to unit length. ``coeff = 0`` computes the same function (logits agree
     to float rounding; XLA may fuse the modified program differently).
     """
+    if not np.isfinite(coeff):
+        raise ValueError(f"Steering coeff must be finite, got {coeff}")
     d = jnp.asarray(direction, dtype=jnp.float32)
     norm = jnp.linalg.norm(d)
+    if d.ndim == 1 and not bool(jnp.isfinite(d).all()):
+        raise ValueError(f"Steering direction has non-finite entries (shape {d.shape})")
     if d.ndim != 1 or not bool(norm > 0):
         raise ValueError(f"Steering direction must be a nonzero vector, got shape {d.shape}")
     config = getattr(model, "config", None)

@@ -28,7 +28,8 @@ from penzai.models.transformer.model_parts import TransformerBlock
 from gemma_scope_pz.models.config import Gemma3Config
 
 SITE_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_in", "mlp_out")
-_SITE_RE = re.compile(r"^blocks\.(\d+)\.(\w+)$")
+# ASCII digits without leading zeros, and nothing after the kind (``$`` would accept a final "\n").
+_SITE_RE = re.compile(r"blocks\.(0|[1-9][0-9]*)\.([a-z_]+)", re.ASCII)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -47,7 +48,7 @@ class Site:
     def parse(cls, name: str | Site) -> Site:
         if isinstance(name, Site):
             return name
-        match = _SITE_RE.match(str(name))
+        match = _SITE_RE.fullmatch(name) if isinstance(name, str) else None
         if not match or match.group(2) not in SITE_KINDS:
             raise ValueError(
                 f"Unknown site {name!r}: expected 'blocks.<layer>.<kind>' with kind in {SITE_KINDS}"
