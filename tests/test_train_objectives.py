@@ -191,3 +191,38 @@ def test_dense_and_sparse_topk_share_one_tie_rule():
     assert float(dense[0]["l0"]) == float(sparse[0]["l0"]) == 2.0
     np.testing.assert_array_equal(np.asarray(dense[1]), np.asarray(sparse[1]))
     np.testing.assert_allclose(float(dense[0]["mse"]), float(sparse[0]["mse"]), rtol=1e-6)
+
+
+def test_frequency_penalty_matches_formula_and_only_pushes_frequent_latents():
+    rng = np.random.default_rng(3)
+    f = np.maximum(rng.normal(size=(64, 8)), 0).astype(np.float32)
+    f[:, 3] = np.abs(f[:, 3]) + 0.1  # fires on every row
+    w_dec = rng.normal(size=(8, 5)).astype(np.float32)
+    fraction = (f != 0).mean(axis=0)
+    expected = np.sum(
+        np.maximum(fraction - 0.5, 0) * np.abs(f).mean(axis=0) * np.linalg.norm(w_dec, axis=1)
+    )
+    value, grad = jax.value_and_grad(objectives.frequency_penalty)(
+        jnp.asarray(f), jnp.asarray(w_dec), 0.5
+    )
+    np.testing.assert_allclose(float(value), expected, rtol=1e-6)
+    over = fraction > 0.5
+    assert over[3] and not over.all()
+    assert np.all(np.asarray(grad)[:, ~over] == 0)
+    assert np.all(np.asarray(grad)[:, 3] > 0)
+    assert float(objectives.frequency_penalty(jnp.asarray(f), jnp.asarray(w_dec), 1.0)) == 0.0
+
+
+def test_frequency_penalty_enters_the_loss_and_refuses_the_sparse_path():
+    cfg = _cfg(sae=dict(architecture="batchtopk", k=4), loss=dict(aux_k=0))
+    with_penalty = apply_overrides(
+        cfg, {"loss.frequency_coeff": 10.0, "loss.max_firing_fraction": 0.01}
+    )
+    params = objectives.init_params(cfg, jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, cfg.sae.d_in))
+    dead = jnp.zeros(cfg.sae.d_sae, bool)
+    base, (m0, *_) = objectives.loss_fn(params, x, x, dead, jnp.ones(()), cfg)
+    pen, (m1, *_) = objectives.loss_fn(params, x, x, dead, jnp.ones(()), with_penalty)
+    assert float(pen) > float(base) and float(m1["sparsity_loss"]) > 0 == float(m0["sparsity_loss"])
+    with pytest.raises(ValueError, match="loss.frequency_coeff needs the dense path"):
+        _cfg(sae=dict(architecture="topk", k=4, sparse_topk=True), loss=dict(frequency_coeff=1.0))

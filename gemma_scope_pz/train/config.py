@@ -104,6 +104,11 @@ class TrainConfig:
                 object.__setattr__(self, name, _section_from_dict(cls, name, value))
             elif not isinstance(value, cls):
                 raise TypeError(f"TrainConfig.{name}: expected {cls.__name__}, got {value!r}")
+        if self.sae.sparse_topk and self.loss.frequency_coeff > 0:
+            raise ValueError(
+                "loss.frequency_coeff needs the dense path: set sae.sparse_topk=false or "
+                "loss.frequency_coeff=0"
+            )
 
     def __getattr__(self, name: str) -> Any:
         # Deprecated flat reads (config.k → config.sae.k); only called for missing attributes.

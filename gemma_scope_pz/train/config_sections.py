@@ -129,6 +129,7 @@ class LossConfig:
     Attributes:
       l1_coeff, l0_coeff, target_l0, target_l0_coeff, jumprelu_bandwidth: sparsity penalties.
       aux_k, aux_k_coeff, dead_window_tokens: the AuxK loss on dead latents.
+      frequency_coeff, max_firing_fraction: the penalty on latents that fire too often.
       sparsity_warmup_steps: linear warm-up of the sparsity coefficients.
     """
 
@@ -147,6 +148,14 @@ class LossConfig:
     aux_k_coeff: float = field(1.0 / 32.0, "Weight of the AuxK loss (TopK-style).", minimum=0)
     dead_window_tokens: int = field(
         10_000_000, "A latent silent for this many tokens counts as dead.", minimum=1
+    )
+    frequency_coeff: float = field(
+        0.0,
+        "Weight of the penalty on latents firing on more than max_firing_fraction of a batch.",
+        minimum=0,
+    )
+    max_firing_fraction: float = field(
+        0.5, "Firing fraction above which the frequency penalty applies.", positive=True, maximum=1
     )
     sparsity_warmup_steps: int = field(
         1000, "Linear warm-up of the sparsity coefficients from 0.", minimum=0

@@ -162,6 +162,19 @@ def weighted_l1(f: jax.Array, w_dec: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(f) @ jnp.linalg.norm(w_dec, axis=-1))
 
 
+def frequency_penalty(f: jax.Array, w_dec: jax.Array, max_fraction: float) -> jax.Array:
+    """Decoder-norm-weighted mean activation of latents that fire too often in this batch.
+
+    ``sum_j max(0, p_j - max_fraction) * mean_batch(f_j) * ||w_dec_j||`` with ``p_j`` the
+    (stop-gradient) fraction of the batch's rows on which latent j fires. Its gradient lowers the
+    activations, hence the encoder bias, of the latents above the limit until they fire less often;
+    latents at or below it are untouched.
+    """
+    fraction = jax.lax.stop_gradient(jnp.mean((f != 0).astype(jnp.float32), axis=0))
+    excess = jnp.maximum(fraction - max_fraction, 0.0)
+    return jnp.sum(excess * jnp.mean(jnp.abs(f), axis=0) * jnp.linalg.norm(w_dec, axis=-1))
+
+
 def auxk_loss(
     z: jax.Array,
     residual: jax.Array,
@@ -294,6 +307,10 @@ def loss_fn(
             sparsity = sparsity + sparsity_scale * config.loss.target_l0_coeff * jnp.square(
                 l0_ste - config.loss.target_l0
             )
+    if config.loss.frequency_coeff > 0:
+        sparsity = sparsity + config.loss.frequency_coeff * frequency_penalty(
+            f, params["w_dec"], config.loss.max_firing_fraction
+        )
     aux = jnp.zeros((), jnp.float32)
     if config.effective_aux_k > 0 and config.loss.aux_k_coeff > 0:
         aux = config.loss.aux_k_coeff * auxk_loss(
