@@ -329,6 +329,9 @@ class _Letters:
     def decode(self, ids) -> str:
         return "".join(chr(ord("a") + i - 3) if i > 2 else "" for i in ids)
 
+    def token_strings(self, ids) -> list[str]:
+        return [chr(ord("a") + i - 3) if i > 2 else f"<{i}>" for i in ids]
+
 
 def test_cli_attribute_writes_the_graph(tmp_path, monkeypatch, capsys, model, per_layer):
     import gemma_scope_pz as gs
@@ -346,7 +349,8 @@ def test_cli_attribute_writes_the_graph(tmp_path, monkeypatch, capsys, model, pe
     folders[1] = f"3={folders[1]}"
     out = tmp_path / "graphs"
     status = main(["attribute", "abcdefg", "--transcoders", *folders, "--out", str(out),
-                   "--slug", "abc", "--max-feature-nodes", "16", "--batch-size", "16"])  # fmt: skip
+                   "--slug", "abc", "--max-feature-nodes", "16", "--batch-size", "16",
+                   "--html"])  # fmt: skip
     assert status == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "replacement score" in text and "wrote" in text
@@ -354,4 +358,7 @@ def test_cli_attribute_writes_the_graph(tmp_path, monkeypatch, capsys, model, pe
     assert data["metadata"]["prompt"] == "abcdefg"
     graph = load_graph(out / "abc.npz")
     assert graph.n_features == 16 and set(graph.active_features[:, 0]) <= {0, 3}
+    page = (out / "abc.html").read_text()
+    assert page.count('class="gv-node ') == int(prune_graph(graph).node_mask.sum())
+    assert "Attribution graph: abcdefg" in page and "&lt;2&gt;" in page
     assert main(["attribute", "abc", "--transcoders", str(tmp_path / "missing")]) == 2

@@ -2,8 +2,8 @@
 
 ``transcoders`` (the transcoder stack), ``replacement`` (the frozen local replacement model),
 ``attribution`` (nodes and direct-effect edges), ``graph`` (pruning, scores, circuit-tracer
-JSON), ``interventions`` (set/ablate features and rerun) and ``cli`` (``gemma-scope-pz
-attribute``). The names below are imported on first use, so the CLI starts without JAX.
+JSON), ``html`` (the self-contained HTML view), ``interventions`` (set/ablate features and
+rerun) and ``cli`` (``gemma-scope-pz attribute``). The names below are imported on first use, so the CLI starts without JAX.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ _EXPORTS = {
     "load_graph": "graph",
     "save_graph_json": "graph",
     "load_graph_json": "graph",
+    "render_graph": "html",
+    "graph_html": "html",
+    "save_graph_html": "html",
+    "feature_reports": "html",
     "attribute": "attribution",
     "prepare_attribution": "attribution",
     "intervene": "interventions",

@@ -6,7 +6,8 @@
 Each ``--transcoders`` entry is a transcoder folder (or ``REPO:FOLDER``) whose config names its
 ``blocks.L.mlp_in`` site, or ``L=SOURCE`` to give the layer. Writes ``<out>/<slug>.json`` (the
 pruned graph in circuit-tracer's viewer format, plus ``graph-metadata.json``) and
-``<out>/<slug>.npz`` (the whole graph), and prints the scores and the strongest nodes.
+``<out>/<slug>.npz`` (the whole graph), and prints the scores and the strongest nodes. With
+``--html`` it also writes ``<out>/<slug>.html``, our self-contained view (``circuits/html.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def add_attribute_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="targets per reverse pass")
     p.add_argument("--node-threshold", type=float, default=0.8, help="pruning: node influence")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: edge influence")
+    p.add_argument(
+        "--html",
+        action="store_true",
+        help="also write <out>/<slug>.html: the pruned graph as a self-contained page "
+        "(hover: top logits; click: feature card)",
+    )
 
 
 def _transcoders(specs: list[str]) -> dict:
@@ -101,3 +108,11 @@ def cmd_attribute(args: argparse.Namespace) -> None:
         layer, pos, latent = graph.active_features[graph.selected_features[i]]
         print(f"  feature {layer}/{latent} at position {pos}")
     print(f"wrote {path} and {out / f'{args.slug}.npz'}")
+    if args.html:
+        from gemma_scope_pz.circuits.html import render_graph
+
+        page = render_graph(
+            graph, out / f"{args.slug}.html", model, transcoders, tok,
+            node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,
+        )  # fmt: skip
+        print(f"wrote {page}")
