@@ -7,9 +7,13 @@ of those layers::
     f = JumpReLU(sum_i x_i @ w_enc[i] + b_enc)          # x_i: the activation at layer L_i
     y_i = f @ w_dec[i] + b_dec[i]                         # reconstruction of x_i
 
-"Weakly causal" restricts which layers a latent may read from and write to; we assume the released
-weights already hold those restrictions as zeros and apply no extra mask (not confirmed, see
-:mod:`gemma_scope_pz.scope.formats.crosscoder`).
+"Weakly causal" (Lindsey et al. 2024, "Sparse Crosscoders"): each latent is assigned an encoder
+layer, reads the residual stream there and reconstructs that layer and every later one. We take the
+restriction from the weights, as zeros, and apply no extra mask: a latent's *read position* is the
+deepest layer whose encoder column is nonzero (`read_positions`), and the weights are weakly causal
+when no latent writes to a layer before its read position (`is_weakly_causal`). How the latents
+are computed and written inside the model is in :mod:`gemma_scope_pz.scope.multisite`; what is
+confirmed about the released files is in :mod:`gemma_scope_pz.scope.formats.crosscoder`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from penzai import pz
 
 from gemma_scope_pz.scope import sae as sae_math
@@ -56,6 +61,24 @@ class Crosscoder(pz.Struct):
         """The sites of ``layers``, e.g. ["blocks.4.resid_post", "blocks.9.resid_post", ...]."""
         kind = self.meta.extra.get("site_kind", "resid_post")
         return [f"blocks.{layer}.{kind}" for layer in self.layers]
+
+    def read_positions(self) -> np.ndarray:
+        """Per latent, the position (0..n-1 in ``layers``) of the deepest layer it reads: int [d_sae].
+
+        A latent whose encoder is zero everywhere reads nothing and gets position 0.
+        """
+        reads = np.stack([np.any(np.asarray(w) != 0, axis=0) for w in self.w_enc])  # [n, d_sae]
+        deepest = reads.shape[0] - 1 - np.argmax(reads[::-1], axis=0)
+        return np.where(reads.any(axis=0), deepest, 0).astype(np.int32)
+
+    def is_weakly_causal(self) -> bool:
+        """Whether no latent writes to a layer before its read position (see the module docstring)."""
+        read = self.read_positions()
+        for k, w in enumerate(self.w_dec):
+            early = read > k  # latents not yet computable at layer k
+            if np.any(np.asarray(w)[early] != 0):
+                return False
+        return True
 
     def _check(self, arrays: Sequence[jax.Array], what: str) -> None:
         if len(arrays) != len(self.w_enc):

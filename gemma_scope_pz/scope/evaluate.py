@@ -29,7 +29,9 @@ from gemma_scope_pz.models.gemma3 import Gemma3LM, check_token_ids, positions_fo
 from gemma_scope_pz.models.inputs import as_token_batch
 from gemma_scope_pz.models.stateful import detach_state
 from gemma_scope_pz.scope import metrics
+from gemma_scope_pz.scope.crosscoder import Crosscoder
 from gemma_scope_pz.scope.interventions import capture, run_with_captures, splice
+from gemma_scope_pz.scope.multisite import crosscoder_latents, evaluate_crosscoder
 from gemma_scope_pz.scope.sites import Site, attach
 from gemma_scope_pz.scope.tokens import token_mask
 
@@ -188,8 +190,13 @@ def evaluate_sae(
     ``site``/``site_out`` default to the SAE's ``meta.site_in``/``meta.site_out``. Batches after the
     first should keep its shape so that the evaluation compiles once. Counted positions follow
     `gemma_scope_pz.scope.tokens.token_mask` with ``pad_id``, ``exclude_prefix`` and ``special_ids``
-    (e.g. ``scope.tokens.TURN_MARKER_IDS`` for chat transcripts).
+    (e.g. ``scope.tokens.TURN_MARKER_IDS`` for chat transcripts). A `Crosscoder` is evaluated by
+    `scope.multisite.evaluate_crosscoder` (all its layers spliced; FVU over all layers).
     """
+    if isinstance(sae, Crosscoder):
+        result = evaluate_crosscoder(model, sae, batches, pad_id=pad_id, progress=progress)
+        fields = {f.name for f in dataclasses.fields(SaeEvaluation)}
+        return SaeEvaluation(**{k: v for k, v in result.items() if k in fields})
     site_in, site_out = _sites_of(sae, site, site_out)
     spliced = detach_state(pz.freeze_params(splice(model, sae, site_in)).body)
     transcoder = Site.parse(site_out).kind == "mlp_out" and Site.parse(site_in).kind == "mlp_in"
@@ -240,8 +247,11 @@ def latents(
     Captures ``site`` (default ``sae.meta.site_in``) in one jitted forward that stops after its
     block and encodes it. Every position is encoded, BOS and padding included: select the
     positions that count with `gemma_scope_pz.scope.tokens.token_mask`. ``pad_id`` as in
-    `gemma_scope_pz.scope.interventions.capture` (left padding masked out of attention).
+    `gemma_scope_pz.scope.interventions.capture` (left padding masked out of attention). A
+    `Crosscoder` reads all its layers from the same forward (`scope.multisite.crosscoder_latents`).
     """
+    if isinstance(sae, Crosscoder):
+        return crosscoder_latents(model, sae, tokens, pad_id=pad_id)
     site = site or sae.meta.site_in
     x = capture(model, tokens, [site], pad_id=pad_id)[site].astype(jnp.float32)
     named = pz.nx.wrap(x).tag("batch", "seq", "embedding")
@@ -253,6 +263,8 @@ def latent_encoder(model: Gemma3LM, sae: pz.nn.Layer):
 
     The callable ``analysis.examples.collect_max_activating`` streams a corpus through.
     """
+    if isinstance(sae, Crosscoder):
+        return lambda tokens: crosscoder_latents(model, sae, tokens)
     frozen = pz.freeze_params(sae)
 
     def encode(tokens):
