@@ -9,6 +9,7 @@ Skipped when no Chromium is installed, except under CI (as tests/test_analysis_r
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -17,7 +18,13 @@ import numpy as np
 import pytest
 
 from gemma_scope_pz.analysis.examples import MaxActivatingExamples
-from gemma_scope_pz.circuits.graph import Graph, prune_graph
+from gemma_scope_pz.circuits.graph import (
+    Graph,
+    node_label,
+    normalize_matrix,
+    prune_graph,
+    strongest_path,
+)
 from gemma_scope_pz.circuits.html import (
     feature_reports,
     graph_html,
@@ -166,3 +173,25 @@ def test_selecting_a_feature_opens_its_card(rendered):
              if "gv-card" in (a.get("class") or "") and "hidden" not in a]  # fmt: skip
     assert shown == [f"card-{layer}-{latent}"]
     assert f"feature L{layer}/{latent}" in "".join(selected.text)
+
+
+def test_strongest_path_is_the_best_product():
+    graph = _graph(2, (0, 1), 24, np.random.default_rng(5))
+    weights = normalize_matrix(graph.adjacency_matrix)
+    target = graph.node_slices()["logits"].start
+
+    @functools.cache
+    def best(node):  # brute force: the best product of weights from any input-free node to node
+        sources = np.flatnonzero(weights[node]).tolist()
+        if not sources:
+            return 1.0, [node]
+        return max((best(s)[0] * weights[node, s], [*best(s)[1], node]) for s in sources)
+
+    value, path = best(target)
+    assert strongest_path(graph) == path
+    assert np.prod([weights[t, s] for s, t in zip(path, path[1:])]) == pytest.approx(value)
+    labels = [node_label(graph, i, token_strings) for i in path]
+    assert (
+        labels[0].startswith(("token", "error"))
+        and labels[-1] == "logit '<script>t11</script>' (p=0.500)"
+    )

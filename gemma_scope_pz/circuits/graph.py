@@ -29,10 +29,12 @@ __all__ = [
     "graph_scores",
     "load_graph",
     "load_graph_json",
+    "node_label",
     "normalize_matrix",
     "prune_graph",
     "save_graph",
     "save_graph_json",
+    "strongest_path",
     "to_frontend_json",
 ]
 
@@ -180,6 +182,53 @@ def graph_scores(graph: Graph) -> tuple[float, float]:
     non_error = 1.0 - normalized[:, sl["errors"]].sum(axis=1)
     output = influence + weights
     return float(replacement), float((non_error * output).sum() / output.sum())
+
+
+def strongest_path(graph: Graph, edge_mask: np.ndarray | None = None, logit: int = 0) -> list[int]:
+    """The path into logit node ``logit`` with the largest product of row-normalised ``|A|``.
+
+    It starts at a node without inputs (a token or an error node) and ends at the logit; with
+    ``edge_mask`` (e.g. `prune_graph`'s) only those edges are used. Returns node indices.
+    """
+    a = np.abs(np.asarray(graph.adjacency_matrix, np.float64))
+    weights = normalize_matrix(a if edge_mask is None else np.where(edge_mask, a, 0.0))
+    target = graph.node_slices()["logits"].start + logit
+    reach = np.zeros(len(weights))
+    reach[target] = 1.0
+    for _ in range(len(weights)):  # longest possible path; stops early on an acyclic graph
+        new = np.maximum(reach, (reach[:, None] * weights).max(axis=0))
+        if np.array_equal(new, reach):
+            break
+        reach = new
+    starts = ~weights.any(axis=1)
+    starts[target] = False
+    node = int(np.argmax(np.where(starts, reach, -1.0)))
+    if reach[node] == 0:
+        return []
+    path = [node]
+    while node != target:
+        node = int(np.argmax(reach * weights[:, node]))
+        path.append(node)
+    return path
+
+
+def node_label(
+    graph: Graph, index: int, token_strings: Callable[[Sequence[int]], list[str]]
+) -> str:
+    """A short name of node ``index``: ``"feature 6/471 at ' is' (5)"``, ``"error 10 at ..."``."""
+    sl = graph.node_slices()
+    if index < sl["features"].stop:
+        layer, pos, latent = (int(v) for v in graph.active_features[graph.selected_features[index]])
+        return f"feature {layer}/{latent} at {token_strings([int(graph.input_tokens[pos])])[0]!r} ({pos})"
+    if index < sl["errors"].stop:
+        layer, pos = divmod(index - sl["errors"].start, graph.n_pos)
+        return f"error {layer} at {token_strings([int(graph.input_tokens[pos])])[0]!r} ({pos})"
+    if index < sl["tokens"].stop:
+        pos = index - sl["tokens"].start
+        return f"token {token_strings([int(graph.input_tokens[pos])])[0]!r} ({pos})"
+    k = index - sl["logits"].start
+    token = token_strings([int(graph.logit_tokens[k])])[0]
+    return f"logit {token!r} (p={float(graph.logit_probabilities[k]):.3f})"
 
 
 _ARRAYS = (
