@@ -21,6 +21,7 @@ def load_model(
     dtype: jax.typing.DTypeLike = jnp.float32,
     activation_dtype: jax.typing.DTypeLike | None = None,
     revision: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Gemma3LM:
     """Loads Gemma 3 (or Gemma 2: same sources, see docs/gemma2.md) as a Penzai model.
 
@@ -32,11 +33,19 @@ def load_model(
       dtype: Parameter dtype (float32 default, bfloat16 to halve memory).
       activation_dtype: Activation dtype (defaults to ``dtype``; float32 upcasts bf16 models).
       revision: Hub revision for ``hf:`` sources.
+      mesh: A ``("data", "model")`` mesh (``gs.make_mesh``): load straight into shards, each
+        device reading only its slices of each tensor (Hugging Face and orbax; see
+        ``parallel.load`` and docs/parallel.md). None: one device.
 
     Returns:
       The model; its ``source`` field remembers where its tokenizer is.
     """
     resolved = resolve_source(source, revision=revision, want="weights")
+    if mesh is not None:
+        from gemma_scope_pz.parallel.load import load_sharded
+
+        model = load_sharded(resolved, mesh, dtype=dtype, activation_dtype=activation_dtype)
+        return dataclasses.replace(model, source=tokenizer_source(resolved))
     config, params = load_params(resolved, dtype=jnp.dtype(dtype))
     model = Gemma3LM.from_params(config, params, dtype=dtype, activation_dtype=activation_dtype)
     return dataclasses.replace(model, source=tokenizer_source(resolved))

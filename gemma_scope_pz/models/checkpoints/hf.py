@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import gemma_scope_pz.models.checkpoints.layout as layout
 from gemma_scope_pz.models.config import Gemma3Config
 
-__all__ = ["config_from_hf", "load_hf_dir", "tensor_files"]
+__all__ = ["config_from_hf", "hf_layout", "load_hf_dir", "tensor_files"]
 
 # HF module path within "layers.{i}." -> canonical name within "blocks.{i}.".
 HF_BLOCK_NAMES = {
@@ -282,20 +282,7 @@ def load_hf_dir(
     ``[out, in]`` -> canonical layout, norms ``w`` -> ``1 + w``) with a single copy each.
     """
     directory = pathlib.Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} does not exist")
-    try:
-        config_json = json.loads(config_path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{config_path}: not valid JSON ({err})") from None
-    if not isinstance(config_json, dict):
-        raise ValueError(f"{config_path}: expected a JSON object")
-    config = config_from_hf(config_json, config_path)
-    files = tensor_files(directory)
-    prefix = _text_prefix(list(files), directory)
-
-    names = _name_table(prefix, config, files, directory)
+    config, files, names = hf_layout(directory)
     params: dict[str, np.ndarray] = {}
     by_file: dict[pathlib.Path, list[str]] = {}
     for name in names:
@@ -318,6 +305,29 @@ def load_hf_dir(
                 progress.update()
     progress.close()
     return config, params
+
+
+def hf_layout(
+    directory: pathlib.Path,
+) -> tuple[Gemma3Config, dict[str, pathlib.Path], dict[str, str]]:
+    """``(config, stored name -> safetensors file, stored name -> canonical key)`` of a folder.
+
+    Reads ``config.json`` and the safetensors headers only, no tensor data.
+    """
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} does not exist")
+    try:
+        config_json = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(config_json, dict):
+        raise ValueError(f"{config_path}: expected a JSON object")
+    config = config_from_hf(config_json, config_path)
+    files = tensor_files(directory)
+    prefix = _text_prefix(list(files), directory)
+
+    return config, files, _name_table(prefix, config, files, directory)
 
 
 def _name_table(

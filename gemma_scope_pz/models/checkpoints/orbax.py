@@ -20,6 +20,7 @@ presets.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -32,7 +33,7 @@ import gemma_scope_pz.models.checkpoints.layout as layout
 from gemma_scope_pz.models.config import Gemma3Config
 from gemma_scope_pz.models.sources import find_orbax_dir
 
-__all__ = ["CONFIG_SIDECAR", "find_orbax_dir", "load_orbax"]
+__all__ = ["CONFIG_SIDECAR", "find_orbax_dir", "load_orbax", "orbax_layout", "restore_sharded"]
 
 CONFIG_SIDECAR = "gemma3_config.json"
 _NORMS = {
@@ -61,6 +62,67 @@ def _restore(directory: pathlib.Path) -> dict[str, Any]:
     return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
+def orbax_layout(
+    directory: pathlib.Path,
+) -> tuple[Gemma3Config, dict[str, tuple[str, tuple, _Pick]], dict[str, Any]]:
+    """``(config, canonical key -> (stored path, stored shape, converter), metadata tree)``.
+
+    From the checkpoint's metadata only (shapes and dtypes, no tensor data); the metadata tree
+    has the checkpoint's own nesting, for ``restore_sharded``.
+    """
+    import orbax.checkpoint as ocp
+
+    metadata = ocp.PyTreeCheckpointer().metadata(directory)
+    tree = getattr(getattr(metadata, "item_metadata", None), "tree", metadata)
+    if not isinstance(tree, dict):
+        raise ValueError(f"{directory}: orbax metadata has no parameter tree ({type(metadata)})")
+    flat = _flatten(tree)
+    config = _config(flat, directory)
+    table = _layout(flat, config)
+    used = {stored for stored, _, _ in table.values()}
+    unexpected = [n for n in flat if n not in used and not _ignored(n)]
+    if unexpected:
+        raise ValueError(f"{directory}: unexpected tensors {unexpected[:8]}")
+    for key, (stored, shape, _) in table.items():
+        if stored not in flat:
+            raise ValueError(f"{directory}: missing tensor {stored!r} (for {key})")
+        layout.check_shape(directory, stored, tuple(flat[stored].shape), shape)
+    return config, table, tree
+
+
+def restore_sharded(directory: pathlib.Path, tree: dict[str, Any], shardings: dict[str, Any]):
+    """The stored tensors at ``shardings``' paths as ``jax.Array``s placed by those shardings.
+
+    Orbax reads, for each device, the part of each tensor its shard covers; paths not in
+    ``shardings`` (e.g. a vision encoder) are not read.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    def args(path, _):
+        key = _normalize("/".join(str(getattr(k, "key", k)) for k in path))
+        if key not in shardings:
+            return ocp.PLACEHOLDER
+        return ocp.ArrayRestoreArgs(sharding=shardings[key])
+
+    restore_args = jax.tree_util.tree_map_with_path(args, tree)
+    item = jax.tree_util.tree_map(
+        lambda a: ocp.PLACEHOLDER if a is ocp.PLACEHOLDER else a,
+        restore_args,
+        is_leaf=lambda a: a is ocp.PLACEHOLDER,
+    )
+    restored = ocp.PyTreeCheckpointer().restore(
+        directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
+    )
+    return {k: v for k, v in _flatten(restored).items() if k in shardings}
+
+
+def _normalize(path: str) -> str:
+    for root in ("params/", "transformer/"):
+        path = path.removeprefix(root)
+    return path.removesuffix("/w").removesuffix("/scale")
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
     """Flattens nested dicts into "a/b/c" paths, dropping "transformer/" / "params/" roots."""
     flat: dict[str, np.ndarray] = {}
@@ -72,12 +134,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
             flat[path] = value
     if prefix:
         return flat
-    normalized = {}
-    for path, value in flat.items():
-        for root in ("params/", "transformer/"):
-            path = path.removeprefix(root)
-        normalized[path.removesuffix("/w").removesuffix("/scale")] = value
-    return normalized
+    return {_normalize(path): value for path, value in flat.items()}
 
 
 def _config(flat: dict[str, np.ndarray], directory: pathlib.Path) -> Gemma3Config:
@@ -132,14 +189,29 @@ def _config(flat: dict[str, np.ndarray], directory: pathlib.Path) -> Gemma3Confi
     return Gemma3Config(**{**preset.to_dict(), **shapes})
 
 
-def _pick(j: int | None, transpose: tuple[int, ...] | None):
-    """Converter taking slice ``j`` of a stacked tensor and permuting its axes."""
+@dataclasses.dataclass(frozen=True)
+class _Pick:
+    """Converter taking slice ``j`` of a stacked tensor and permuting its axes.
 
-    def convert(stored: np.ndarray) -> np.ndarray:
-        part = stored if j is None else stored[j]
-        return part if transpose is None else part.transpose(transpose)
+    Attributes:
+      j: Index into the stacked first axis, or None (not stacked).
+      transpose: Axis permutation after the pick, or None.
+    """
 
-    return convert
+    j: int | None
+    transpose: tuple[int, ...] | None
+
+    def __call__(self, stored: Any) -> Any:
+        part = stored if self.j is None else stored[self.j]
+        return part if self.transpose is None else part.transpose(self.transpose)
+
+    def stored_axis(self, canonical_axis: int) -> int:
+        """The stored axis that canonical axis ``canonical_axis`` comes from."""
+        axis = canonical_axis if self.transpose is None else self.transpose[canonical_axis]
+        return axis + (self.j is not None)
+
+
+_pick = _Pick
 
 
 def _layout(flat: dict[str, np.ndarray], c: Gemma3Config) -> dict[str, tuple[str, tuple, Any]]:
