@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from penzai import pz
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 import gemma_scope_pz as gs
 from gemma_scope_pz.models.gemma3 import forward
 from gemma_scope_pz.scope.evaluate import latents, top_features
-from gemma_scope_pz.scope.formats import load_crosscoder
+from gemma_scope_pz.scope.formats import CheckpointError, load_crosscoder
 from gemma_scope_pz.scope.interventions import capture
 from gemma_scope_pz.scope.multisite import (
     crosscoder_latents,
@@ -40,28 +40,47 @@ def model(make_tiny_model):
 
 
 def write_crosscoder(root, d_model: int, *, causal: bool, seed: int = 0):
-    """A random crosscoder folder; ``causal`` zeroes the weights the weakly causal mask forbids."""
+    """A random crosscoder folder and its weights as one latent space (the NumPy reference).
+
+    ``causal``: the released layout (Gemma Scope 2, see ``scope/formats/crosscoder.py``): file ``i``
+    holds the W / n latents that read layer ``i`` (``w_enc`` [d, m], ``b_enc``/``threshold`` [m]),
+    their decoder to every layer (``w_dec`` [m, n, d], of which only layers >= i count) and layer
+    ``i``'s ``b_dec``. Otherwise the shared-latent layout: every file holds ``w_enc`` [d, W],
+    ``w_dec`` [W, d] and ``b_dec``; file 0 the shared ``b_enc``/``threshold``.
+    """
     rng = np.random.default_rng(seed)
+    n, m = len(LAYERS), W // len(LAYERS)
     folder = root / "crosscoder" / f"layer_{'_'.join(map(str, LAYERS))}_width_{W}_l0_small"
     folder.mkdir(parents=True)
-    config = {"type": "crosscoder", "architecture": "jump_relu", "width": W,
-              "hf_hook_point_in": "model.layers.{all}.output"}  # fmt: skip
+    hooks = "model.layers.{" + ",".join(map(str, LAYERS)) + "}.output" if causal else "model.layers.{all}.output"  # fmt: skip
+    config = {"type": "crosscoder", "architecture": "jump_relu", "width": W, "affine_connection": False,
+              "hf_hook_point_in": hooks, "hf_hook_point_out": hooks}  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
-    read = np.arange(W) % len(LAYERS)  # each latent's encoder layer
     b_enc = (rng.normal(size=W) * 0.2).astype(np.float32)
     threshold = (np.abs(rng.normal(size=W)) * 0.3).astype(np.float32)
+    owner = np.repeat(np.arange(n), m)  # the file (read layer) of each latent when causal
     files = []
-    for pos in range(len(LAYERS)):
+    for pos in range(n):
         w_enc = rng.normal(size=(d_model, W)).astype(np.float32) * 0.3
         w_dec = rng.normal(size=(W, d_model)).astype(np.float32) * 0.3
+        b_dec = (rng.normal(size=d_model) * 0.1).astype(np.float32)
         if causal:
-            w_enc[:, read != pos] = 0.0  # reads its own layer only
-            w_dec[read > pos] = 0.0  # writes that layer and later ones
-        t = {"w_enc": w_enc, "w_dec": w_dec, "b_dec": (rng.normal(size=d_model) * 0.1).astype(np.float32)}  # fmt: skip
-        if pos == 0:
-            t.update(b_enc=b_enc, threshold=threshold)
+            w_enc[:, owner != pos] = 0.0
+            w_dec[owner > pos] = 0.0
+        files.append({"w_enc": w_enc, "w_dec": w_dec, "b_dec": b_dec})
+    for pos in range(n):
+        if causal:
+            own = owner == pos
+            w_dec = np.stack([f["w_dec"][own] for f in files], axis=1)  # [m, n, d]
+            w_dec[:, :pos] = rng.normal(size=w_dec[:, :pos].shape)  # earlier layers: ignored
+            t = {"w_enc": files[pos]["w_enc"][:, own], "w_dec": w_dec, "b_dec": files[pos]["b_dec"],
+                 "b_enc": b_enc[own], "threshold": threshold[own]}  # fmt: skip
+        else:
+            t = dict(files[pos])
+            if pos == 0:
+                t.update(b_enc=b_enc, threshold=threshold)
+        t = {k: np.ascontiguousarray(v) for k, v in t.items()}  # save_file writes raw memory
         save_file(t, str(folder / f"params_layer_{pos}.safetensors"))
-        files.append(t)
     return load_crosscoder(folder), files, b_enc, threshold
 
 
@@ -92,7 +111,8 @@ def test_read_positions_and_causality(tmp_path, model):
     d = model.config.d_model
     causal, *_ = write_crosscoder(tmp_path / "a", d, causal=True)
     dense, *_ = write_crosscoder(tmp_path / "b", d, causal=False)
-    np.testing.assert_array_equal(causal.read_positions(), np.arange(W) % len(LAYERS))
+    np.testing.assert_array_equal(causal.read_positions(), np.repeat(np.arange(3), W // 3))
+    assert causal.meta.extra["latents_per_layer"] == [W // 3] * 3
     np.testing.assert_array_equal(dense.read_positions(), np.full(W, len(LAYERS) - 1))
     assert causal.is_weakly_causal() and not dense.is_weakly_causal()
 
@@ -185,7 +205,7 @@ def test_evaluate_crosscoder(tmp_path, model):
 @pytest.mark.parametrize("causal", [True, False])
 def test_steering_adds_the_decoder_row_at_each_layer(tmp_path, model, causal):
     cc, files, *_ = write_crosscoder(tmp_path, model.config.d_model, causal=causal)
-    latent, c = 4, 1.7  # read position 1 when causal: no write at layer 0
+    latent, c = 10, 1.7  # read position 1 when causal: no write at layer 0
     steered = steer_crosscoder(model, cc, latent, c)
     pairs = [(f"blocks.{n}.resid_post", f"blocks.{n + 1}.resid_pre") for n in cc.layers]
     acts = capture(steered, TOKENS, [s for pair in pairs for s in pair])  # one forward
@@ -210,3 +230,41 @@ def test_refusals(tmp_path, model, make_tiny_model):
     other = dataclasses.replace(cc, meta=dataclasses.replace(cc.meta, extra={**cc.meta.extra, "site_kind": "mlp_out"}))  # fmt: skip
     with pytest.raises(ValueError, match=r"only resid_post is supported"):
         crosscoder_latents(model, other, TOKENS)
+
+
+def test_released_layout_per_file_formula(tmp_path):
+    """File i's latents read layer i only and write layers >= i; earlier decoder entries unused."""
+    cc, *_ = write_crosscoder(tmp_path, 16, causal=True, seed=4)
+    folder = next((tmp_path / "crosscoder").iterdir())
+    raw = [load_file(str(folder / f"params_layer_{i}.safetensors")) for i in range(3)]
+    xs = [np.random.default_rng(20 + i).normal(size=(2, 5, 16)) for i in range(3)]
+    fs = [jumprelu(x @ r["w_enc"] + r["b_enc"], r["threshold"]) for x, r in zip(xs, raw)]
+    np.testing.assert_allclose(cc.encode(xs), np.concatenate(fs, -1), rtol=1e-5, atol=1e-5)
+    for k, y in enumerate(cc(xs)):
+        expected = sum(fs[i] @ raw[i]["w_dec"][:, k] for i in range(k + 1)) + raw[k]["b_dec"]
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_released_layout_refusals(tmp_path):
+    cc, *_ = write_crosscoder(tmp_path, 16, causal=True)
+    folder = next((tmp_path / "crosscoder").iterdir())
+    config = json.loads((folder / "config.json").read_text())
+    bad = {
+        "hf_hook_point_in": "model.layers.{0,2,4}.output",
+        "affine_connection": True,
+        "width": 30,
+    }
+    messages = [
+        r"lists layers \[0, 2, 4\], the folder name \[0, 2, 3\]",
+        r"affine_connection=True: crosscoders with a skip connection are not supported",
+        r"the files hold 24 latents but config width is 30",
+    ]
+    for (key, value), message in zip(bad.items(), messages):
+        (folder / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(CheckpointError, match=message):
+            load_crosscoder(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    t = load_file(str(folder / "params_layer_1.safetensors"))
+    save_file({**t, "w_dec": np.ascontiguousarray(t["w_dec"][:, :2])}, str(folder / "params_layer_1.safetensors"))  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"params_layer_1.safetensors: tensor 'w_dec' has shape \(8, 2, 16\), expected \(8, 3, 16\)"):  # fmt: skip
+        load_crosscoder(folder)
