@@ -2,8 +2,10 @@
 
 Usage: python benchmarks/train_step.py [--quick] [--archs jumprelu,topk] [--steps 5]
 
-Prints one JSON object: for each architecture (and for TopK also the gather-based sparse
-variant, ``sparse_topk=True``) the seconds per step, tokens/s, and achieved FLOP/s, where the
+Prints one JSON object: for each architecture (and the gather-based sparse variants: TopK
+with ``sparse_topk=True``, JumpReLU with ``sparse_jumprelu="on"`` and cap k, its thresholds set
+so that about k / 4 latents per row are candidates, ``sparse_branch_taken`` saying the step did
+not fall back to the dense path) the seconds per step, tokens/s, and achieved FLOP/s, where the
 step is counted as ``6 * batch * d_in * d_sae`` FLOPs (the "6 x tokens x weights" rule for the
 two matrices' multiply-adds); ``dense_matmul`` is a jitted float32 ``[batch, d_in] @ [d_in,
 d_sae]`` on the same device, timed right before and after each step (the machine may be shared);
@@ -52,10 +54,21 @@ def _matmul_timer(batch: int, d_in: int, d_sae: int):
     return timed
 
 
+def _with_active_set(params: dict, config: TrainConfig) -> dict:
+    """Thresholds that leave about ``cap / 4`` candidates per row of the benchmark's Gaussian
+    batch (the sparse JumpReLU path then takes its sparse branch, as after training)."""
+    fraction = config.jumprelu_sparse_cap / 4 / config.sae.d_sae
+    # Pre-activations of N(0, I) inputs through unit encoder columns are N(0, 1).
+    threshold = float(np.quantile(np.random.default_rng(0).normal(size=200_000), 1 - fraction))
+    return dict(params, threshold=jnp.full_like(params["threshold"], threshold))
+
+
 def step_rate(config: TrainConfig, repeats: int, matmul_time) -> dict:
     """Times the train step; each timed step sits between two timed matmuls (the machine may
     be shared, so rates are compared pairwise)."""
     params = objectives.init_params(config, jax.random.PRNGKey(0))
+    if config.jumprelu_sparse_cap:
+        params = _with_active_set(params, config)
     zeros = np.zeros(config.sae.d_in, np.float32)
     norm = {
         "in_shift": zeros,
@@ -72,20 +85,24 @@ def step_rate(config: TrainConfig, repeats: int, matmul_time) -> dict:
 
     def run() -> float:
         start = time.perf_counter()
-        box["state"], metrics = step_fn(box["state"], x, None)
-        jax.block_until_ready(metrics["loss"])
+        box["state"], box["metrics"] = step_fn(box["state"], x, None)
+        jax.block_until_ready(box["metrics"]["loss"])
         return time.perf_counter() - start
 
     compile_s = run()
+    sparse_branch = None
     steps, matmuls = [], []
     for _ in range(repeats):
         before = matmul_time()
         steps.append(run())
         matmuls.append((before + matmul_time()) / 2)
+        if "sparse" in box["metrics"]:
+            sparse_branch = bool(box["metrics"]["sparse"])
     flops = 6 * config.run.batch_size * config.sae.d_in * config.sae.d_sae
     matmul_flops = 2 * config.run.batch_size * config.sae.d_in * config.sae.d_sae
     seconds, matmul_s = float(np.median(steps)), float(np.median(matmuls))
     return {
+        "sparse_branch_taken": sparse_branch,
         "seconds_per_step": seconds,
         "compile_and_first_step_s": compile_s,
         "tokens_per_s": config.run.batch_size / seconds,
@@ -122,8 +139,11 @@ def main() -> None:
         variants.append((arch, {}))
         if arch == "topk":
             variants.append(("topk_sparse", {"sae.sparse_topk": True}))
+        if arch == "jumprelu":
+            variants[-1] = (arch, {"sae.sparse_jumprelu": "off"})
+            variants.append(("jumprelu_sparse", {"sae.sparse_jumprelu": "on", "sae.sparse_cap": k}))
     for name, extra in variants:
-        arch = "topk" if name.startswith("topk") else name
+        arch = name.split("_")[0]
         config = TrainConfig(
             sae=DictionaryConfig(d_in=d_in, d_sae=d_sae, architecture=arch, k=k),
             loss=LossConfig(dead_window_tokens=batch * 2),

@@ -226,3 +226,63 @@ def test_frequency_penalty_enters_the_loss_and_refuses_the_sparse_path():
     assert float(pen) > float(base) and float(m1["sparsity_loss"]) > 0 == float(m0["sparsity_loss"])
     with pytest.raises(ValueError, match="loss.frequency_coeff needs the dense path"):
         _cfg(sae=dict(architecture="topk", k=4, sparse_topk=True), loss=dict(frequency_coeff=1.0))
+
+
+@pytest.mark.parametrize("cap, expect_sparse", [(12, 1.0), (2, 0.0)])
+def test_sparse_jumprelu_matches_dense_loss_and_gradients(cap, expect_sparse):
+    # cap 12 holds every row's candidates (sparse branch); cap 2 does not (dense fallback).
+    base = _cfg(
+        sae=dict(architecture="jumprelu", d_sae=64, sparse_jumprelu="off"),
+        loss=dict(
+            jumprelu_bandwidth=0.5,
+            target_l0=2.0,
+            target_l0_coeff=0.3,
+            frequency_coeff=2.0,
+            max_firing_fraction=0.05,
+        ),
+    )
+    sparse_cfg = apply_overrides(base, {"sae.sparse_jumprelu": "on", "sae.sparse_cap": cap})
+    assert sparse_cfg.jumprelu_sparse_cap == cap and base.jumprelu_sparse_cap == 0
+    params = objectives.init_params(base, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(4)
+    params["threshold"] = jnp.asarray(rng.uniform(1.2, 2.4, 64), jnp.float32)
+    params["b_enc"] = jnp.asarray(rng.normal(size=64) * 0.2, jnp.float32)
+    params["w_dec"] = params["w_dec"] * jnp.asarray(rng.uniform(0.5, 1.5, (64, 1)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(48, 8)) * 0.8, jnp.float32)
+    dead = jnp.zeros(64, bool)
+    z = np.asarray(objectives.pre_activations(params, x))
+    counts = (z > np.asarray(params["threshold"]) - 0.25).sum(axis=1)
+    assert (counts.max() <= cap) == bool(expect_sparse) and counts.max() >= 3
+
+    def run(c, params, x):
+        return jax.value_and_grad(objectives.loss_fn, has_aux=True)(params, x, x, dead, 0.7, c)
+
+    (l_dense, (m_dense, fired_dense, _)), g_dense = run(base, params, x)
+    (l_sparse, (m_sparse, fired_sparse, _)), g_sparse = jax.jit(run, static_argnums=0)(
+        sparse_cfg, params, x
+    )
+    assert float(m_sparse["sparse"]) == expect_sparse
+    assert float(m_dense["l0"]) > 0.5 and float(m_dense["sparsity_loss"]) > 0
+    np.testing.assert_allclose(float(l_sparse), float(l_dense), rtol=1e-5)
+    for key in ("l0", "mse", "fvu", "sparsity_loss"):
+        np.testing.assert_allclose(float(m_sparse[key]), float(m_dense[key]), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(fired_sparse), np.asarray(fired_dense))
+    assert np.abs(np.asarray(g_dense["threshold"])).sum() > 0
+    for key in g_dense:
+        np.testing.assert_allclose(
+            np.asarray(g_sparse[key]), np.asarray(g_dense[key]), rtol=1e-4, atol=1e-5, err_msg=key
+        )
+
+
+def test_sparse_jumprelu_auto_choice_and_refusal():
+    wide = _cfg(sae=dict(architecture="jumprelu", d_sae=1024))
+    assert wide.jumprelu_sparse_cap == 64  # max(64, 4 * target_l0), 8 * 64 <= 1024
+    target = {"loss.target_l0": 40}  # cap 160: sparse from d_sae 1280 on
+    assert apply_overrides(wide, {**target, "sae.d_sae": 1280}).jumprelu_sparse_cap == 160
+    assert apply_overrides(wide, target).jumprelu_sparse_cap == 0
+    assert apply_overrides(wide, {"sae.sparse_cap": 200}).jumprelu_sparse_cap == 0
+    assert apply_overrides(wide, {"sae.sparse_cap": 100}).jumprelu_sparse_cap == 100
+    assert apply_overrides(wide, {"sae.sparse_jumprelu": "off"}).jumprelu_sparse_cap == 0
+    assert _cfg(sae=dict(architecture="jumprelu", d_sae=256)).jumprelu_sparse_cap == 0
+    with pytest.raises(ValueError, match="sae.sparse_jumprelu='on' needs architecture"):
+        _cfg(sae=dict(architecture="topk", d_sae=256, sparse_jumprelu="on"))

@@ -143,6 +143,19 @@ class TrainConfig:
         value = 2 * self.sae.k if self.loss.aux_k is None else self.loss.aux_k
         return min(value, self.sae.d_sae)
 
+    @property
+    def jumprelu_sparse_cap(self) -> int:
+        """Per-row capacity of the sparse JumpReLU decode, or 0 when the dense path is used."""
+        if self.sae.architecture != "jumprelu" or self.sae.sparse_jumprelu == "off":
+            return 0
+        cap = self.sae.sparse_cap
+        if cap is None:
+            cap = max(64, math.ceil(4 * (self.loss.target_l0 or 0)))
+        cap = min(cap, self.sae.d_sae)
+        if self.sae.sparse_jumprelu == "auto" and 8 * cap > self.sae.d_sae:
+            return 0
+        return cap
+
     def hyperparameters(self) -> dict[str, Any]:
         """Flat ``{"sae.k": 32, …}`` of every field that changes what is trained (not paths,
         logging or the fault policy): what a resumed run and a reused export must match."""

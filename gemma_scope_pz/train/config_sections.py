@@ -28,6 +28,7 @@ class DictionaryConfig:
     Attributes:
       d_in, d_sae, d_out: input width, number of latents, target width (``None``: ``d_in``).
       architecture, matryoshka_activation, matryoshka_prefixes, k, sparse_topk: the activation.
+      sparse_jumprelu, sparse_cap: the sparse JumpReLU decode (an implementation choice).
       jumprelu_init_threshold, affine_skip, unit_norm_decoder, decoder_init_norm, b_dec_init:
         parameters and their initialisation.
       normalization, norm_estimation_batches: activation normalisation, folded into exports.
@@ -56,6 +57,20 @@ class DictionaryConfig:
     )
     sparse_topk: bool = field(
         False, "TopK only: gather the k selected encoder columns/decoder rows (sparse backward)."
+    )
+    sparse_jumprelu: Literal["auto", "on", "off"] = field(
+        "auto",
+        "JumpReLU: decode each row from its capped active set (gathered decoder rows) with an "
+        "exact dense fallback for batches where a row exceeds the cap; auto: on when the cap is "
+        "at most d_sae / 8. Loss and gradients equal the dense path's.",
+        operational=True,
+    )
+    sparse_cap: int | None = field(
+        None,
+        "Per-row active-set capacity of the sparse JumpReLU path (None: max(64, 4 * "
+        "loss.target_l0)).",
+        minimum=1,
+        operational=True,
     )
     jumprelu_init_threshold: float = field(0.1, "Initial JumpReLU threshold.", positive=True)
     affine_skip: bool = field(False, "Transcoders: add a learned linear skip x_in @ w_skip.")
@@ -95,6 +110,10 @@ class DictionaryConfig:
         if self.sparse_topk and self.architecture != "topk":
             raise ValueError(
                 f"sae.sparse_topk needs architecture 'topk', not {self.architecture!r}"
+            )
+        if self.sparse_jumprelu == "on" and self.architecture != "jumprelu":
+            raise ValueError(
+                f"sae.sparse_jumprelu='on' needs architecture 'jumprelu', not {self.architecture!r}"
             )
         if self.affine_skip and not self.is_transcoder:
             raise ValueError("sae.affine_skip needs a transcoder (set sae.d_out or sae.site_out)")

@@ -162,6 +162,19 @@ def weighted_l1(f: jax.Array, w_dec: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(f) @ jnp.linalg.norm(w_dec, axis=-1))
 
 
+def jumprelu_l0_penalty(
+    z: jax.Array, threshold: jax.Array, sparsity_scale: jax.Array, config: TrainConfig
+) -> jax.Array:
+    """``scale * (l0_coeff * L0 + target_l0_coeff * (L0 - target_l0)^2)`` with the batch-mean L0
+    counted by :func:`step` (its gradient reaches the thresholds only)."""
+    gates = step(z, threshold, config.loss.jumprelu_bandwidth)
+    l0_ste = jnp.mean(jnp.sum(gates, axis=-1))
+    penalty = config.loss.l0_coeff * l0_ste
+    if config.loss.target_l0 is not None:
+        penalty = penalty + config.loss.target_l0_coeff * jnp.square(l0_ste - config.loss.target_l0)
+    return sparsity_scale * penalty
+
+
 def frequency_penalty(f: jax.Array, w_dec: jax.Array, max_fraction: float) -> jax.Array:
     """Decoder-norm-weighted mean activation of latents that fire too often in this batch.
 
@@ -170,9 +183,16 @@ def frequency_penalty(f: jax.Array, w_dec: jax.Array, max_fraction: float) -> ja
     activations, hence the encoder bias, of the latents above the limit until they fire less often;
     latents at or below it are untouched.
     """
-    fraction = jax.lax.stop_gradient(jnp.mean((f != 0).astype(jnp.float32), axis=0))
-    excess = jnp.maximum(fraction - max_fraction, 0.0)
-    return jnp.sum(excess * jnp.mean(jnp.abs(f), axis=0) * jnp.linalg.norm(w_dec, axis=-1))
+    fraction = jnp.mean((f != 0).astype(jnp.float32), axis=0)
+    return frequency_penalty_from(fraction, jnp.mean(jnp.abs(f), axis=0), w_dec, max_fraction)
+
+
+def frequency_penalty_from(
+    fraction: jax.Array, mean_abs: jax.Array, w_dec: jax.Array, max_fraction: float
+) -> jax.Array:
+    """:func:`frequency_penalty` from each latent's firing fraction and mean ``|f_j|``."""
+    excess = jnp.maximum(jax.lax.stop_gradient(fraction) - max_fraction, 0.0)
+    return jnp.sum(excess * mean_abs * jnp.linalg.norm(w_dec, axis=-1))
 
 
 def auxk_loss(
@@ -219,7 +239,7 @@ def _aux_from_estimate(residual: jax.Array, estimate: jax.Array, dead: jax.Array
     return jnp.where(jnp.any(dead), loss, 0.0)
 
 
-def _gathered(params: Params, x_in: jax.Array, idx: jax.Array, dtype: str):
+def gathered(params: Params, x_in: jax.Array, idx: jax.Array, dtype: str):
     """Pre-activations of latents ``idx [batch, n]`` and their decoder rows, by gathers."""
     cast = (lambda a: a.astype(jnp.bfloat16)) if dtype == "bfloat16" else (lambda a: a)
     enc_cols = jnp.take(params["w_enc"].T, idx, axis=0)  # [batch, n, d_in]
@@ -235,7 +255,7 @@ def _sparse_topk_terms(params: Params, x_in: jax.Array, dead: jax.Array, config:
     """
     z = jax.lax.stop_gradient(pre_activations(params, x_in, config.run.dtype))
     idx = sae.topk_indices(z, config.sae.k)
-    pre, rows = _gathered(params, x_in, idx, config.run.dtype)
+    pre, rows = gathered(params, x_in, idx, config.run.dtype)
     f = sae.relu(pre)
     recon = jnp.einsum("bk,bkd->bd", f.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
     counts = jnp.zeros(config.sae.d_sae, jnp.int32).at[idx.reshape(-1)].add((f > 0).reshape(-1))
@@ -281,9 +301,25 @@ def loss_fn(
       ``(loss, (metrics, fired, batch_threshold))``: scalar metrics, a ``[d_sae]`` bool of
       latents active in this batch, and the BatchTopK implied threshold (0 otherwise).
     """
-    dtype = config.run.dtype
     if config.sae.sparse_topk:
         return _sparse_topk_loss(params, x_in, x_out, dead, config)
+    if config.jumprelu_sparse_cap:
+        from gemma_scope_pz.train import sparse_jumprelu  # it builds on this module
+
+        return sparse_jumprelu.loss_fn(params, x_in, x_out, dead, sparsity_scale, config)
+    return dense_loss_fn(params, x_in, x_out, dead, sparsity_scale, config)
+
+
+def dense_loss_fn(
+    params: Params,
+    x_in: jax.Array,
+    x_out: jax.Array,
+    dead: jax.Array,
+    sparsity_scale: jax.Array,
+    config: TrainConfig,
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array, jax.Array]]:
+    """:func:`loss_fn` by dense matmuls (every architecture; the sparse paths' reference)."""
+    dtype = config.run.dtype
     z = pre_activations(params, x_in, dtype)
     f, batch_threshold = activate(params, z, config)
     if config.sae.architecture == "matryoshka":
@@ -300,13 +336,7 @@ def loss_fn(
     if config.sae.activation == "relu":
         sparsity = sparsity_scale * config.loss.l1_coeff * weighted_l1(f, params["w_dec"])
     elif config.sae.activation == "jumprelu":
-        gates = step(z, params["threshold"], config.loss.jumprelu_bandwidth)
-        l0_ste = jnp.mean(jnp.sum(gates, axis=-1))
-        sparsity = sparsity_scale * config.loss.l0_coeff * l0_ste
-        if config.loss.target_l0 is not None:
-            sparsity = sparsity + sparsity_scale * config.loss.target_l0_coeff * jnp.square(
-                l0_ste - config.loss.target_l0
-            )
+        sparsity = jumprelu_l0_penalty(z, params["threshold"], sparsity_scale, config)
     if config.loss.frequency_coeff > 0:
         sparsity = sparsity + config.loss.frequency_coeff * frequency_penalty(
             f, params["w_dec"], config.loss.max_firing_fraction
@@ -317,10 +347,11 @@ def loss_fn(
             z, x_out - recon, params["w_dec"], dead, config.effective_aux_k, dtype
         )
     fired = jnp.any(f != 0, axis=0)
-    return _finish(recon_loss, full_sq_err, sparsity, aux, l0, x_out, fired, batch_threshold)
+    return finish(recon_loss, full_sq_err, sparsity, aux, l0, x_out, fired, batch_threshold)
 
 
-def _finish(recon_loss, full_sq_err, sparsity, aux, l0, x_out, fired, batch_threshold):
+def finish(recon_loss, full_sq_err, sparsity, aux, l0, x_out, fired, batch_threshold):
+    """:func:`loss_fn`'s return value from its terms (total loss and the scalar metrics)."""
     loss = recon_loss + sparsity + aux
     variance = jnp.sum(jnp.square(x_out - jnp.mean(x_out, axis=0)))
     metrics = {
@@ -349,11 +380,11 @@ def _sparse_topk_loss(params, x_in, x_out, dead, config):
             dead,
             config.effective_aux_k,
             config.run.dtype,
-            lambda idx: _gathered(params, x_in, idx, config.run.dtype)[0],
+            lambda idx: gathered(params, x_in, idx, config.run.dtype)[0],
         )
     zero = jnp.zeros((), jnp.float32)
     threshold = topk_threshold(z, config.sae.k)
-    return _finish(sq_err, sq_err, zero, aux, l0, x_out, fired, threshold)
+    return finish(sq_err, sq_err, zero, aux, l0, x_out, fired, threshold)
 
 
 # --------------------------------------------------------------------------- init
