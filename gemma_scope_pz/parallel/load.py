@@ -93,6 +93,11 @@ def load_sharded(
     else:
         config, params = load_params(resolved, dtype=np.dtype(dtype))
         shard_abstract(abstract_model(config, dtype), mesh, rules)  # divisibility first
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):  # not all on chip 0
+            model = Gemma3LM.from_params(
+                config, params, dtype=dtype, activation_dtype=activation_dtype
+            )
+        return shard(model, mesh, rules)
     model = Gemma3LM.from_params(config, params, dtype=dtype, activation_dtype=activation_dtype)
     return shard(model, mesh, rules)
 
