@@ -1,7 +1,8 @@
 """Running Gemma 3 and dictionaries on a device mesh.
 
 ``mesh`` builds ``("data", "model")`` meshes, ``rules`` says which named axes split over which mesh
-axis, ``shard`` places parameters (``shard(model, mesh)``, also ``gs.shard``). See docs/parallel.md.
+axis, ``shard`` places parameters (``shard(model, mesh)``, also ``gs.shard``), ``load`` reads a
+checkpoint straight into shards (``gs.load_model(source, mesh=mesh)``). See docs/parallel.md.
 """
 
 from gemma_scope_pz.parallel.mesh import DATA, MODEL, make_mesh, mesh_shapes
