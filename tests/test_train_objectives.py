@@ -275,8 +275,13 @@ def test_sparse_jumprelu_matches_dense_loss_and_gradients(cap, expect_sparse):
 
 
 def test_sparse_jumprelu_auto_choice_and_refusal():
-    wide = _cfg(sae=dict(architecture="jumprelu", d_sae=1024))
+    assert _cfg(sae=dict(architecture="jumprelu", d_sae=4096)).jumprelu_sparse_cap == 0  # no L0
+    wide = _cfg(sae=dict(architecture="jumprelu", d_sae=1024), loss=dict(target_l0=10))
     assert wide.jumprelu_sparse_cap == 64  # max(64, 4 * target_l0), 8 * 64 <= 1024
+    assert (
+        apply_overrides(wide, {"sae.sparse_jumprelu": "on", "sae.d_sae": 256}).jumprelu_sparse_cap
+        == 64
+    )
     target = {"loss.target_l0": 40}  # cap 160: sparse from d_sae 1280 on
     assert apply_overrides(wide, {**target, "sae.d_sae": 1280}).jumprelu_sparse_cap == 160
     assert apply_overrides(wide, target).jumprelu_sparse_cap == 0

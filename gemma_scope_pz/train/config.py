@@ -150,6 +150,8 @@ class TrainConfig:
             return 0
         cap = self.sae.sparse_cap
         if cap is None:
+            if self.loss.target_l0 is None and self.sae.sparse_jumprelu == "auto":
+                return 0  # no expected L0 to size the cap from
             cap = max(64, math.ceil(4 * (self.loss.target_l0 or 0)))
         cap = min(cap, self.sae.d_sae)
         if self.sae.sparse_jumprelu == "auto" and 8 * cap > self.sae.d_sae:
