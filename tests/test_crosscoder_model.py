@@ -115,6 +115,11 @@ def test_read_positions_and_causality(tmp_path, model):
     assert causal.meta.extra["latents_per_layer"] == [W // 3] * 3
     np.testing.assert_array_equal(dense.read_positions(), np.full(W, len(LAYERS) - 1))
     assert causal.is_weakly_causal() and not dense.is_weakly_causal()
+    # The same answers from the weights alone (what the released layout's files also tell).
+    extra = {k: v for k, v in causal.meta.extra.items() if k != "latents_per_layer"}
+    plain = dataclasses.replace(causal, meta=dataclasses.replace(causal.meta, extra=extra))
+    np.testing.assert_array_equal(plain.read_positions(), causal.read_positions())
+    assert plain.is_weakly_causal()
 
 
 def test_latents_from_one_capture_match_numpy(tmp_path, model):

@@ -65,14 +65,25 @@ class Crosscoder(pz.Struct):
     def read_positions(self) -> np.ndarray:
         """Per latent, the position (0..n-1 in ``layers``) of the deepest layer it reads: int [d_sae].
 
-        A latent whose encoder is zero everywhere reads nothing and gets position 0.
+        A latent whose encoder is zero everywhere reads nothing and gets position 0. Crosscoders
+        loaded from the released layout know it from their files (``extra["latents_per_layer"]``)
+        and skip reading the weights back from the device.
         """
+        per_layer = self.meta.extra.get("latents_per_layer")
+        if per_layer is not None:
+            return np.repeat(np.arange(len(per_layer), dtype=np.int32), per_layer)
         reads = np.stack([np.any(np.asarray(w) != 0, axis=0) for w in self.w_enc])  # [n, d_sae]
         deepest = reads.shape[0] - 1 - np.argmax(reads[::-1], axis=0)
         return np.where(reads.any(axis=0), deepest, 0).astype(np.int32)
 
     def is_weakly_causal(self) -> bool:
-        """Whether no latent writes to a layer before its read position (see the module docstring)."""
+        """Whether no latent writes to a layer before its read position (see the module docstring).
+
+        True without looking at the weights for the released layout, whose loader drops those
+        decoder entries.
+        """
+        if self.meta.extra.get("latents_per_layer") is not None:
+            return True
         read = self.read_positions()
         for k, w in enumerate(self.w_dec):
             early = read > k  # latents not yet computable at layer k
