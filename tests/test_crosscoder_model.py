@@ -224,6 +224,8 @@ def test_refusals(tmp_path, model, make_tiny_model):
     cc, *_ = write_crosscoder(tmp_path, model.config.d_model, causal=True)
     with pytest.raises(ValueError, match=r"clamp: latent indices \[24\] are outside 0..23"):
         crosscoder_logits(model, cc, TOKENS, clamp={24: 1.0})
+    with pytest.raises(TypeError, match=r"a Crosscoder spans several layers: use .*crosscoder_logits"):  # fmt: skip
+        gs.splice(model, cc)
     with pytest.raises(ValueError, match=r"latent 99 is outside 0..23"):
         steer_crosscoder(model, cc, 99, 1.0)
     short = make_tiny_model(seed=3, n_layers=3)

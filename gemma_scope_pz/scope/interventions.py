@@ -25,6 +25,7 @@ from gemma_scope_pz.models.gemma3 import Gemma3LM, check_token_ids, positions_fo
 from gemma_scope_pz.models.inputs import as_token_batch
 from gemma_scope_pz.models.stateful import state_variables
 from gemma_scope_pz.parallel.shard import batch_on_mesh
+from gemma_scope_pz.scope.crosscoder import Crosscoder
 from gemma_scope_pz.scope.formats.hook_names import check_model_family
 from gemma_scope_pz.scope.sites import Site, attach, truncate_after_block
 
@@ -158,6 +159,11 @@ def splice(
     ``site_out`` the matching ``mlp_out``) the block's MLP is replaced. ``clamp`` maps latent index →
     value (0 ablates); with ``include_error`` everything not edited stays exact.
     """
+    if isinstance(sae, Crosscoder):
+        raise TypeError(
+            "splice takes a one-site dictionary; a Crosscoder spans several layers: use "
+            "scope.multisite.crosscoder_logits or evaluate_crosscoder"
+        )
     meta = getattr(sae, "meta", None)
     site = Site.parse(site or (meta.site_in if meta else None) or _missing_site())
     ids = vals = None
