@@ -101,3 +101,39 @@ def test_settings_quick_overrides():
     s = tour.TourSettings.quick_settings(layer=3)
     assert s.quick and s.layer == 3 and s.train_steps == 120
     assert tour.TourSettings().train_steps == 1500
+
+
+def test_circuit_step_traces_and_renders(parts, make_sae, tmp_path):
+    from gemma_scope_pz.circuits import intervene
+    from gemma_scope_pz.circuits.graph import prune_graph
+
+    model, tok, _, _ = parts
+    d = model.config.d_model
+    transcoder = make_sae(d, 32, skip=True, site_in="blocks.1.mlp_in", site_out="blocks.1.mlp_out")
+    logged = []
+    step = steps.circuit_step(model, tok, transcoder, tmp_path, log=logged.append)
+    out, graph = step.summary["circuit"], step.graph
+    ids = np.asarray(tok.encode(steps.CAPITAL))
+    np.testing.assert_array_equal(graph.input_tokens, ids)
+    assert len(graph.logit_tokens) <= 3
+    assert out["feature_nodes"] == graph.n_features <= 16
+    assert out["path"][0].startswith(("token", "error")) and out["path"][-1].startswith("logit")
+    layer, pos, latent = out["ablated"]
+    i = int(np.flatnonzero((graph.active_features == out["ablated"]).all(axis=1))[0])
+    top = graph.node_slices()["logits"].start
+    edges = np.abs(graph.adjacency_matrix[top, : graph.n_features])
+    assert layer == 1 and edges[list(graph.selected_features).index(i)] == edges.max()
+    new, old = intervene(model, {1: transcoder}, ids, {(layer, pos, latent): 0.0})
+    token = int(graph.logit_tokens[0])
+    for key, logits in (("log_p_before", old), ("log_p_after", new)):
+        x = np.asarray(logits, np.float64)[-1]
+        expected = x[token] - x.max() - np.log(np.exp(x - x.max()).sum())
+        assert out[key] == pytest.approx(expected, abs=1e-5)
+    page = (tmp_path / out["html"]).read_text()
+    assert page.count('class="gv-node ') == int(prune_graph(graph).node_mask.sum())
+    assert "strongest path" in logged[0] and "ablating feature 1/" in logged[1]
+    json.dumps(step.summary)
+    from gemma_scope_pz.app.report import _circuit
+
+    section = _circuit({**out, "path": ["<b>x</b>", *out["path"][1:]]})
+    assert "<code>&lt;b&gt;x&lt;/b&gt;</code> → " in section and f"href='{out['html']}'" in section

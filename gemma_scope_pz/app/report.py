@@ -68,6 +68,22 @@ def _loss_plot(losses: dict | None) -> str:
     )
 
 
+def _circuit(circuit: dict | None) -> str:
+    """The attribution-graph section (step 7), if the tour ran it."""
+    if not circuit:
+        return ""
+    return (
+        f"<h2>Circuit</h2><p>Attribution graph of <code>{_e(circuit['prompt'])}</code>: "
+        f"{circuit['feature_nodes']} feature nodes, replacement score "
+        f"{circuit['replacement']:.3f}, completeness {circuit['completeness']:.3f}. "
+        f"<a href='{_e(circuit['html'])}'>Open the graph</a>.</p><p>Strongest path: "
+        + " → ".join(f"<code>{_e(p)}</code>" for p in circuit["path"])
+        + f"</p><p>Ablating <code>{_e(circuit['ablated_label'])}</code>: log p("
+        f"<code>{_e(circuit['logit'])}</code>) {circuit['log_p_before']:.3f} → "
+        f"{circuit['log_p_after']:.3f}</p>"
+    )
+
+
 def write_report(
     out_dir: str | os.PathLike,
     *,
@@ -122,6 +138,7 @@ def write_report(
         f"<p>With: <code>{_e(steer['prompt'] + steer['steered'])}</code></p>",
         f"<h2>Feature cards</h2><p><a href='{_e(cards.name)}'>{len(features)} feature cards</a> "
         "with max-activating contexts, logit lens and the density histogram.</p>",
+        _circuit(summary.get("circuit")),
         "</body></html>",
     ]
     report = out_dir / "report.html"

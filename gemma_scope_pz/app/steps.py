@@ -2,7 +2,8 @@
 
 :func:`model_step` (load, next tokens, greedy text), :func:`metrics_step` (FVU, L0, delta loss on held-out
 text), :func:`features_step` (statistics and the features of a sentence), :func:`lens_and_steer_step`
-and :func:`report_step` (the HTML pages). :mod:`gemma_scope_pz.app.tour` runs them in order.
+and :func:`report_step` (the HTML pages), :func:`circuit_step` (an attribution graph, opt-in).
+:mod:`gemma_scope_pz.app.tour` runs them in order.
 """
 
 from __future__ import annotations
@@ -207,3 +208,63 @@ def report_step(model, tok, sae, feats: FeatureStep, summary: dict, out_dir) -> 
         token_strings=tok.token_strings,
         lens=lens_all,
     )
+
+
+@dataclasses.dataclass
+class CircuitStep:
+    """Step 7 (optional): the attribution graph of ``CAPITAL`` and its JSON-able summary.
+
+    Attributes:
+      graph: The ``circuits.Graph``.
+      summary: ``{"circuit": {...}}``: scores, strongest path, the ablation, the HTML file name.
+    """
+
+    graph: Any
+    summary: dict
+
+
+def circuit_step(
+    model, tok, transcoder, out_dir, log: Log = print, max_feature_nodes: int = 16
+) -> CircuitStep:
+    """Step 7: a small attribution graph of ``CAPITAL`` over the transcoder, and its HTML view.
+
+    Every other layer's MLP is an error node. Writes ``circuit.html`` into ``out_dir`` and returns
+    the scores, the strongest path into the top logit and what ablating the feature with the
+    strongest direct edge into that logit does to its log-probability.
+    """
+    import jax
+
+    from gemma_scope_pz.circuits import graph_scores, intervene, render_graph
+    from gemma_scope_pz.circuits.graph import node_label, prune_graph, strongest_path
+
+    transcoders = {int(transcoder.meta.site_in.split(".")[1]): transcoder}
+    ids = np.asarray(tok.encode(CAPITAL))
+    graph = gs.attribute(
+        model, transcoders, ids, max_feature_nodes=max_feature_nodes, max_n_logits=3,
+        input_string=CAPITAL,
+    )  # fmt: skip
+    replacement, completeness = graph_scores(graph)
+    path = [
+        node_label(graph, i, tok.token_strings)
+        for i in strongest_path(graph, prune_graph(graph).edge_mask)
+    ]
+    top = graph.node_slices()["logits"].start
+    best = int(np.argmax(np.abs(graph.adjacency_matrix[top, : graph.n_features])))
+    feature = tuple(int(v) for v in graph.active_features[graph.selected_features[best]])
+    new, old = intervene(model, transcoders, ids, {feature: 0.0})
+    token = int(graph.logit_tokens[0])
+    before, after = (float(jax.nn.log_softmax(x[-1])[token]) for x in (old, new))
+    page = render_graph(graph, pathlib.Path(out_dir) / "circuit.html", model, transcoders, tok)
+    log(f"{graph.n_features} feature nodes; replacement {replacement:.3f}, completeness "
+        f"{completeness:.3f}; strongest path: {' -> '.join(path)}")  # fmt: skip
+    log(f"ablating {node_label(graph, best, tok.token_strings)}: log p("
+        f"{tok.token_strings([token])[0]!r}) {before:.3f} -> {after:.3f}")  # fmt: skip
+    return CircuitStep(graph, {
+        "circuit": {
+            "prompt": CAPITAL, "replacement": replacement, "completeness": completeness,
+            "feature_nodes": graph.n_features, "path": path, "ablated": list(feature),
+            "ablated_label": node_label(graph, best, tok.token_strings),
+            "logit": tok.token_strings([token])[0], "log_p_before": before,
+            "log_p_after": after, "html": page.name,
+        }
+    })  # fmt: skip

@@ -6,7 +6,8 @@
 3. FVU, L0 and delta loss on held-out text;
 4. feature statistics and the top features of a sentence;
 5. the logit lens of the strongest feature and steering along it;
-6. the HTML report (metrics, highlighted tokens, feature cards).
+6. the HTML report (metrics, highlighted tokens, feature cards);
+7. optionally (``circuit=True``), an attribution graph over the transcoder and its HTML view.
 
 Steps 1 and 3-6 live in :mod:`gemma_scope_pz.app.steps`; everything calls only the public facade
 (``import gemma_scope_pz as gs``) and returns dataclasses.
@@ -43,6 +44,8 @@ class TourSettings:
       train_steps, batch_size, k: Trainer settings (BatchTopK, exported as JumpReLU).
       eval_contexts, card_contexts: Held-out contexts for metrics and for max-activating examples.
       steer_coeff: Norm-scaled steering strength.
+      circuit: Also trace an attribution graph over the transcoder (step 7; off by default: on
+        2 CPU cores it adds minutes, mostly XLA compilation of the 270M's reverse pass).
       quick: Tiny settings for smoke tests and CI.
       cache: Reuse cached activations and dictionaries.
     """
@@ -62,6 +65,7 @@ class TourSettings:
     eval_contexts: int = 6
     card_contexts: int = 64
     steer_coeff: float = 0.3
+    circuit: bool = False
     quick: bool = False
     cache: bool = True
 
@@ -250,6 +254,11 @@ def run_tour(settings: TourSettings | None = None, log: Log = print) -> dict:
     summary.update(
         steps.lens_and_steer_step(m.model, m.tok, dicts.sae, feats.strongest, s.steer_coeff, log)
     )
+    if s.circuit:
+        timer.step("circuit", "7. An attribution graph over the transcoder")
+        summary.update(
+            steps.circuit_step(m.model, m.tok, dicts.transcoder, s.out_dir, log=log).summary
+        )
     timer.step("report", "6. Feature cards and report")
     report = steps.report_step(m.model, m.tok, dicts.sae, feats, summary, s.out_dir)
     summary["report"] = str(report)
