@@ -5,7 +5,7 @@ on all 18 layers; one fresh subprocess per prompt length, so each peak is its ow
 first call (compilation included) and a second, warm call, and peak RSS (VmHWM).
 
 Usage: python benchmarks/attribution.py [--lengths 16 64 256] [--d-sae 4096]
-       [--max-feature-nodes 1024] [--batch-size 64] [--circuit-tracer-python PY]
+       [--max-feature-nodes 1024] [--batch-size 64] [--calls 2] [--circuit-tracer-python PY]
 Prints one JSON object.
 
 With ``--circuit-tracer-python`` (a Python with torch, transformers<=4.57.3, nnsight==0.6.3 and
@@ -30,7 +30,7 @@ import json, sys, time
 import gemma_scope_pz as gs
 from gemma_scope_pz.scope.layers import AutoEncoder
 
-length, d_sae, cap, batch = (int(a) for a in sys.argv[1:5])
+length, d_sae, cap, batch, calls = (int(a) for a in sys.argv[1:6])
 model = gs.load_model()
 d, n_layers = model.config.d_model, model.config.n_layers
 transcoders = {
@@ -41,11 +41,11 @@ transcoders = {
 tokens = prompt(length)
 base = peak_kib()
 times = []
-for _ in range(2):
+for _ in range(calls):
     start = time.perf_counter()
     graph = gs.attribute(model, transcoders, tokens, max_feature_nodes=cap, batch_size=batch)
     times.append(time.perf_counter() - start)
-print(json.dumps({"tokens": length, "first_s": times[0], "warm_s": times[1],
+print(json.dumps({"tokens": length, "first_s": times[0], "warm_s": times[1] if calls > 1 else None,
                   "active_features": int(len(graph.active_features)),
                   "feature_nodes": int(graph.n_features),
                   "peak_rss_mib": peak_kib() / 1024, "rss_before_mib": base / 1024}))
@@ -85,7 +85,7 @@ from circuit_tracer import ReplacementModel, attribute
 from circuit_tracer.transcoder import SingleLayerTranscoder, TranscoderSet
 from circuit_tracer.transcoder.activation_functions import JumpReLU
 
-hf_dir, length, d_sae, cap, batch = sys.argv[1], *(int(a) for a in sys.argv[2:6])
+hf_dir, length, d_sae, cap, batch, calls = sys.argv[1], *(int(a) for a in sys.argv[2:7])
 cfg = json.load(open(hf_dir + "/config.json"))
 d, n_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
 layers = {}
@@ -101,11 +101,11 @@ model = ReplacementModel.from_pretrained_and_transcoders(
     hf_dir, tset, backend="nnsight", device=torch.device("cpu"), dtype=torch.float32)
 tokens = torch.tensor(prompt(length))
 base, times = peak_kib(), []
-for _ in range(2):
+for _ in range(calls):
     start = time.perf_counter()
     graph = attribute(tokens, model, max_feature_nodes=cap, batch_size=batch)
     times.append(time.perf_counter() - start)
-print(json.dumps({"tokens": length, "first_s": times[0], "warm_s": times[1],
+print(json.dumps({"tokens": length, "first_s": times[0], "warm_s": times[1] if calls > 1 else None,
                   "active_features": int(len(graph.active_features)),
                   "feature_nodes": int(len(graph.selected_features)),
                   "peak_rss_mib": peak_kib() / 1024, "rss_before_mib": base / 1024}))
@@ -192,6 +192,8 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=4096)
     parser.add_argument("--max-feature-nodes", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--calls", type=int, default=2, help="calls per process (1: no warm call)")
+    parser.add_argument("--no-ours", action="store_true", help="only circuit-tracer")
     parser.add_argument(
         "--circuit-tracer-python", default=None, help="a Python with circuit-tracer"
     )
@@ -201,8 +203,10 @@ def main() -> None:
         if args.circuit_tracer_python:
             write_hf_folder(Path(tmp) / "hf")
         for length in args.lengths:
-            argv = [length, args.d_sae, args.max_feature_nodes, args.batch_size]
-            rows.append(_child(sys.executable, CHILD, argv))
+            argv = [length, args.d_sae, args.max_feature_nodes, args.batch_size, args.calls]
+            if not args.no_ours:
+                rows.append(_child(sys.executable, CHILD, argv))
+            print(json.dumps({"done": length, "ours": rows[-1:]}), file=sys.stderr, flush=True)
             if args.circuit_tracer_python:
                 code = TORCH_CHILD
                 torch_rows.append(_child(args.circuit_tracer_python, code, [f"{tmp}/hf", *argv]))
