@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_scope_pz.train import objectives
+from gemma_scope_pz.train import loss, objectives
 from gemma_scope_pz.train import step as step_lib
 from gemma_scope_pz.train.config import TrainConfig, apply_overrides
 
@@ -255,7 +255,7 @@ def test_sparse_jumprelu_matches_dense_loss_and_gradients(cap, expect_sparse):
     assert (counts.max() <= cap) == bool(expect_sparse) and counts.max() >= 3
 
     def run(c, params, x):
-        return jax.value_and_grad(objectives.loss_fn, has_aux=True)(params, x, x, dead, 0.7, c)
+        return jax.value_and_grad(loss.loss_fn, has_aux=True)(params, x, x, dead, 0.7, c)
 
     (l_dense, (m_dense, fired_dense, _)), g_dense = run(base, params, x)
     (l_sparse, (m_sparse, fired_sparse, _)), g_sparse = jax.jit(run, static_argnums=0)(

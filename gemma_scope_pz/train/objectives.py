@@ -287,7 +287,10 @@ def loss_fn(
     sparsity_scale: jax.Array,
     config: TrainConfig,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array, jax.Array]]:
-    """Total training loss of one batch.
+    """Total training loss of one batch (dense; sparse TopK with ``sae.sparse_topk``).
+
+    The sparse JumpReLU path is chosen by :func:`gemma_scope_pz.train.loss.loss_fn`, which the
+    step calls; here a JumpReLU dictionary is always computed densely (same values).
 
     Args:
       params: Parameter dict (normalised-activation space).
@@ -303,10 +306,6 @@ def loss_fn(
     """
     if config.sae.sparse_topk:
         return _sparse_topk_loss(params, x_in, x_out, dead, config)
-    if config.jumprelu_sparse_cap:
-        from gemma_scope_pz.train import sparse_jumprelu  # it builds on this module
-
-        return sparse_jumprelu.loss_fn(params, x_in, x_out, dead, sparsity_scale, config)
     return dense_loss_fn(params, x_in, x_out, dead, sparsity_scale, config)
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gemma_scope_pz.train import objectives
+from gemma_scope_pz.train import loss as loss_lib
 from gemma_scope_pz.train.config import TrainConfig
 
 State = dict
@@ -134,7 +134,7 @@ def make_train_step(config: TrainConfig) -> Callable:
         params, step = state["params"], state["step"]
         finite, x_in, x_out = normalise_batch(state["norm"], x_in, x_out)
         dead = state["since_fired"] >= window
-        grad_fn = jax.value_and_grad(objectives.loss_fn, has_aux=True)
+        grad_fn = jax.value_and_grad(loss_lib.loss_fn, has_aux=True)
         (loss, (metrics, fired, batch_threshold)), grads = grad_fn(
             params, x_in, x_out, dead, sparsity_scale(config, step), config
         )
