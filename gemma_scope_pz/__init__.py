@@ -40,6 +40,12 @@ _EXPORTS = {
     "load_sae": "gemma_scope_pz.scope.formats",
     "load_gemma_scope_1": "gemma_scope_pz.scope.formats",
     "load_clt": "gemma_scope_pz.scope.formats",
+    "load_crosscoder": "gemma_scope_pz.scope.formats",
+    "Crosscoder": "gemma_scope_pz.scope.crosscoder",
+    "crosscoder_latents": "gemma_scope_pz.scope.multisite",
+    "crosscoder_logits": "gemma_scope_pz.scope.multisite",
+    "evaluate_crosscoder": "gemma_scope_pz.scope.multisite",
+    "steer_crosscoder": "gemma_scope_pz.scope.multisite",
     "save_gemma_scope_2": "gemma_scope_pz.scope.formats",
     "save_sae": "gemma_scope_pz.scope.formats:save_gemma_scope_2",
     # sites and interventions
@@ -89,6 +95,7 @@ _EXPORTS = {
     "density_histogram_svg": "gemma_scope_pz.analysis.plots",
     # circuits: attribution graphs over transcoders and CLTs
     "attribute": "gemma_scope_pz.circuits.attribution",
+    "render_graph": "gemma_scope_pz.circuits.html",
     # the offline dictionaries trained by the tour's settings
     "offline_dictionaries": "gemma_scope_pz.app.tour",
 }
