@@ -6,6 +6,9 @@ prefill plus the whole decode loop run in one ``jax.jit`` with ``lax.fori_loop``
 Prompts of different lengths are left-padded with the pad token; pad positions get position -1 and are
 masked out of attention, so each row generates exactly as it would alone. Prompt lengths and step
 counts are bucketed (``models.inputs.bucket_length``) so that new lengths do not recompile.
+The unbound sampler of a model is built once per cache shape and remembered while the model lives
+(``models.stateful.per_model``), and enters the jitted program as a flat list of arrays with its
+structure static, so a call does no walk over the model's tree.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from penzai.models.transformer.sampling_mode import KVCachingTransformerLM
 
 from gemma_scope_pz.models.gemma3 import Gemma3LM, check_token_ids, vocab_size_of
 from gemma_scope_pz.models.inputs import as_token_batch, bucket_length, pad_columns
-from gemma_scope_pz.models.stateful import state_variables
+from gemma_scope_pz.models.stateful import model_state_variables, per_model
 from gemma_scope_pz.parallel.shard import batch_on_mesh
 
 
@@ -90,13 +93,57 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> np.ndarray:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "config", "stop_token"))
-def _generate(sampler_def, state, user_state, prompt, key, n_steps, capacity, config, stop_token):
+@dataclasses.dataclass(frozen=True)
+class _Sampler:
+    """A model's KV-caching sampler for one cache shape, unbound, as `_generate` takes it.
+
+    Attributes:
+      treedef: The structure of the sampler (parameters frozen, variables replaced by slots).
+      leaves: Its leaves (the model's arrays), in ``treedef`` order.
+      variables: The unbound variables: the sampler's KV caches and positions (never written:
+        `_generate` only reads their initial values) and any state variable the model holds.
+    """
+
+    treedef: Any
+    leaves: tuple[Any, ...]
+    variables: tuple[pz.StateVariable, ...]
+
+
+# A remembered sampler holds its zero KV caches; larger ones are rebuilt per call instead.
+_KEEP_STATE_BYTES = 64 * 2**20
+
+
+def _sampler(model: Gemma3LM, cache_len: int, batch: int, pad_id: int) -> _Sampler:
+    """The unbound sampler of ``model`` for ``[batch, cache_len]`` (remembered per model)."""
+
+    def build() -> _Sampler:
+        sampler = KVCachingTransformerLM.from_uncached(
+            model, cache_len=cache_len, batch_axes={"batch": batch}, pad_id=pad_id
+        )
+        sampler_def, variables = pz.unbind_state_vars(pz.freeze_params(sampler))
+        leaves, treedef = jax.tree_util.tree_flatten(sampler_def)
+        return _Sampler(treedef, tuple(leaves), tuple(variables))
+
+    def small(sampler: _Sampler) -> bool:
+        values = [v.value for v in sampler.variables]
+        return sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves(values)) <= (
+            _KEEP_STATE_BYTES
+        )
+
+    return per_model(model, ("sampler", cache_len, batch, pad_id), build, remember=small)
+
+
+@functools.partial(jax.jit, static_argnames=("treedef", "capacity", "config", "stop_token"))
+def _generate(
+    treedef, leaves, state, user_state, prompt, key, n_steps, capacity, config, stop_token
+):
     # ``capacity`` (static) sizes the output; ``n_steps`` (traced) is how many tokens to make, so
     # one compiled program serves every count up to ``capacity``; the loop also ends once every
     # row has produced ``stop_token``.
     # ``state``: the sampler's own variables (KV caches), carried through the loop. ``user_state``:
     # variables the user's model holds (models/stateful.py); they keep the prompt pass's values.
+    sampler_def = jax.tree_util.tree_unflatten(treedef, leaves)
+
     def run(state, tokens):
         variables = [v.unfreeze_as_copy() for v in (*state, *user_state)]
         sampler = pz.bind_variables(sampler_def, variables)
@@ -159,22 +206,17 @@ def generate(
     config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     prompt, _ = as_token_batch(prompts, model, pad_side="left", pad_id=pad_id)
     prompt = check_token_ids(prompt, vocab_size_of(model), what="prompts")
-    held = state_variables(model)  # no bucketing then: the variables record the real prompt
+    held = model_state_variables(model)  # no bucketing then: the variables record the real prompt
     prompt, steps = _bucketed(model, prompt, max_new_tokens, pad_id, bucket and not held)
-    sampler = KVCachingTransformerLM.from_uncached(
-        model,
-        cache_len=prompt.shape[1] + steps,
-        batch_axes={"batch": prompt.shape[0]},
-        pad_id=pad_id,
-    )
-    sampler_def, variables = pz.unbind_state_vars(pz.freeze_params(sampler))
-    user = [v for v in variables if any(v is h for h in held)]
-    state = [v.freeze() for v in variables if not any(v is h for h in held)]
+    sampler = _sampler(model, prompt.shape[1] + steps, prompt.shape[0], pad_id)
+    user = [v for v in sampler.variables if any(v is h for h in held)]
+    state = [v.freeze() for v in sampler.variables if not any(v is h for h in held)]
     out, user_after = _generate(
-        sampler_def,
+        sampler.treedef,
+        sampler.leaves,
         state,
         [v.freeze() for v in user],
-        batch_on_mesh(jnp.asarray(prompt), model),
+        batch_on_mesh(jnp.asarray(prompt), sampler.leaves),
         jax.random.key(seed),
         jnp.asarray(max_new_tokens, jnp.int32),
         steps,
