@@ -128,22 +128,29 @@ def test_missing_manifest_says_how_to_rebuild(tmp_path):
         offline.available(root=tmp_path)
 
 
-# The shipped dictionaries were trained on 286k tokens with 2048 latents (all that 2 shared, busy
-# cores allowed): they miss these floors (SAE FVU 0.126, delta loss 0.53, one latent on 86% of
-# held-out tokens; transcoder: one latent on >99%). The documented 4096-latent run on 1M tokens
-# (docs/results.md) reaches FVU 0.112 / delta loss 0.25; retrain with that budget to pass.
-MISSES_FLOORS = pytest.mark.xfail(
-    strict=True, reason="shipped offline dictionaries miss the issue-10 quality floors (see above)"
-)
+# The shipped SAE (4096 latents, BatchTopK k = 48, 1M tokens of default+deps+prose, 1400 steps of
+# 2048 on 2 busy cores) meets every floor but delta loss: +0.34 on held-out text (+0.24 on training
+# text). That one check is a strict expected failure; it fails the suite when a retrain passes it.
+MISSES = {(SAE, "delta_loss")}
+FLOOR_CASES = [
+    pytest.param(
+        name,
+        key,
+        marks=[pytest.mark.xfail(strict=True, reason="shipped SAE misses it (see above)")]
+        if (name, key) in MISSES
+        else [],
+        id=f"{name}:{key}",
+    )
+    for name, floors in FLOORS.items()
+    for key in floors
+]
 
 
-@MISSES_FLOORS
-def test_manifest_figures_meet_the_floors(manifest):
-    for name, floors in FLOORS.items():
-        quality = manifest["dictionaries"][name]["quality"]
-        for key, ceiling in floors.items():
-            assert quality[key] <= ceiling, (name, key, quality[key])
-        assert quality["held_out_tokens"] >= 3000
+@pytest.mark.parametrize("name, key", FLOOR_CASES)
+def test_manifest_figures_meet_the_floors(manifest, name, key):
+    quality = manifest["dictionaries"][name]["quality"]
+    assert quality["held_out_tokens"] >= 3000
+    assert quality[key] <= FLOORS[name][key], (name, key, quality[key])
 
 
 def test_manifest_training_figures_are_the_committed_configs(manifest):
@@ -206,9 +213,7 @@ def test_manifest_figures_agree_with_a_new_measurement(measured, manifest):
 
 
 @pytest.mark.slow
-@MISSES_FLOORS
-def test_measured_quality_meets_the_floors(measured):
+@pytest.mark.parametrize("name, key", FLOOR_CASES)
+def test_measured_quality_meets_the_floors(measured, name, key):
     figures, _ = measured
-    for name, floors in FLOORS.items():
-        for key, ceiling in floors.items():
-            assert figures[name][key] <= ceiling, (name, key, figures[name][key])
+    assert figures[name][key] <= FLOORS[name][key], (name, key, figures[name][key])
