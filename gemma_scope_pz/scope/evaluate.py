@@ -213,12 +213,7 @@ def evaluate_sae(
         sums = _batch_sums(
             *frozen, tokens, positions, site_in, site_out, exclude_prefix, pad_id, special
         )
-        for key, value in sums.items():
-            value = np.asarray(value, np.float64)
-            if key == "fired":
-                totals[key] = totals.get(key, False) | value.astype(bool)
-            else:
-                totals[key] = totals.get(key, 0.0) + value
+        metrics.accumulate_sums(totals, sums)
     return _finish(totals)
 
 

@@ -87,6 +87,16 @@ def fvu_from_sums(sq_err: float, sum_x: np.ndarray, sum_sq: float, n: float) -> 
     return float(sq_err) / max(variance, 1e-30)
 
 
+def accumulate_sums(totals: dict[str, np.ndarray], sums: dict) -> None:
+    """Adds one batch's metric sums into ``totals`` (float64); ``"fired"`` is OR-ed, not added."""
+    for key, value in sums.items():
+        value = np.asarray(value, np.float64)
+        if key == "fired":
+            totals[key] = totals.get(key, False) | value.astype(bool)
+        else:
+            totals[key] = totals.get(key, 0.0) + value
+
+
 def l0(latents, mask=None) -> jax.Array:
     """Mean number of nonzero latents per masked token. ``latents``: [..., d_sae]."""
     latents = _plain(latents, "latents")

@@ -295,12 +295,7 @@ def evaluate_crosscoder(
     for tokens in tqdm(batches, desc="evaluate crosscoder", disable=not progress):
         tokens = jnp.asarray(check_token_ids(np.asarray(tokens), vocab_size_of(model)))
         sums = _batch_sums(*frozen, tokens, positions_for(tokens, pad_id), ready, acausal, pad_id)
-        for key, value in sums.items():
-            value = np.asarray(value, np.float64)
-            if key == "fired":
-                totals[key] = totals.get(key, False) | value.astype(bool)
-            else:
-                totals[key] = totals.get(key, 0.0) + value
+        metrics.accumulate_sums(totals, sums)
     return _finish(totals)
 
 
