@@ -6,7 +6,9 @@ first call (compilation included) and a second, warm call, and peak RSS (VmHWM).
 
 Usage: python benchmarks/attribution.py [--lengths 16 64 256] [--d-sae 4096]
        [--max-feature-nodes 1024] [--batch-size 64] [--calls 2] [--circuit-tracer-python PY]
-Prints one JSON object.
+       [--timeout-s 1200] [--out FILE]
+Prints one JSON object (and rewrites ``--out`` after every child, so a long run keeps what it
+has). A child past ``--timeout-s`` is stopped and recorded as ``{"timed_out_after_s": ...}``.
 
 With ``--circuit-tracer-python`` (a Python with torch, transformers<=4.57.3, nnsight==0.6.3 and
 circuit-tracer==0.5.0; not project dependencies), the same 270M is written as a transformers
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -179,11 +182,20 @@ def write_hf_folder(folder: Path) -> None:
     )
 
 
-def _child(python: str, code: str, argv: list) -> dict:
-    out = subprocess.run(
-        [python, "-c", code, *map(str, argv)], check=True, capture_output=True, text=True
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _child(python: str, code: str, argv: list, timeout_s: float) -> dict:
+    load = os.getloadavg()[0]
+    try:
+        out = subprocess.run(
+            [python, "-c", code, *map(str, argv)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        return {"tokens": argv[-5], "timed_out_after_s": timeout_s, "load_before": load}
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**row, "load_before": load, "load_after": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -194,25 +206,31 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--calls", type=int, default=2, help="calls per process (1: no warm call)")
     parser.add_argument("--no-ours", action="store_true", help="only circuit-tracer")
+    parser.add_argument("--timeout-s", type=float, default=1200.0, help="per child process")
+    parser.add_argument("--out", default=None, help="JSON file rewritten after every child")
     parser.add_argument(
         "--circuit-tracer-python", default=None, help="a Python with circuit-tracer"
     )
     args = parser.parse_args()
-    rows, torch_rows = [], []
+    result = {"machine": machine_info(), "d_sae": args.d_sae, "gemma_scope_pz": []}
+    result.update(max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
+
+    def record(key: str, row: dict) -> None:
+        result.setdefault(key, []).append(row)
+        print(json.dumps({key: row}), file=sys.stderr, flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+
     with tempfile.TemporaryDirectory() as tmp:
         if args.circuit_tracer_python:
             write_hf_folder(Path(tmp) / "hf")
-        for length in args.lengths:
+        for length in args.lengths:  # interleaved: ours, then circuit-tracer, per length
             argv = [length, args.d_sae, args.max_feature_nodes, args.batch_size, args.calls]
             if not args.no_ours:
-                rows.append(_child(sys.executable, CHILD, argv))
-            print(json.dumps({"done": length, "ours": rows[-1:]}), file=sys.stderr, flush=True)
+                record("gemma_scope_pz", _child(sys.executable, CHILD, argv, args.timeout_s))
             if args.circuit_tracer_python:
-                code = TORCH_CHILD
-                torch_rows.append(_child(args.circuit_tracer_python, code, [f"{tmp}/hf", *argv]))
-    result = {"machine": machine_info(), "d_sae": args.d_sae, "gemma_scope_pz": rows}
-    if torch_rows:
-        result["circuit_tracer"] = torch_rows
+                py, hf = args.circuit_tracer_python, f"{tmp}/hf"
+                record("circuit_tracer", _child(py, TORCH_CHILD, [hf, *argv], args.timeout_s))
     print(json.dumps(result, indent=2))
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gemma_scope_pz.circuits import attribution
 from gemma_scope_pz.circuits import replacement as rep
 from gemma_scope_pz.circuits.attribution import attribute, prepare_attribution, salient_logits
 from gemma_scope_pz.circuits.graph import (
@@ -228,6 +229,49 @@ def test_feature_cap_keeps_most_influential_rows(model, per_layer):
     want = full.adjacency_matrix[np.ix_(rows, keep)]
     want[capped.n_features : capped.node_slices()["logits"].start] = 0
     np.testing.assert_allclose(capped.adjacency_matrix, want, rtol=1e-5, atol=1e-6)
+
+
+def test_feature_edges_in_chunks_match_the_formula(monkeypatch):
+    rng = np.random.default_rng(3)
+    g = rng.normal(size=(3, 6, 5)).astype(np.float32)
+    dec = rng.normal(size=(11, 5)).astype(np.float32)
+    pos, lat = rng.integers(0, 6, 10), rng.integers(0, 11, 10)
+    val = rng.normal(size=10).astype(np.float32)
+    want = np.einsum("bnd,nd->bn", g[:, pos], dec[lat] * val[:, None])
+    monkeypatch.setattr(attribution, "_FEATURE_CHUNK", 4)  # 10 features: 3 chunks, 2 padded
+    got = attribution._feature_edges(jnp.asarray(g), jnp.asarray(dec), pos, lat, val)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_partial_influence_equals_the_dense_walk(monkeypatch):
+    """The chunked walk on ``rows[:, row_nodes]`` gives the dense ``sum_k w norm^k`` influence."""
+    rng = np.random.default_rng(4)
+    n_feat, width, n_logit = 30, 45, 3
+    feature_nodes = np.sort(rng.choice(n_feat, 9, replace=False))
+    rows = rng.normal(size=(n_logit + 9, width)).astype(np.float32)
+    for r, node in enumerate(feature_nodes):  # acyclic: a feature reads only lower row nodes
+        rows[n_logit + r, feature_nodes[feature_nodes >= node]] = 0.0
+    row_nodes = np.concatenate([width + np.arange(n_logit), feature_nodes])
+    logit_p = np.array([0.5, 0.3, 0.2])
+    norm = np.abs(rows.astype(np.float64))
+    norm /= norm.sum(axis=1, keepdims=True)
+    prod, want = np.concatenate([np.zeros(width), logit_p]), np.zeros(width)
+    while prod.any():
+        prod = prod[row_nodes] @ norm
+        want += prod
+        prod = np.concatenate([prod, np.zeros(n_logit)])
+    monkeypatch.setattr(attribution, "_ROW_CHUNK", 5)
+    got = attribution._partial_influence(rows, row_nodes, logit_p, n_feat)
+    np.testing.assert_allclose(got, want[:n_feat], rtol=1e-6)
+
+
+def test_chunked_feature_contraction_gives_the_same_graph(monkeypatch, model, per_layer):
+    full = attribute(model, per_layer, TOKENS, batch_size=16)
+    monkeypatch.setattr(attribution, "_FEATURE_CHUNK", 8)  # batch 7: a fresh trace sees it
+    chunked = attribute(model, per_layer, TOKENS, batch_size=7)
+    assert max(len(p) for p in prepare_attribution(model, per_layer, TOKENS).positions) > 8
+    np.testing.assert_array_equal(chunked.selected_features, full.selected_features)
+    np.testing.assert_allclose(chunked.adjacency_matrix, full.adjacency_matrix, atol=1e-6)
 
 
 def test_salient_logits():

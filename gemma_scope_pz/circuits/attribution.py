@@ -137,6 +137,28 @@ def _transpose_step(model, setup: AttributionSetup, layer: int):
     return jax.linear_transpose(step, setup.resid_0)
 
 
+_FEATURE_CHUNK = 1024  # features per step of the source contraction (bounds its memory)
+
+
+def _feature_edges(g: jax.Array, dec: jax.Array, positions, latents, values) -> jax.Array:
+    """Edges [batch, n] ``g[b, pos_n] . (value_n * dec[lat_n])`` of ``n`` active features.
+
+    Above ``_FEATURE_CHUNK`` features the gather runs in chunks (`jax.lax.map`), so memory is
+    ``batch * chunk * d_model`` rather than ``batch * n * d_model``.
+    """
+    n, chunk = positions.shape[0], _FEATURE_CHUNK
+
+    def edges(p, i, v):
+        return jnp.einsum("bnd,nd->bn", g[:, p], dec[i] * v[:, None])
+
+    if n <= chunk:
+        return edges(positions, latents, values)
+    pad = (-n) % chunk
+    parts = [jnp.pad(a, (0, pad)).reshape(-1, chunk) for a in (positions, latents, values)]
+    out = jax.lax.map(lambda args: edges(*args), tuple(parts))  # [n_chunks, batch, chunk]
+    return jnp.moveaxis(out, 0, 1).reshape(g.shape[0], -1)[:, :n]
+
+
 def _layer_sources(setup: AttributionSetup, layer: int, g: jax.Array) -> list:
     """Edges from the sources written at ``mlp_out`` of ``layer``, given the gradient ``g``
     [batch, seq, d] there: (error edges [batch, seq], feature edges per source entry)."""
@@ -145,10 +167,10 @@ def _layer_sources(setup: AttributionSetup, layer: int, g: jax.Array) -> list:
     feats = []
     for s in range(len(stack.layers)):
         if layer in stack.targets(s):
-            dec = (
-                stack.w_dec[s][setup.latents[s], layer - stack.layers[s]] * setup.values[s][:, None]
+            dec = stack.w_dec[s][:, layer - stack.layers[s]]
+            feats.append(
+                _feature_edges(g, dec, setup.positions[s], setup.latents[s], setup.values[s])
             )
-            feats.append(jnp.einsum("bnd,nd->bn", g[:, setup.positions[s]], dec))
         else:
             feats.append(jnp.zeros((g.shape[0], setup.positions[s].shape[0]), g.dtype))
     return [errors, feats]
@@ -208,17 +230,24 @@ def _feature_targets(setup: AttributionSetup) -> _Targets:
     return _Targets(active[:, 0], active[:, 1], vecs.astype(np.float32))
 
 
-def _compute_rows(model, setup, targets: _Targets, idx: np.ndarray, batch_size: int) -> np.ndarray:
+def _row_width(setup: AttributionSetup) -> int:
+    return setup.n_features + (setup.stack.n_layers + 1) * setup.resid_0.shape[0]
+
+
+def _compute_rows(
+    model, setup, targets: _Targets, idx: np.ndarray, batch_size: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows of targets ``idx``, written batch by batch into ``out`` [len(idx), width]."""
     n = len(idx)
+    if out is None:
+        out = np.empty((n, _row_width(setup)), np.float32)
     if n == 0:
-        width = setup.n_features + (setup.stack.n_layers + 1) * setup.resid_0.shape[0]
-        return np.zeros((0, width), np.float32)
+        return out
     by_layer = np.argsort(targets.layers[idx], kind="stable")  # batches skip blocks above them
-    idx = np.asarray(idx)[by_layer]
-    pad = np.concatenate([idx, np.full((-n) % batch_size, idx[-1])]).astype(int)
-    out = []
+    ordered = np.asarray(idx)[by_layer]
+    pad = np.concatenate([ordered, np.full((-n) % batch_size, ordered[-1])]).astype(int)
     frozen = pz.freeze_params(model)
-    for start in range(0, len(pad), batch_size):
+    for start in range(0, n, batch_size):
         sel = pad[start : start + batch_size]
         rows = _rows(
             frozen,
@@ -227,52 +256,77 @@ def _compute_rows(model, setup, targets: _Targets, idx: np.ndarray, batch_size: 
             jnp.asarray(targets.positions[sel], jnp.int32),
             jnp.asarray(targets.vectors[sel]),
         )
-        out.append(np.asarray(rows))
-    rows = np.empty((n, out[0].shape[1]), np.float32)
-    rows[by_layer] = np.concatenate(out)[:n]
-    return rows
+        take = min(batch_size, n - start)
+        out[by_layer[start : start + take]] = np.asarray(rows)[:take]
+    return out
 
 
-def _partial_influence(rows: np.ndarray, row_nodes: np.ndarray, logit_p: np.ndarray) -> np.ndarray:
-    """Influence of every column node on the logits, through the rows computed so far."""
-    norm = np.abs(rows)
-    norm = norm / np.maximum(norm.sum(axis=1, keepdims=True), 1e-8)
-    n_cols = rows.shape[1] + len(logit_p)
-    prod = np.zeros(n_cols)
-    prod[-len(logit_p) :] = logit_p
-    influence = np.zeros(rows.shape[1])
+_ROW_CHUNK = 32  # rows per step of the host-side influence products
+
+
+def _partial_influence(
+    rows: np.ndarray, row_nodes: np.ndarray, logit_p: np.ndarray, n_out: int
+) -> np.ndarray:
+    """Influence of the first ``n_out`` column nodes on the logits, through the rows so far.
+
+    ``row_nodes[r]`` is row ``r``'s node (a column index; logit nodes lie past the columns).
+    Influence flows only through row nodes, so the walk runs on the small square
+    ``rows[:, row_nodes]``; one chunked product with every row then gives the influence on
+    all columns, without a normalized copy of the whole edge matrix.
+    """
+    n, width = rows.shape
+    sums = np.concatenate(
+        [np.abs(rows[i : i + _ROW_CHUNK]).sum(axis=1) for i in range(0, n, _ROW_CHUNK)]
+    )
+    denom = np.maximum(sums, 1e-8)[:, None]
+    inside = row_nodes < width
+    square = np.zeros((n, n), np.float32)
+    square[:, inside] = np.abs(rows[:, row_nodes[inside]]) / denom
+    walk = np.zeros(n)
+    walk[~inside] = logit_p[row_nodes[~inside] - width]
+    total = np.zeros(n)
     for _ in range(128):
-        prod = prod[row_nodes] @ norm
-        if not prod.any():
-            return influence
-        influence += prod
-        prod = np.concatenate([prod, np.zeros(len(logit_p))])
-    raise RuntimeError("influence did not converge in 128 steps")
+        total += walk
+        walk = walk @ square
+        if not walk.any():
+            break
+    else:
+        raise RuntimeError("influence did not converge in 128 steps")
+    influence = np.zeros(n_out)
+    for i in range(0, n, _ROW_CHUNK):
+        block = np.abs(rows[i : i + _ROW_CHUNK, :n_out]) / denom[i : i + _ROW_CHUNK]
+        influence += total[i : i + _ROW_CHUNK] @ block
+    return influence
 
 
 def _feature_order(
     model, setup, targets, logit_rows, logit_p, max_nodes: int, batch_size: int, update_interval
 ):
-    """Feature rows in circuit-tracer's order: all of them, or greedily by influence."""
-    n_feat = len(targets.layers)
-    offset = logit_rows.shape[1]
-    if max_nodes >= n_feat:
-        order = np.arange(n_feat)
-        return order, _compute_rows(model, setup, targets, order, batch_size)
-    rows, nodes = [logit_rows], [offset + np.arange(len(logit_p))]
+    """Feature rows in circuit-tracer's order, greedily by influence (``max_nodes`` of them).
+
+    Rows go into one preallocated buffer [n_logits + max_nodes, width]; re-ranking reads it in
+    chunks (`_partial_influence`). Returns (feature indices in row order, their rows).
+    """
+    n_feat, n_logit = len(targets.layers), len(logit_p)
+    width = logit_rows.shape[1]
+    rows = np.empty((n_logit + max_nodes, width), np.float32)
+    rows[:n_logit] = logit_rows
+    nodes = np.concatenate([width + np.arange(n_logit), np.zeros(max_nodes, int)])
     visited = np.zeros(n_feat, bool)
+    done = n_logit
     with tqdm(total=max_nodes, desc="feature rows", leave=False) as bar:
-        while visited.sum() < max_nodes:
-            influence = _partial_influence(np.concatenate(rows), np.concatenate(nodes), logit_p)
-            rank = np.argsort(-influence[:n_feat], kind="stable")
-            queue = min(update_interval * batch_size, max_nodes - int(visited.sum()))
+        while done < n_logit + max_nodes:
+            influence = _partial_influence(rows[:done], nodes[:done], logit_p, n_feat)
+            rank = np.argsort(-influence, kind="stable")
+            queue = min(update_interval * batch_size, n_logit + max_nodes - done)
             pending = rank[~visited[rank]][:queue]
-            rows.append(_compute_rows(model, setup, targets, pending, batch_size))
-            nodes.append(pending)
+            end = done + len(pending)
+            _compute_rows(model, setup, targets, pending, batch_size, out=rows[done:end])
+            nodes[done:end] = pending
             visited[pending] = True
+            done = end
             bar.update(len(pending))
-    order = np.concatenate(nodes[1:])
-    return order, np.concatenate(rows[1:])
+    return nodes[n_logit:], rows[n_logit:]
 
 
 def attribute(
@@ -321,16 +375,21 @@ def attribute(
     logit_targets = _Targets(np.full(n_logit, n_layers), np.full(n_logit, seq - 1), logit_vecs)
     logit_rows = _compute_rows(model, setup, logit_targets, np.arange(n_logit), batch_size)
     targets = _feature_targets(setup)
-    n_feat = len(targets.layers)
+    n_feat, width = len(targets.layers), logit_rows.shape[1]
     cap = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
-    order, feat_rows = _feature_order(
-        model, setup, targets, logit_rows, logit_p, cap, batch_size, update_interval
-    )
-    selected = np.sort(order)
-    cols = np.concatenate([selected, np.arange(n_feat, logit_rows.shape[1])])
-    n_nodes = len(cols) + n_logit
+    n_nodes = cap + width - n_feat + n_logit
     adjacency = np.zeros((n_nodes, n_nodes), np.float32)
-    adjacency[: len(selected), : len(cols)] = feat_rows[np.argsort(order)][:, cols]
+    if cap == n_feat:  # every feature is a node: its rows go straight into the adjacency
+        selected = np.arange(n_feat)
+        _compute_rows(model, setup, targets, selected, batch_size, out=adjacency[:n_feat, :width])
+        cols = np.arange(width)
+    else:
+        order, feat_rows = _feature_order(
+            model, setup, targets, logit_rows, logit_p, cap, batch_size, update_interval
+        )
+        selected = np.sort(order)
+        cols = np.concatenate([selected, np.arange(n_feat, width)])
+        adjacency[:cap, : len(cols)] = feat_rows[np.ix_(np.argsort(order), cols)]
     adjacency[len(cols) :, : len(cols)] = logit_rows[:, cols]
     return Graph(
         input_string=input_string,
