@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -272,6 +275,49 @@ def test_chunked_feature_contraction_gives_the_same_graph(monkeypatch, model, pe
     assert max(len(p) for p in prepare_attribution(model, per_layer, TOKENS).positions) > 8
     np.testing.assert_array_equal(chunked.selected_features, full.selected_features)
     np.testing.assert_allclose(chunked.adjacency_matrix, full.adjacency_matrix, atol=1e-6)
+
+
+MESH_CHILD = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import numpy as np
+from gemma_scope_pz.circuits.attribution import attribute
+from gemma_scope_pz.models.config import Gemma3Config
+from gemma_scope_pz.models.gemma3 import Gemma3LM
+from gemma_scope_pz.parallel import make_mesh
+from gemma_scope_pz.scope.layers import AutoEncoder
+
+model = Gemma3LM.random(Gemma3Config.tiny(n_layers=2), seed=0)
+rng, d, n = np.random.default_rng(0), model.config.d_model, 24
+tc = AutoEncoder.from_arrays(
+    (rng.normal(size=(d, n)) / np.sqrt(d)).astype(np.float32), np.zeros(n, np.float32),
+    (0.1 * rng.normal(size=(n, d))).astype(np.float32), np.zeros(d, np.float32),
+    np.full(n, 0.3, np.float32))
+tokens = np.array([2, 5, 9, 13, 7, 22])
+mesh = make_mesh(data=2)
+try:
+    attribute(model, {1: tc}, tokens, batch_size=5, mesh=mesh)
+except ValueError as e:
+    print("ERROR", e)
+one = attribute(model, {1: tc}, tokens, batch_size=8)
+two = attribute(model, {1: tc}, tokens, batch_size=8, mesh=mesh)
+assert one.n_features > 8
+print("MAXDIFF", float(np.abs(one.adjacency_matrix - two.adjacency_matrix).max()))
+print("SAME", bool((one.selected_features == two.selected_features).all()))
+"""
+
+
+@pytest.mark.slow  # a fresh process with 2 CPU devices: three compilations, 20-70 s on 2 cores
+def test_targets_split_over_a_mesh_give_the_same_graph():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", MESH_CHILD], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    assert "batch_size (size 5)" in lines["ERROR"]
+    assert lines["SAME"] == "True"
+    assert float(lines["MAXDIFF"]) < 1e-6
 
 
 def test_salient_logits():

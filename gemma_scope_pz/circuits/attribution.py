@@ -23,12 +23,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from penzai import pz
 from tqdm.auto import tqdm
 
 from gemma_scope_pz.circuits import replacement as rep
 from gemma_scope_pz.circuits.graph import Graph
 from gemma_scope_pz.circuits.transcoders import TranscoderStack, as_transcoder_stack
+from gemma_scope_pz.parallel.mesh import DATA, check_divides
 
 __all__ = ["AttributionSetup", "attribute", "prepare_attribution", "salient_logits"]
 
@@ -235,10 +238,20 @@ def _row_width(setup: AttributionSetup) -> int:
 
 
 def _compute_rows(
-    model, setup, targets: _Targets, idx: np.ndarray, batch_size: int, out: np.ndarray | None = None
+    model,
+    setup,
+    targets: _Targets,
+    idx: np.ndarray,
+    batch_size: int,
+    out: np.ndarray | None = None,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
-    """Rows of targets ``idx``, written batch by batch into ``out`` [len(idx), width]."""
+    """Rows of targets ``idx``, written batch by batch into ``out`` [len(idx), width].
+
+    With a ``mesh``, each batch of targets is split over its "data" axis.
+    """
     n = len(idx)
+    sharding = None if mesh is None else NamedSharding(mesh, P(DATA))
     if out is None:
         out = np.empty((n, _row_width(setup)), np.float32)
     if n == 0:
@@ -252,9 +265,14 @@ def _compute_rows(
         rows = _rows(
             frozen,
             setup,
-            jnp.asarray(targets.layers[sel], jnp.int32),
-            jnp.asarray(targets.positions[sel], jnp.int32),
-            jnp.asarray(targets.vectors[sel]),
+            *jax.device_put(
+                (
+                    np.asarray(targets.layers[sel], np.int32),
+                    np.asarray(targets.positions[sel], np.int32),
+                    np.asarray(targets.vectors[sel], np.float32),
+                ),
+                sharding,
+            ),
         )
         take = min(batch_size, n - start)
         out[by_layer[start : start + take]] = np.asarray(rows)[:take]
@@ -300,7 +318,15 @@ def _partial_influence(
 
 
 def _feature_order(
-    model, setup, targets, logit_rows, logit_p, max_nodes: int, batch_size: int, update_interval
+    model,
+    setup,
+    targets,
+    logit_rows,
+    logit_p,
+    max_nodes: int,
+    batch_size: int,
+    update_interval,
+    mesh,
 ):
     """Feature rows in circuit-tracer's order, greedily by influence (``max_nodes`` of them).
 
@@ -321,7 +347,7 @@ def _feature_order(
             queue = min(update_interval * batch_size, n_logit + max_nodes - done)
             pending = rank[~visited[rank]][:queue]
             end = done + len(pending)
-            _compute_rows(model, setup, targets, pending, batch_size, out=rows[done:end])
+            _compute_rows(model, setup, targets, pending, batch_size, rows[done:end], mesh)
             nodes[done:end] = pending
             visited[pending] = True
             done = end
@@ -341,6 +367,7 @@ def attribute(
     update_interval: int = 4,
     zero_bos: bool = True,
     input_string: str = "",
+    mesh: Mesh | None = None,
 ) -> Graph:
     """The attribution graph of one prompt (see the module docstring for its definitions).
 
@@ -359,7 +386,11 @@ def attribute(
         0.5.0 uses ``E[token]`` with the gradient after the scaling: its token edges are ours
         divided by ``sqrt(d_model)``; see tests/test_circuits_reference.py).
       input_string: Stored in the graph (defaults to the prompt when it is text).
+      mesh: Splits each batch of targets over the mesh's "data" axis (``batch_size`` must
+        divide evenly); the rows come back to the host batch by batch.
     """
+    if mesh is not None:
+        check_divides(mesh, {"batch_size": (batch_size, DATA)}, "attribution targets")
     tokens = rep.prompt_tokens(model, prompt)
     if isinstance(prompt, str) and not input_string:
         input_string = prompt
@@ -373,7 +404,9 @@ def attribute(
     logit_vecs = table[logit_ids] - table.mean(axis=0, keepdims=True)
     n_logit = len(logit_ids)
     logit_targets = _Targets(np.full(n_logit, n_layers), np.full(n_logit, seq - 1), logit_vecs)
-    logit_rows = _compute_rows(model, setup, logit_targets, np.arange(n_logit), batch_size)
+    logit_rows = _compute_rows(
+        model, setup, logit_targets, np.arange(n_logit), batch_size, mesh=mesh
+    )
     targets = _feature_targets(setup)
     n_feat, width = len(targets.layers), logit_rows.shape[1]
     cap = n_feat if max_feature_nodes is None else min(max_feature_nodes, n_feat)
@@ -381,11 +414,11 @@ def attribute(
     adjacency = np.zeros((n_nodes, n_nodes), np.float32)
     if cap == n_feat:  # every feature is a node: its rows go straight into the adjacency
         selected = np.arange(n_feat)
-        _compute_rows(model, setup, targets, selected, batch_size, out=adjacency[:n_feat, :width])
+        _compute_rows(model, setup, targets, selected, batch_size, adjacency[:n_feat, :width], mesh)
         cols = np.arange(width)
     else:
         order, feat_rows = _feature_order(
-            model, setup, targets, logit_rows, logit_p, cap, batch_size, update_interval
+            model, setup, targets, logit_rows, logit_p, cap, batch_size, update_interval, mesh
         )
         selected = np.sort(order)
         cols = np.concatenate([selected, np.arange(n_feat, width)])
