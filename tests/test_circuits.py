@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_scope_pz.circuits import attribution
+from gemma_scope_pz.circuits import attribution, influence
 from gemma_scope_pz.circuits import replacement as rep
 from gemma_scope_pz.circuits.attribution import attribute, prepare_attribution, salient_logits
 from gemma_scope_pz.circuits.graph import (
@@ -263,8 +263,8 @@ def test_partial_influence_equals_the_dense_walk(monkeypatch):
         prod = prod[row_nodes] @ norm
         want += prod
         prod = np.concatenate([prod, np.zeros(n_logit)])
-    monkeypatch.setattr(attribution, "_ROW_CHUNK", 5)
-    got = attribution._partial_influence(rows, row_nodes, logit_p, n_feat)
+    monkeypatch.setattr(influence, "ROW_CHUNK", 5)
+    got = influence.partial_influence(rows, row_nodes, logit_p, n_feat)
     np.testing.assert_allclose(got, want[:n_feat], rtol=1e-6)
 
 

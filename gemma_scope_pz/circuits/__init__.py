@@ -1,7 +1,8 @@
 """Circuits: attribution graphs over transcoders and CLTs on the frozen replacement model.
 
 ``transcoders`` (the transcoder stack), ``replacement`` (the frozen local replacement model),
-``attribution`` (nodes and direct-effect edges), ``graph`` (pruning, scores, circuit-tracer
+``attribution`` (nodes and direct-effect edges), ``influence`` (ranking features by
+influence through a partly computed edge matrix), ``graph`` (pruning, scores, circuit-tracer
 JSON), ``html`` (the self-contained HTML view), ``interventions`` (set/ablate features and
 rerun) and ``cli`` (``gemma-scope-pz attribute``). The names below are imported on first use, so the CLI starts without JAX.
 """

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from gemma_scope_pz.circuits import replacement as rep
 from gemma_scope_pz.circuits.graph import Graph
+from gemma_scope_pz.circuits.influence import partial_influence
 from gemma_scope_pz.circuits.transcoders import TranscoderStack, as_transcoder_stack
 from gemma_scope_pz.parallel.mesh import DATA, check_divides
 
@@ -279,44 +280,6 @@ def _compute_rows(
     return out
 
 
-_ROW_CHUNK = 32  # rows per step of the host-side influence products
-
-
-def _partial_influence(
-    rows: np.ndarray, row_nodes: np.ndarray, logit_p: np.ndarray, n_out: int
-) -> np.ndarray:
-    """Influence of the first ``n_out`` column nodes on the logits, through the rows so far.
-
-    ``row_nodes[r]`` is row ``r``'s node (a column index; logit nodes lie past the columns).
-    Influence flows only through row nodes, so the walk runs on the small square
-    ``rows[:, row_nodes]``; one chunked product with every row then gives the influence on
-    all columns, without a normalized copy of the whole edge matrix.
-    """
-    n, width = rows.shape
-    sums = np.concatenate(
-        [np.abs(rows[i : i + _ROW_CHUNK]).sum(axis=1) for i in range(0, n, _ROW_CHUNK)]
-    )
-    denom = np.maximum(sums, 1e-8)[:, None]
-    inside = row_nodes < width
-    square = np.zeros((n, n), np.float32)
-    square[:, inside] = np.abs(rows[:, row_nodes[inside]]) / denom
-    walk = np.zeros(n)
-    walk[~inside] = logit_p[row_nodes[~inside] - width]
-    total = np.zeros(n)
-    for _ in range(128):
-        total += walk
-        walk = walk @ square
-        if not walk.any():
-            break
-    else:
-        raise RuntimeError("influence did not converge in 128 steps")
-    influence = np.zeros(n_out)
-    for i in range(0, n, _ROW_CHUNK):
-        block = np.abs(rows[i : i + _ROW_CHUNK, :n_out]) / denom[i : i + _ROW_CHUNK]
-        influence += total[i : i + _ROW_CHUNK] @ block
-    return influence
-
-
 def _feature_order(
     model,
     setup,
@@ -331,7 +294,7 @@ def _feature_order(
     """Feature rows in circuit-tracer's order, greedily by influence (``max_nodes`` of them).
 
     Rows go into one preallocated buffer [n_logits + max_nodes, width]; re-ranking reads it in
-    chunks (`_partial_influence`). Returns (feature indices in row order, their rows).
+    chunks (`influence.partial_influence`). Returns (feature indices in row order, their rows).
     """
     n_feat, n_logit = len(targets.layers), len(logit_p)
     width = logit_rows.shape[1]
@@ -342,7 +305,7 @@ def _feature_order(
     done = n_logit
     with tqdm(total=max_nodes, desc="feature rows", leave=False) as bar:
         while done < n_logit + max_nodes:
-            influence = _partial_influence(rows[:done], nodes[:done], logit_p, n_feat)
+            influence = partial_influence(rows[:done], nodes[:done], logit_p, n_feat)
             rank = np.argsort(-influence, kind="stable")
             queue = min(update_interval * batch_size, n_logit + max_nodes - done)
             pending = rank[~visited[rank]][:queue]
