@@ -101,12 +101,82 @@ def corpus_contexts(
     return np.stack(rows)
 
 
-def real_token_mask(tokens: np.ndarray, pad_id: int, *, has_bos: bool = True) -> np.ndarray:
+def real_token_mask(
+    tokens: np.ndarray, pad_id: int, *, has_bos: bool = True, bos_id: int | None = None
+) -> np.ndarray:
     """Boolean mask of the document tokens of packed contexts: False at BOS (position 0, with
-    ``has_bos``) and at padding; ``scope.tokens.token_mask`` with the packing's conventions."""
+    ``has_bos``) and at padding; ``scope.tokens.token_mask`` with the packing's conventions.
+    With ``bos_id`` (contexts of ``pack_concatenated``), every BOS token is False too."""
     return np.asarray(
-        token_mask(np.asarray(tokens), bos_id=None, pad_id=int(pad_id), exclude_bos=has_bos)
+        token_mask(np.asarray(tokens), bos_id=bos_id, pad_id=int(pad_id), exclude_bos=has_bos)
     )
+
+
+PACKINGS: tuple[str, ...] = ("document", "concat")
+
+
+def pack_concatenated(
+    docs: Iterable[str], tokenizer: Any, context_len: int, *, tail: str = "pad"
+) -> Iterator[np.ndarray]:
+    """Packs documents back to back into int32 contexts ``[context_len]`` with no padding inside.
+
+    The token stream is ``BOS doc_0 BOS doc_1 ...`` (one BOS before every document) cut into
+    contexts that each start with BOS: a context beginning at a document start uses that
+    document's BOS; one beginning inside a document gets a BOS prepended (the rest of the document
+    follows without the text before it). This is how SAELens packs (``concat_and_batch_sequences``
+    with a BOS at each context start and BOS as the document separator). Attention is causal over
+    the whole context, so a token also sees the earlier documents of its context: our model has
+    no segment mask. Only the last context can hold padding (``tail="pad"``) or is dropped
+    (``tail="drop"``). ``real_token_mask(..., bos_id=tokenizer.bos_id)`` marks the document tokens.
+    """
+    if tail not in ("pad", "drop"):
+        raise ValueError(f"tail must be 'pad' or 'drop', got {tail!r}")
+    if context_len < 2:
+        raise ValueError(f"context_len={context_len} leaves no room for document tokens")
+    tokenizer = text_tokenizer(tokenizer)
+    bos, pad_id = int(tokenizer.bos_id), int(tokenizer.pad_id)
+    pending: list[np.ndarray] = []  # the stream not yet cut, each piece starting with BOS or not
+    n_pending = 0
+    for doc in docs:
+        ids = np.asarray(tokenizer.encode(doc, add_bos=False), dtype=np.int32)
+        if ids.size and ids[0] == bos:
+            ids = ids[1:]
+        if not ids.size:
+            continue
+        pending.append(np.concatenate([[bos], ids]).astype(np.int32))
+        n_pending += ids.size + 1
+        while n_pending >= context_len:
+            context, pending = _cut(np.concatenate(pending), context_len, bos)
+            n_pending = sum(p.size for p in pending)
+            yield context
+    stream = np.concatenate(pending) if pending else np.zeros(0, np.int32)
+    while stream.size:
+        context, rest = _cut(stream, context_len, bos)
+        stream = rest[0] if rest else np.zeros(0, np.int32)
+        if context.size < context_len:
+            if tail == "drop" or context.size <= 1:
+                return
+            context = np.concatenate([context, np.full(context_len - context.size, pad_id)])
+        yield context.astype(np.int32)
+
+
+def _cut(stream: np.ndarray, context_len: int, bos: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The first context of ``stream`` (BOS-led) and the rest (as a one-piece list)."""
+    if stream[0] != bos:
+        stream = np.concatenate([[bos], stream]).astype(np.int32)
+    rest = stream[context_len:]
+    return stream[:context_len], ([rest] if rest.size else [])
+
+
+def packed_contexts(
+    docs: Iterable[str], tokenizer: Any, context_len: int, packing: str = "document"
+) -> Iterator[np.ndarray]:
+    """``pack_contexts`` (``packing="document"``) or ``pack_concatenated`` (``"concat"``)."""
+    if packing == "document":
+        return pack_contexts(docs, tokenizer, context_len)
+    if packing == "concat":
+        return pack_concatenated(docs, tokenizer, context_len)
+    raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
 
 
 def batch_contexts(

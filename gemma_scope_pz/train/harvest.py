@@ -23,10 +23,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from gemma_scope_pz.data import packing
+from gemma_scope_pz.data import packing as packing_lib
 from gemma_scope_pz.data.corpus import Corpus, as_corpus
 from gemma_scope_pz.models.fingerprint import weights_fingerprint
 from gemma_scope_pz.scope.interventions import capture
@@ -50,6 +51,8 @@ class HarvestInfo:
       tail: How document tails were handled ("pad" or "drop").
       model_fingerprint: ``models.fingerprint.weights_fingerprint`` of the model: the identity of
         the weights, which a cache of these rows is keyed by.
+      packing: "document" or "concat" (see ``harvest``).
+      model_dtype: Dtype the forward ran in ("float32" or "bfloat16").
     """
 
     model_name: str
@@ -63,6 +66,8 @@ class HarvestInfo:
     add_bos: bool = True
     tail: str = "pad"
     model_fingerprint: str = ""
+    packing: str = "document"
+    model_dtype: str = "float32"
 
     @property
     def corpus(self) -> str:
@@ -100,6 +105,8 @@ def harvest_info(
     add_bos: bool = True,
     tail: str = "pad",
     model_name: str | None = None,
+    packing: str = "document",
+    model_dtype: str = "float32",
 ) -> HarvestInfo:
     """The ``HarvestInfo`` of a ``harvest`` call with the same arguments."""
     names = _site_names(sites)
@@ -116,6 +123,8 @@ def harvest_info(
         add_bos=add_bos,
         tail=tail,
         model_fingerprint=weights_fingerprint(model),
+        packing=packing,
+        model_dtype=model_dtype,
     )
 
 
@@ -133,6 +142,8 @@ def harvest(
     tail: str = "pad",
     start_row: int = 0,
     progress: bool = True,
+    packing: str = "document",
+    model_dtype: str = "float32",
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yields activation rows ``{site: [n, width]}`` per batch of contexts, until ``n_tokens``.
 
@@ -155,6 +166,10 @@ def harvest(
       start_row: Skip the first rows (to resume a harvest); whole contexts before it are skipped
         without running the model.
       progress: Show a tqdm bar over tokens.
+      packing: "document" (``pack_contexts``: one document per context, tails padded) or
+        "concat" (``pack_concatenated``: documents back to back, no padding, as SAELens packs).
+      model_dtype: "float32", or "bfloat16" to run the forward with bfloat16 weights and
+        activations (``model_in_dtype``); the rows are cast to ``dtype`` either way.
 
     Raises:
       ValueError: if the corpus yields no tokens (the message names it), a token id is outside the
@@ -168,16 +183,17 @@ def harvest(
         raise ValueError(f"n_tokens and start_row must be >= 0, got {n_tokens}, {start_row}")
     if n_tokens is not None and start_row >= n_tokens:
         return
-    tokenizer = packing.text_tokenizer(tokenizer)
-    pad_id = int(tokenizer.pad_id)
-    contexts = packing.pack_contexts(corpus, tokenizer, context_len, add_bos=add_bos, tail=tail)
-    contexts, skip = _skip_rows(contexts, start_row, pad_id, add_bos)
-    batches = packing.batch_contexts(contexts, batch_size, context_len, pad_id)
+    tokenizer = packing_lib.text_tokenizer(tokenizer)
+    mask = _mask_fn(tokenizer, add_bos, packing)
+    contexts = _contexts(corpus, tokenizer, context_len, add_bos, tail, packing)
+    contexts, skip = _skip_rows(contexts, start_row, mask)
+    batches = packing_lib.batch_contexts(contexts, batch_size, context_len, int(tokenizer.pad_id))
     batches = _checked_ids(batches, model.config.vocab_size, corpus.name)
+    model = model_in_dtype(model, model_dtype)
     done = start_row
     bar = tqdm(total=n_tokens, initial=start_row, unit="tok", disable=not progress, desc="harvest")
     try:
-        for rows in _activation_rows(model, batches, names, pad_id, add_bos, dtype):
+        for rows in _activation_rows(model, batches, names, mask, dtype):
             if skip:
                 rows, skip = {k: v[skip:] for k, v in rows.items()}, 0
             if n_tokens is not None:
@@ -222,15 +238,54 @@ def check_corpus_ids(tokens: np.ndarray, vocab: int, corpus_name: str) -> np.nda
     return tokens
 
 
+MODEL_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+
+
+def model_in_dtype(model, model_dtype: str):
+    """``model`` with every floating-point array (weights and constants) cast to ``model_dtype``,
+    so its forward runs in that dtype throughout; the model itself for "float32"."""
+    if model_dtype not in MODEL_DTYPES:
+        raise ValueError(f"model_dtype must be one of {MODEL_DTYPES}, got {model_dtype!r}")
+    if model_dtype == "float32":
+        return model
+    target = jnp.dtype(model_dtype)
+
+    def cast(leaf):
+        if isinstance(leaf, jax.Array | np.ndarray) and jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.asarray(leaf, target)
+        return leaf
+
+    return jax.tree_util.tree_map(cast, model)
+
+
+def _contexts(corpus, tokenizer, context_len: int, add_bos: bool, tail: str, kind: str):
+    if kind == "concat":
+        if not add_bos:
+            raise ValueError("packing='concat' needs add_bos=True (BOS separates documents)")
+        return packing_lib.pack_concatenated(corpus, tokenizer, context_len, tail=tail)
+    if kind != "document":
+        raise ValueError(f"packing must be one of {packing_lib.PACKINGS}, got {kind!r}")
+    return packing_lib.pack_contexts(corpus, tokenizer, context_len, add_bos=add_bos, tail=tail)
+
+
+def _mask_fn(tokenizer, add_bos: bool, kind: str):
+    """``tokens -> bool mask`` of the rows kept (document tokens) for this packing."""
+    pad_id = int(tokenizer.pad_id)
+    bos_id = int(tokenizer.bos_id) if kind == "concat" else None
+    return lambda tokens: packing_lib.real_token_mask(
+        tokens, pad_id, has_bos=add_bos, bos_id=bos_id
+    )
+
+
 def _activation_rows(
-    model, batches: Iterable[np.ndarray], names: tuple[str, ...], pad_id: int, add_bos: bool, dtype
+    model, batches: Iterable[np.ndarray], names: tuple[str, ...], mask, dtype
 ) -> Iterator[dict[str, np.ndarray]]:
     """The document-token rows of each batch, ``{site: [n, width]}``; batch ``i + 1`` is dispatched
     to the device before batch ``i`` is copied back, so host work overlaps device compute."""
     pending = None  # (device activations, mask) of the batch dispatched last
     for tokens in batches:
         acts = capture(model, tokens, list(names), stop_early=True)
-        submitted = (acts, packing.real_token_mask(tokens, pad_id, has_bos=add_bos))
+        submitted = (acts, mask(tokens))
         if pending is not None:
             yield _gather(jax.device_get(pending[0]), pending[1], names, dtype)
         pending = submitted
@@ -257,7 +312,9 @@ def harvest_array(
     parts = list(harvest(model, tokenizer, corpus, names, n_tokens=n_tokens, **options))
     arrays = {name: np.concatenate([p[name] for p in parts]) for name in names}
     info_options = {
-        k: options[k] for k in ("context_len", "dtype", "add_bos", "tail") if k in options
+        k: options[k]
+        for k in ("context_len", "dtype", "add_bos", "tail", "packing", "model_dtype")
+        if k in options
     }
     info = harvest_info(
         model,
@@ -286,13 +343,13 @@ def _gather(acts: dict, mask: np.ndarray, names: tuple[str, ...], dtype) -> dict
 
 
 def _skip_rows(
-    contexts: Iterator[np.ndarray], start_row: int, pad_id: int, add_bos: bool
+    contexts: Iterator[np.ndarray], start_row: int, mask
 ) -> tuple[Iterator[np.ndarray], int]:
     """Drops whole contexts lying before ``start_row``; returns the rest and the rows still to skip
     inside the first remaining context."""
     skipped = 0
     for context in contexts:
-        n_real = int(packing.real_token_mask(context, pad_id, has_bos=add_bos).sum())
+        n_real = int(mask(context).sum())
         if skipped + n_real > start_row:
             return itertools.chain([context], contexts), start_row - skipped
         skipped += n_real
@@ -317,5 +374,5 @@ def __getattr__(name: str):
             DeprecationWarning,
             stacklevel=2,
         )
-        return getattr(packing, name)
+        return getattr(packing_lib, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,7 @@ from gemma_scope_pz.scope.interventions import run_with_captures
 from gemma_scope_pz.scope.sites import Site
 from gemma_scope_pz.train import buffer as buffer_lib
 from gemma_scope_pz.train.config import TrainConfig
-from gemma_scope_pz.train.harvest import check_corpus_ids
+from gemma_scope_pz.train.harvest import MODEL_DTYPES, check_corpus_ids, model_in_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,11 @@ class StreamConfig:
       checkpoint_every: Checkpoint interval in steps (with a ``checkpoint_dir``).
       log_every: Metrics are read back and shown every this many steps.
       progress_bar: Show a tqdm bar (tokens/s, L0, FVU, dead fraction per dictionary).
+      packing: "document" (one document per context, tails padded: ``pack_contexts``) or "concat"
+        (documents back to back with a BOS each, no padding, as SAELens packs:
+        ``pack_concatenated``; attention then crosses documents within a context).
+      model_dtype: "float32", or "bfloat16" to run the LM forward with bfloat16 weights and
+        activations (rows are stored as float32 for the dictionaries).
     """
 
     context_len: int = 128
@@ -53,8 +58,18 @@ class StreamConfig:
     checkpoint_every: int = 1000
     log_every: int = 50
     progress_bar: bool = True
+    packing: str = "document"
+    model_dtype: str = "float32"
 
     def __post_init__(self):
+        if self.packing not in packing.PACKINGS:
+            raise ValueError(
+                f"stream.packing must be one of {packing.PACKINGS}, got {self.packing!r}"
+            )
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ValueError(
+                f"stream.model_dtype must be one of {MODEL_DTYPES}, got {self.model_dtype!r}"
+            )
         for name in ("context_len", "refill_every", "buffer_refills", "checkpoint_every"):
             if int(getattr(self, name)) < (2 if name == "context_len" else 1):
                 raise ValueError(f"stream.{name} must be >= 1 (context_len >= 2)")
@@ -88,9 +103,16 @@ class ContextStream:
     """
 
     def __init__(
-        self, corpus: Corpus, tokenizer: Any, n_contexts: int, context_len: int, vocab: int
+        self,
+        corpus: Corpus,
+        tokenizer: Any,
+        n_contexts: int,
+        context_len: int,
+        vocab: int,
+        packing_kind: str = "document",
     ):
         self.corpus, self.n_contexts, self.context_len = corpus, n_contexts, context_len
+        self.packing = packing_kind
         self.tokenizer = packing.text_tokenizer(tokenizer)
         self.vocab = vocab
         self._iterator, self._position = None, 0
@@ -98,7 +120,10 @@ class ContextStream:
     def _contexts(self):
         while True:
             empty = True
-            for context in packing.pack_contexts(self.corpus, self.tokenizer, self.context_len):
+            contexts = packing.packed_contexts(
+                self.corpus, self.tokenizer, self.context_len, self.packing
+            )
+            for context in contexts:
                 empty = False
                 yield context
             if empty:
@@ -119,6 +144,14 @@ class ContextStream:
     @property
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_id)
+
+    @property
+    def ignored_ids(self) -> tuple[int, ...]:
+        """Token ids whose rows never enter the buffer: padding, and with "concat" packing BOS
+        (the document separators); position 0 is always left out."""
+        if self.packing == "concat":
+            return (self.pad_id, int(self.tokenizer.bos_id))
+        return (self.pad_id,)
 
 
 # --------------------------------------------------------------------------- checks
@@ -170,15 +203,23 @@ def _site_of(config: TrainConfig, which: str) -> str:
 
 
 # --------------------------------------------------------------------------- the device program
-def make_data_step(sites: tuple[str, ...], stream: StreamConfig, pad_id: int, batch_size: int):
+def make_data_step(
+    sites: tuple[str, ...], stream: StreamConfig, pad_id: int | tuple[int, ...], batch_size: int
+):
     """``data_step(model, buffer, tokens, step, refill) -> (buffer, n_bad, slots)``: the refill
-    (when ``refill``) and the draw of step ``step`` (traceable)."""
+    (when ``refill``) and the draw of step ``step`` (traceable). Rows at position 0 and at the
+    ids ``pad_id`` (one or several: ``ContextStream.ignored_ids``) are not valid."""
+    ignored = (pad_id,) if isinstance(pad_id, int) else tuple(pad_id)
 
     def fill(model, buffer, tokens, chunk):
+        model = model_in_dtype(model, stream.model_dtype)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         _, acts = run_with_captures(model, tokens, positions, sites, stop_early=True)
-        rows = {s: acts[s].reshape(-1, acts[s].shape[-1]) for s in sites}
-        valid = ((positions > 0) & (tokens != pad_id)).reshape(-1)
+        rows = {s: acts[s].reshape(-1, acts[s].shape[-1]).astype(jnp.float32) for s in sites}
+        valid = positions > 0
+        for token_id in ignored:
+            valid &= tokens != token_id
+        valid = valid.reshape(-1)
         return buffer_lib.write_chunk(buffer, chunk, rows, valid)
 
     def data_step(model, buffer, tokens, step, refill):

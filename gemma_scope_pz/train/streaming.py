@@ -345,10 +345,15 @@ def train_streaming(
 
         tokenizer = load_tokenizer(model)
     contexts = ContextStream(
-        as_corpus(corpus), tokenizer, n_contexts, stream.context_len, model.config.vocab_size
+        as_corpus(corpus),
+        tokenizer,
+        n_contexts,
+        stream.context_len,
+        model.config.vocab_size,
+        packing_kind=stream.packing,
     )
     fill, data_step, program = _programs(
-        tuple(configs.items()), tuple(widths), stream, contexts.pad_id, first.run.batch_size
+        tuple(configs.items()), tuple(widths), stream, contexts.ignored_ids, first.run.batch_size
     )
     frozen = pz.freeze_params(model)
     manager = _manager(checkpoint_dir, first.run.keep_checkpoints) if checkpoint_dir else None
