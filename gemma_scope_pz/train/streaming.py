@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from gemma_scope_pz.data.corpus import Corpus, as_corpus
 from gemma_scope_pz.train import buffer as buffer_lib
+from gemma_scope_pz.train import sharding, stream_data, trainer
 from gemma_scope_pz.train import step as step_lib
-from gemma_scope_pz.train import stream_data, trainer
 from gemma_scope_pz.train.config import TrainConfig
 from gemma_scope_pz.train.normalize import Normaliser
 from gemma_scope_pz.train.sources import CallableSource
@@ -74,9 +74,10 @@ class StreamResult:
         return self.tokens / max(self.seconds, 1e-9)
 
 
-def _make_program(configs: Mapping[str, TrainConfig], data_step):
+def _make_program(configs: Mapping[str, TrainConfig], data_step, mesh=None):
     """``program(model, states, buffer, tokens, step, refill) -> (states, buffer, n_bad, metrics)``:
-    one step of the whole stream (refill, draw, every dictionary's update)."""
+    one step of the whole stream (refill, draw, every dictionary's update). On a ``mesh`` each batch
+    is split over ``"data"``; states and buffer keep the shardings of ``sharding.place_stream``."""
     step_fns = {name: step_lib.make_train_step(c) for name, c in configs.items()}
 
     def program(model, states, buffer, tokens, step, refill):
@@ -84,7 +85,15 @@ def _make_program(configs: Mapping[str, TrainConfig], data_step):
         new_states, metrics = {}, {}
         for name, config in configs.items():
             x_in, x_out = stream_data.batch_of(buffer, slots, config)
+            x_in, x_out = (
+                sharding.constrain_batch(x_in, mesh),
+                sharding.constrain_batch(x_out, mesh),
+            )
             new_states[name], metrics[name] = step_fns[name](states[name], x_in, x_out)
+        if mesh is not None:
+            new_states, buffer = sharding.place_stream(
+                configs, new_states, buffer, mesh, constrain=True
+            )
         return new_states, buffer, n_bad, metrics
 
     return program
@@ -92,38 +101,43 @@ def _make_program(configs: Mapping[str, TrainConfig], data_step):
 
 @functools.lru_cache(maxsize=8)
 def _programs(
-    configs: tuple, sites: tuple[str, ...], stream: StreamConfig, pad_id: int, batch: int
+    configs: tuple, sites: tuple[str, ...], stream: StreamConfig, pad_id: int, batch: int, mesh
 ):
     """The jitted refill (initial fill), refill-and-draw (set-up) and whole-step programs, kept
     across calls with the same settings so a second run does not compile again."""
     fill, data_step = stream_data.make_data_step(sites, stream, pad_id, batch)
-    program = jax.jit(_make_program(dict(configs), data_step), donate_argnums=(1, 2))
+    program = jax.jit(_make_program(dict(configs), data_step, mesh), donate_argnums=(1, 2))
     return jax.jit(fill), jax.jit(data_step), program
 
 
 # --------------------------------------------------------------------------- set-up
-def _initial_buffer(model, fill, contexts: ContextStream, widths, stream: StreamConfig):
+def _initial_buffer(model, fill, contexts: ContextStream, widths, stream: StreamConfig, mesh):
     """The buffer before step 0 (refills ``0 .. buffer_refills - 1``) and its non-finite count."""
     buffer = buffer_lib.init_buffer(
         widths, stream.buffer_refills, contexts.n_contexts * stream.context_len
     )
+    if mesh is not None:
+        buffer = jax.device_put(buffer, sharding.buffer_shardings(buffer, mesh))
     n_bad = 0
     for r in range(stream.buffer_refills):
-        buffer, bad = fill(model, buffer, jnp.asarray(contexts.tokens(r)), jnp.int32(r))
+        tokens = sharding.put_tokens(contexts.tokens(r), mesh)
+        buffer, bad = fill(model, buffer, tokens, jnp.int32(r))
         n_bad += int(bad)
     return buffer, n_bad
 
 
-def _initial_states(model, configs, data_step, buffer, contexts, stream):
+def _initial_states(model, configs, data_step, buffer, contexts, stream, mesh):
     """Fresh trainer states: normaliser and ``b_dec`` from the first batches of the stream (read
     back to the host once, as :func:`~gemma_scope_pz.train.trainer.initial_state` expects)."""
     n_batches = max(c.sae.norm_estimation_batches for c in configs.values())
     host: list[dict[str, tuple]] = []
-    tokens = jnp.zeros((contexts.n_contexts, stream.context_len), jnp.int32)
+    tokens = sharding.put_tokens(
+        np.zeros((contexts.n_contexts, stream.context_len), np.int32), mesh
+    )
     for step in range(n_batches):
         r = stream_data.refill_at(step, stream)
         if r is not None:
-            tokens = jnp.asarray(contexts.tokens(r))
+            tokens = sharding.put_tokens(contexts.tokens(r), mesh)
         buffer, _, slots = data_step(
             model, buffer, tokens, jnp.int32(step), jnp.bool_(r is not None)
         )
@@ -201,20 +215,24 @@ def _save(manager, step: int, states, buffer, n_bad: int, configs, stream) -> No
     manager.wait_until_finished()
 
 
-def _start(model, configs, widths, stream, contexts, programs, manager, resume: bool):
+def _start(model, configs, widths, stream, contexts, programs, manager, resume: bool, mesh):
     """``(states, buffer, n_bad)``: from the latest checkpoint (with ``resume``) or fresh (earlier
-    checkpoints deleted without ``resume``)."""
+    checkpoints deleted without ``resume``); placed on ``mesh`` when one is given."""
+    restored = None
     if manager is not None and resume:
         where = str(manager.directory)
         restored = _restore(manager, configs, widths, stream, contexts.n_contexts, where)
-        if restored is not None:
-            return restored
     elif manager is not None:
         for old in manager.all_steps():
             manager.delete(old)
-    fill, data_step = programs
-    buffer, n_bad = _initial_buffer(model, fill, contexts, widths, stream)
-    states = _initial_states(model, configs, data_step, buffer, contexts, stream)
+    if restored is not None:
+        states, buffer, n_bad = restored
+    else:
+        fill, data_step = programs
+        buffer, n_bad = _initial_buffer(model, fill, contexts, widths, stream, mesh)
+        states = _initial_states(model, configs, data_step, buffer, contexts, stream, mesh)
+    if mesh is not None:
+        states, buffer = sharding.place_stream(configs, states, buffer, mesh)
     return states, buffer, n_bad
 
 
@@ -229,6 +247,7 @@ class _Run:
     program: Any
     manager: Any
     histories: dict[str, list[dict]]
+    mesh: Any = None
 
 
 def _log(run: _Run, states, metrics, step: int, n_bad, bar) -> None:
@@ -252,7 +271,9 @@ def _loop(run: _Run, model, states, buffer, n_bad, start: int, stop: int):
     first = next(iter(run.configs.values()))
     total, batch = first.num_steps, first.run.batch_size
     stream = run.stream
-    tokens = jnp.zeros((run.contexts.n_contexts, stream.context_len), jnp.int32)
+    tokens = sharding.put_tokens(
+        np.zeros((run.contexts.n_contexts, stream.context_len), np.int32), run.mesh
+    )
     n_bad = jnp.int32(n_bad)
     bar = tqdm(total=total * batch, initial=start * batch, unit="tok", unit_scale=True,
                disable=not stream.progress_bar, desc="stream", leave=False)  # fmt: skip
@@ -260,7 +281,7 @@ def _loop(run: _Run, model, states, buffer, n_bad, start: int, stop: int):
         for step in range(start, stop):
             refill = stream_data.refill_at(step, stream)
             if refill is not None:  # tokenised on the host while the device runs earlier steps
-                tokens = jnp.asarray(run.contexts.tokens(refill))
+                tokens = sharding.put_tokens(run.contexts.tokens(refill), run.mesh)
             states, buffer, bad, metrics = run.program(
                 model, states, buffer, tokens, jnp.int32(step), jnp.bool_(refill is not None)
             )
@@ -311,6 +332,7 @@ def train_streaming(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = True,
     stop_at: int | None = None,
+    mesh: Any = None,
 ) -> StreamResult:
     """Trains every dictionary of ``configs`` from one stream of model activations.
 
@@ -325,6 +347,11 @@ def train_streaming(
       checkpoint_dir: Orbax checkpoints of the whole stream (every dictionary, the buffer).
       resume: Continue from the latest checkpoint there (``False``: start afresh, deleting them).
       stop_at: Stop (and checkpoint) after this many steps; a later call resumes.
+      mesh: A ``("data", "model")`` mesh (``parallel.make_mesh``): each refill's contexts and
+        each batch split over ``"data"`` (gradients averaged over it), latents over ``"model"``
+        (:mod:`~gemma_scope_pz.train.sharding`). The model is replicated over the mesh unless it
+        is on it already (``gs.load_model(..., mesh=mesh)``). Same data order, same result (to
+        float tolerance) as without a mesh.
 
     Raises:
       ValueError: a dictionary whose site or width does not match the model, dictionaries that
@@ -339,6 +366,8 @@ def train_streaming(
     widths = stream_data.check_sites(model, configs)
     first = next(iter(configs.values()))
     n_contexts = stream.n_contexts(first.run.batch_size)
+    if mesh is not None:
+        sharding.check_stream_mesh(mesh, configs, n_contexts)
     buffer_lib.check_fits(widths, stream.buffer_refills * n_contexts * stream.context_len)
     if tokenizer is None:
         from gemma_scope_pz.models.tokenizer import load_tokenizer
@@ -353,16 +382,23 @@ def train_streaming(
         packing_kind=stream.packing,
     )
     fill, data_step, program = _programs(
-        tuple(configs.items()), tuple(widths), stream, contexts.ignored_ids, first.run.batch_size
+        tuple(configs.items()),
+        tuple(widths),
+        stream,
+        contexts.ignored_ids,
+        first.run.batch_size,
+        mesh,
     )
     frozen = pz.freeze_params(model)
+    if mesh is not None:
+        frozen = sharding.on_mesh(frozen, mesh)
     manager = _manager(checkpoint_dir, first.run.keep_checkpoints) if checkpoint_dir else None
     states, buffer, n_bad = _start(
-        frozen, configs, widths, stream, contexts, (fill, data_step), manager, resume
+        frozen, configs, widths, stream, contexts, (fill, data_step), manager, resume, mesh
     )
     start = int(jax.device_get(next(iter(states.values()))["step"]))
     stop = first.num_steps if stop_at is None else min(int(stop_at), first.num_steps)
-    run = _Run(configs, stream, contexts, program, manager, {n: [] for n in configs})
+    run = _Run(configs, stream, contexts, program, manager, {n: [] for n in configs}, mesh)
     began = time.perf_counter()
     states, buffer, n_bad = _loop(run, frozen, states, buffer, n_bad, start, stop)
     seconds = time.perf_counter() - began
