@@ -18,6 +18,27 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+def _persistent_compilation_cache() -> None:
+    """Many tests compile the same programs (the same tiny model, the same step); a per-worker
+    on-disk XLA cache turns the repeats into loads. One folder per pytest-xdist worker, fresh for
+    each run, so no test ever sees an executable it did not produce in this run."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import jax
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    folder = tempfile.mkdtemp(prefix=f"gspz_xla_cache_{worker}_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+if os.environ.get("GEMMA_SCOPE_PZ_TEST_XLA_CACHE", "1") == "1":
+    _persistent_compilation_cache()
+
 TINY_LAYERS = 4
 
 
