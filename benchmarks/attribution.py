@@ -194,6 +194,9 @@ def _child(python: str, code: str, argv: list, timeout_s: float) -> dict:
         )
     except subprocess.TimeoutExpired:
         return {"tokens": argv[-5], "timed_out_after_s": timeout_s, "load_before": load}
+    except subprocess.CalledProcessError as e:  # e.g. -9: killed by the kernel's OOM killer
+        tail = e.stderr.strip().splitlines()[-1:] if e.stderr else []
+        return {"tokens": argv[-5], "failed_returncode": e.returncode, "stderr_tail": tail}
     row = json.loads(out.stdout.strip().splitlines()[-1])
     return {**row, "load_before": load, "load_after": os.getloadavg()[0]}
 
