@@ -156,7 +156,9 @@ class LossConfig:
     l1_coeff: float = field(
         5.0, "Weight of the decoder-norm-weighted L1 penalty (relu).", minimum=0
     )
-    l0_coeff: float = field(1.0, "Weight of the L0 penalty (jumprelu).", minimum=0)
+    l0_coeff: float = field(
+        2.0, "Weight of the L0 penalty (jumprelu; 1.0 before issue 14).", minimum=0
+    )
     target_l0: float | None = field(
         None, "If set, jumprelu adds target_l0_coeff * (L0 - target_l0)^2.", minimum=0
     )
