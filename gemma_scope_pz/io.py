@@ -1,4 +1,5 @@
-"""Writing files safely: ``write_atomically``, ``write_folder_atomically`` and ``FileLock``.
+"""Writing files safely: ``write_atomically``, ``write_folder_atomically`` and ``FileLock``; and where
+the package caches what it builds (``default_cache_dir``).
 
 The one home for every write that must never be seen half-done, and for the advisory lock that keeps two
 processes from writing the same folder (an activation cache, an export) at once.
@@ -14,6 +15,11 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    """``$GEMMA_SCOPE_PZ_CACHE`` or ``~/.cache/gemma_scope_pz``: the one root of every cache."""
+    return Path(os.environ.get("GEMMA_SCOPE_PZ_CACHE", Path.home() / ".cache" / "gemma_scope_pz"))
 
 
 def _umask() -> int:

@@ -11,7 +11,7 @@
 
 Steps 1 and 3-6 live in :mod:`gemma_scope_pz.app.steps`; everything calls only the public facade
 (``import gemma_scope_pz as gs``) and returns dataclasses.
-Heavy steps are cached under ``default_cache_root()/tour``: a second run only loads and evaluates.
+Heavy steps are cached under ``gemma_scope_pz.io.default_cache_dir()/tour``: a second run only loads and evaluates.
 """
 
 from __future__ import annotations
@@ -155,8 +155,9 @@ def offline_dictionaries(
     otherwise harvests the offline corpus once (one forward pass for the three sites, cached on
     disk, with a progress bar) and trains both with those settings, reusing cached exports.
     """
+    from gemma_scope_pz.io import default_cache_dir
     from gemma_scope_pz.models.fingerprint import weights_fingerprint
-    from gemma_scope_pz.train.pipeline import default_cache_root, fingerprint
+    from gemma_scope_pz.train.pipeline import fingerprint
 
     if settings is None:
         names = SHIPPED.values()
@@ -172,7 +173,7 @@ def offline_dictionaries(
         f"blocks.{s.transcoder_layer}.mlp_in",
         f"blocks.{s.transcoder_layer}.mlp_out",
     ]
-    root = default_cache_root() / "tour"
+    root = default_cache_dir() / "tour"
     corpus = gs.load_corpus(None)
     weights = weights_fingerprint(model)  # a fine-tuned model gets its own activations
     data_key = fingerprint(model.config.to_dict(), weights, corpus.label, s.train_tokens, *sites)

@@ -12,15 +12,12 @@ import hashlib
 import os
 from pathlib import Path
 
+from gemma_scope_pz.io import default_cache_dir
+
 __all__ = ["default_cache_dir", "model_cache_path"]
 
 # Bump when the GGUF -> SentencePiece mapping changes, so stale cached models are not reused.
 _BUILDER_VERSION = 1
-
-
-def default_cache_dir() -> Path:
-    """``$GEMMA_SCOPE_PZ_CACHE`` or ``~/.cache/gemma_scope_pz``."""
-    return Path(os.environ.get("GEMMA_SCOPE_PZ_CACHE", Path.home() / ".cache" / "gemma_scope_pz"))
 
 
 def model_cache_path(vocab_digest: str, cache_dir: str | os.PathLike | None = None) -> Path:

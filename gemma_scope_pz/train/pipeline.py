@@ -22,13 +22,6 @@ from gemma_scope_pz.train.harvest import harvest, harvest_info
 from gemma_scope_pz.train.store import ActivationCache
 
 
-def default_cache_root() -> pathlib.Path:
-    """``$GEMMA_SCOPE_PZ_CACHE`` or ``~/.cache/gemma_scope_pz``."""
-    return pathlib.Path(
-        os.environ.get("GEMMA_SCOPE_PZ_CACHE", pathlib.Path.home() / ".cache" / "gemma_scope_pz")
-    )
-
-
 def fingerprint(*parts) -> str:
     """A short stable hash of JSON-able parts (cache keys)."""
     text = json.dumps(parts, sort_keys=True, default=str)
