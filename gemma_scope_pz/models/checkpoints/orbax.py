@@ -76,7 +76,15 @@ def orbax_layout(
     tree = getattr(getattr(metadata, "item_metadata", None), "tree", metadata)
     if not isinstance(tree, dict):
         raise ValueError(f"{directory}: orbax metadata has no parameter tree ({type(metadata)})")
-    flat = _flatten(tree)
+    config, table = _checked_layout(_flatten(tree), directory)
+    return config, table, tree
+
+
+def _checked_layout(
+    flat: dict[str, Any], directory: pathlib.Path
+) -> tuple[Gemma3Config, dict[str, tuple[str, tuple, _Pick]]]:
+    """The config and layout table of a flattened tree (arrays or metadata), after checking that
+    it holds no unexpected tensor, misses none, and every shape is the one the config implies."""
     config = _config(flat, directory)
     table = _layout(flat, config)
     used = {stored for stored, _, _ in table.values()}
@@ -87,7 +95,7 @@ def orbax_layout(
         if stored not in flat:
             raise ValueError(f"{directory}: missing tensor {stored!r} (for {key})")
         layout.check_shape(directory, stored, tuple(flat[stored].shape), shape)
-    return config, table, tree
+    return config, table
 
 
 def restore_sharded(directory: pathlib.Path, tree: dict[str, Any], shardings: dict[str, Any]):
@@ -263,21 +271,13 @@ def load_orbax(
     if not directory.is_dir():
         raise FileNotFoundError(f"orbax checkpoint directory {directory} does not exist")
     flat = _flatten(_restore(directory))
-    config = _config(flat, directory)
-    table = _layout(flat, config)
-    used = {stored for stored, _, _ in table.values()}
-    unexpected = [n for n in flat if n not in used and not _ignored(n)]
-    if unexpected:
-        raise ValueError(f"{directory}: unexpected tensors {unexpected[:8]}")
+    config, table = _checked_layout(flat, directory)
     remaining_uses: dict[str, int] = {}
     for stored, _, _ in table.values():
         remaining_uses[stored] = remaining_uses.get(stored, 0) + 1
     params: dict[str, np.ndarray] = {}
     checked: set[str] = set()
-    for key, (stored, shape, to_canonical) in table.items():
-        if stored not in flat:
-            raise ValueError(f"{directory}: missing tensor {stored!r} (for {key})")
-        layout.check_shape(directory, stored, flat[stored].shape, shape)
+    for key, (stored, _, to_canonical) in table.items():
         if stored not in checked:
             layout.check_finite(directory, stored, flat[stored])
             checked.add(stored)
