@@ -1,14 +1,27 @@
-"""End-to-end text → trained SAE on Gemma 3 270M: streaming vs the activation cache, and many dictionaries.
+"""End-to-end text → trained SAE on Gemma 3 270M: ours (streaming, cache; float32, bfloat16) against SAELens.
 
-Usage: python benchmarks/e2e_train.py [--quick] [--tokens 200000] [--site blocks.9.resid_post]
+Usage: python benchmarks/e2e_train.py [--quick] [--tokens 200000] [--paths stream,stream_bf16,cache]
+       [--saelens-python /work/scratch/saelens/bin/python] [--many]
 
-Prints one JSON object. ``cache``: harvest the activations to host memory (``harvest_array``), then
-``train``; ``stream``: ``train_streaming`` (forward, buffer of 4 refills and update on the
-device). Both train the same JumpReLU and TopK (k=32) dictionaries (640 → ``--d-sae``, context
-128, ``--batch`` tokens per step, ``--tokens`` tokens), and the wall times include compilation, as
-a user waits for them.
-``many``: three SAEs at blocks 3, 6 and 9 from one stream against streaming each alone.
-The machine may be shared: ``load_average`` says how busy it was.
+Prints one JSON object (and writes it to ``--out``). Every path trains the same JumpReLU and TopK
+(k=32) dictionaries, 640 → ``--d-sae`` at ``--site``, context 128, ``--batch`` tokens per step,
+``--tokens`` tokens, from the default corpus with documents packed back to back
+(``packing="concat"``, as SAELens packs); wall times include compilation and model loading is
+not counted, for ours or SAELens's.
+
+* ``stream`` / ``stream_bf16``: ``train_streaming`` (forward, on-device buffer, update), the LM
+  forward in float32 / bfloat16;
+* ``cache``: ``harvest_array`` to host memory, then ``train``;
+* ``saelens``: ``scripts/e2e_saelens.py`` run with ``--saelens-python`` (a scratch environment
+  with sae-lens and torch; never a dependency): ``LanguageModelSAETrainingRunner`` on the same
+  model converted to Hugging Face format and the same documents, same machine, same run.
+
+Quality: FVU, L0 and delta loss of every trained SAE (SAELens's included, read back from its
+weights) by ``evaluate_sae`` on the same held-out contexts: the corpus's last documents, which the
+training tokens do not reach. ``forward`` (a path name): tokens/s of the harvest forward alone, float32 against
+bfloat16, and the bfloat16 activations' relative error. ``--many``: three SAEs at blocks 3, 6, 9
+plus a transcoder at every layer from one stream, against each alone. ``load_average`` says how
+busy the (shared) machine was.
 """
 
 from __future__ import annotations
@@ -16,21 +29,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
+import subprocess
 import time
 
+import numpy as np
 from common import machine_info
 
 import gemma_scope_pz as gs
+from gemma_scope_pz.data.packing import corpus_contexts
+from gemma_scope_pz.io import write_atomically
+from gemma_scope_pz.scope.evaluate import evaluate_sae
+from gemma_scope_pz.scope.layers import AutoEncoder, SaeMeta
 from gemma_scope_pz.train.config import TrainConfig
 from gemma_scope_pz.train.harvest import harvest_array
 from gemma_scope_pz.train.streaming import StreamConfig, train_streaming
 from gemma_scope_pz.train.trainer import train
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SAELENS_SCRIPT = REPO / "scripts" / "e2e_saelens.py"
 
-def _config(site: str, arch: str, args) -> TrainConfig:
+
+def _config(site: str, arch: str, args, site_out: str | None = None) -> TrainConfig:
+    sae = {"d_in": 640, "d_sae": args.d_sae, "site_in": site, "architecture": arch, "k": 32}
+    if site_out:
+        sae["site_out"] = site_out
     return TrainConfig(
-        sae={"d_in": 640, "d_sae": args.d_sae, "site_in": site, "architecture": arch, "k": 32},
-        run={"batch_size": args.batch, "total_tokens": args.tokens, "progress_bar": False},
+        sae=sae, run={"batch_size": args.batch, "total_tokens": args.tokens, "progress_bar": False}
     )
 
 
@@ -40,58 +65,166 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def cache_path(model, tok, config: TrainConfig, args) -> dict:
-    """Harvest then train: seconds of each and tokens/s overall."""
+def cache_path(model, tok, config: TrainConfig, args) -> tuple[dict, object]:
+    """Harvest to host memory then train: seconds of each, tokens/s overall, the trained SAE."""
     site = config.sae.site_in
     harvest_s, (rows, _) = _timed(
         lambda: harvest_array(
-            model, tok, None, [site], n_tokens=args.tokens, batch_size=32, progress=False
+            model,
+            tok,
+            None,
+            [site],
+            n_tokens=args.tokens,
+            batch_size=32,
+            packing="concat",
+            progress=False,
         )  # fmt: skip
     )
     train_s, result = _timed(lambda: train(config, rows[site]))
     total = harvest_s + train_s
-    return {"harvest_s": harvest_s, "train_s": train_s, "total_s": total,
-            "tokens_per_s": args.tokens / total, "final_fvu": result.metrics[-1]["fvu"]}  # fmt: skip
+    timing = {"harvest_s": harvest_s, "train_s": train_s, "total_s": total,
+              "tokens_per_s": args.tokens / total}  # fmt: skip
+    return timing, result.to_autoencoder()
 
 
-def stream_path(model, tok, configs: dict, args) -> dict:
-    """``train_streaming`` of ``configs``: wall time and tokens/s (end to end)."""
-    stream = StreamConfig(context_len=128, buffer_refills=4, progress_bar=False, log_every=10**9)
-    total, result = _timed(lambda: train_streaming(model, configs, None, tokenizer=tok,
-                                                   stream=stream))  # fmt: skip
-    return {
-        "total_s": total,
-        "tokens_per_s": args.tokens / total,
-        "loop_tokens_per_s": result.tokens_per_second,
-        "final_fvu": {n: r.metrics[-1]["fvu"] for n, r in result.dictionaries.items()},
-    }
+def stream_path(model, tok, configs: dict, args, model_dtype: str = "float32"):
+    """``train_streaming`` of ``configs``: wall time, tokens/s (end to end), the trained SAEs."""
+    stream = StreamConfig(context_len=128, buffer_refills=4, progress_bar=False, log_every=10**9,
+                          packing="concat", model_dtype=model_dtype)  # fmt: skip
+    total, result = _timed(
+        lambda: train_streaming(model, configs, None, tokenizer=tok, stream=stream)
+    )
+    timing = {"total_s": total, "tokens_per_s": args.tokens / total,
+              "loop_tokens_per_s": result.tokens_per_second}  # fmt: skip
+    return timing, {n: r.to_autoencoder() for n, r in result.dictionaries.items()}
 
 
-def main() -> None:
+def saelens_path(arch: str, args, docs_path: pathlib.Path) -> tuple[dict, object]:
+    """SAELens's runner in its own environment; its SAE rebuilt from the weights it wrote."""
+    out = args.work / f"saelens_{arch}.npz"
+    command = [args.saelens_python, str(SAELENS_SCRIPT), "--docs", str(docs_path), "--arch", arch,
+               "--out", str(out), "--tokens", str(args.tokens), "--d-sae", str(args.d_sae),
+               "--batch", str(args.batch), "--layer", args.site.split(".")[1]]  # fmt: skip
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    timing = json.loads(done.stdout.strip().splitlines()[-1])
+    with np.load(out) as w:
+        arrays = {key: w[key] for key in w.files}
+    meta = SaeMeta(d_in=640, d_sae=args.d_sae, d_out=640, site_in=args.site, site_out=args.site)
+    sae = AutoEncoder.from_arrays(
+        arrays["W_enc"], arrays["b_enc"], arrays["W_dec"], arrays["b_dec"],
+        arrays.get("threshold"), activation=arch, k=32 if arch == "topk" else None, meta=meta,
+    )  # fmt: skip
+    return timing, sae
+
+
+def quality(model, sae, held_out: np.ndarray, site: str) -> dict:
+    """FVU, L0, delta loss (nats) and dead fraction on the held-out contexts."""
+    e = evaluate_sae(model, sae, held_out, site=site, progress=False)
+    return {"fvu": e.fvu, "l0": e.l0, "delta_loss": e.delta_loss, "dead_fraction": e.dead_fraction}
+
+
+def forward_rates(tok, args) -> dict:
+    """Harvest-forward tokens/s in float32 and bfloat16 (same contexts) and the bf16 error."""
+    model = gs.load_model()
+    out = {}
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+
+        def run(n, dtype=dtype):  # noqa: E306
+            return harvest_array(model, tok, None, [args.site], n_tokens=n, batch_size=32,
+                                 packing="concat", model_dtype=dtype, progress=False)[0]  # fmt: skip
+
+        run(127 * 32)  # compile
+        seconds, rows[dtype] = _timed(lambda run=run: run(args.forward_tokens))
+        out[f"{dtype}_tokens_per_s"] = args.forward_tokens / seconds
+    a, b = rows["bfloat16"][args.site], rows["float32"][args.site]
+    out["bf16_relative_error"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    out["bf16_speedup"] = out["bfloat16_tokens_per_s"] / out["float32_tokens_per_s"]
+    return out
+
+
+def many_path(model, tok, args) -> dict:
+    """Three SAEs and a transcoder at every layer from one stream, against each alone."""
+    many = {f"res{b}": _config(f"blocks.{b}.resid_post", "jumprelu", args) for b in (3, 6, 9)}
+    for layer in range(model.config.n_layers):
+        many[f"tc{layer}"] = _config(
+            f"blocks.{layer}.mlp_in", "jumprelu", args, site_out=f"blocks.{layer}.mlp_out"
+        )
+    together, _ = stream_path(model, tok, many, args)
+    alone = [stream_path(model, tok, {n: c}, args)[0]["total_s"] for n, c in many.items()]
+    return {"n_dictionaries": len(many), "together_s": together["total_s"],
+            "one_by_one_s": sum(alone), "speedup": sum(alone) / together["total_s"]}  # fmt: skip
+
+
+def _run(name: str, model, tok, arch: str, config: TrainConfig, args, docs_path):
+    """(timing, trained SAE) of one path."""
+    if name == "saelens":
+        return saelens_path(arch, args, docs_path)
+    if name == "cache":
+        return cache_path(model, tok, config, args)
+    dtype = "bfloat16" if name == "stream_bf16" else "float32"
+    return stream_path(model, tok, {arch: config}, args, dtype)
+
+
+def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20k tokens, 512 latents, batch 1024")
     parser.add_argument("--tokens", type=int, default=200_000)
     parser.add_argument("--d-sae", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--site", default="blocks.9.resid_post")
+    parser.add_argument("--archs", default="jumprelu,topk")
+    parser.add_argument("--paths", default="forward,stream,stream_bf16,cache,saelens")
+    parser.add_argument("--saelens-python", default="/work/scratch/saelens/bin/python")
+    parser.add_argument("--held-out", type=int, default=32, help="held-out contexts of 128")
+    parser.add_argument("--forward-tokens", type=int, default=127 * 32 * 4)
+    parser.add_argument("--many", action="store_true")
+    parser.add_argument("--work", type=pathlib.Path, default=REPO / "runs" / "e2e")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     if args.quick:
-        args.tokens, args.d_sae, args.batch = 20_000, 512, 1024
+        args.tokens, args.d_sae, args.batch, args.held_out = 20_000, 512, 1024, 8
+    return args
+
+
+def main() -> None:
+    args = _parse()
+    args.work.mkdir(parents=True, exist_ok=True)
     model, tok = gs.load_model(), gs.load_tokenizer()
-    report = {**machine_info(), "settings": vars(args), "paths": {}}
-    for arch in ("jumprelu", "topk"):
+    corpus = gs.load_corpus(None)
+    docs_path = args.work / "docs.jsonl"
+    write_atomically(docs_path, "\n".join(json.dumps({"text": d}) for d in corpus) + "\n")
+    held_out = corpus_contexts(tok, corpus, args.held_out, from_end=True)
+    paths = args.paths.split(",")
+    report = {**machine_info(), "settings": {k: str(v) for k, v in vars(args).items()},
+              "load_average_start": os.getloadavg(), "paths": {}}  # fmt: skip
+    if "forward" in paths:
+        report["forward"] = forward_rates(tok, args)
+        _save(report, args)
+    for arch in args.archs.split(","):
         config = _config(args.site, arch, args)
-        report["paths"][arch] = {
-            "cache": cache_path(model, tok, config, args),
-            "stream": stream_path(model, tok, {arch: config}, args),
-        }
-    many = {f"res{b}": _config(f"blocks.{b}.resid_post", "jumprelu", args) for b in (3, 6, 9)}
-    together = stream_path(model, tok, many, args)
-    alone = [stream_path(model, tok, {n: c}, args)["total_s"] for n, c in many.items()]
-    report["many"] = {"together_s": together["total_s"], "one_by_one_s": sum(alone),
-                      "speedup": sum(alone) / together["total_s"]}  # fmt: skip
+        names = [n for n in ("stream", "stream_bf16", "cache", "saelens") if n in paths]
+        runs = ((n, _run(n, model, tok, arch, config, args, docs_path)) for n in names)  # lazily
+        out = report["paths"].setdefault(arch, {})
+        for name, (timing, sae) in runs:
+            sae = sae[arch] if isinstance(sae, dict) else sae
+            out[name] = {**timing, **quality(model, sae, held_out, args.site)}
+            _save(report, args)  # partial results survive an interrupted run
+        if "saelens" in out:
+            for name in out:
+                out[name]["speedup_vs_saelens"] = out["saelens"]["total_s"] / out[name]["total_s"]
+    if args.many:
+        report["many"] = many_path(model, tok, args)
+    print(_save(report, args))
+
+
+def _save(report: dict, args) -> str:
+    """``report`` as JSON (with the current load average), also written to ``--out``."""
     report["load_average"] = os.getloadavg()
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    if args.out:
+        write_atomically(args.out, text + "\n")
+    return text
 
 
 if __name__ == "__main__":
