@@ -109,10 +109,16 @@ def _cached_batches(model, docs, sites, n_steps):
     return batches
 
 
-def test_streaming_equals_cached_path_on_the_same_data_order(model):
+@pytest.fixture(scope="module")
+def together(model):
+    """An SAE and a transcoder streamed together from one forward (shared by two tests)."""
+    return _stream(model, {"sae": _sae(), "tc": _transcoder()}, _docs())
+
+
+def test_streaming_equals_cached_path_on_the_same_data_order(model, together):
     docs = _docs()
     assert sum(len(d) for d in docs) < 20 * BATCH  # the corpus restarts during the run
-    result = _stream(model, {"sae": _sae(), "tc": _transcoder()}, docs)
+    result = together
     batches = _cached_batches(model, docs, [SAE_SITE, TC_IN, TC_OUT], STEPS)
     for name, config, batch_of in (
         ("sae", _sae(log_every=1), lambda i: batches[i][SAE_SITE]),
@@ -151,11 +157,9 @@ def test_kill_and_resume_gives_bit_identical_weights(model, tmp_path):
         _stream(model, {"sae": _sae()}, docs, checkpoint_dir=tmp_path / "b")
 
 
-def test_two_dictionaries_from_one_forward_equal_one_by_one(model):
-    docs = _docs(seed=2)
-    together = _stream(model, {"sae": _sae(), "tc": _transcoder()}, docs)
+def test_two_dictionaries_from_one_forward_equal_one_by_one(model, together):
     for name, config in (("sae", _sae()), ("tc", _transcoder())):
-        alone = _stream(model, {name: config}, docs).dictionaries[name]
+        alone = _stream(model, {name: config}, _docs()).dictionaries[name]
         for k, v in alone.params.items():
             np.testing.assert_allclose(together.dictionaries[name].params[k], v, rtol=1e-6,
                                        atol=1e-7, err_msg=f"{name}.{k}")  # fmt: skip
