@@ -135,18 +135,28 @@ def test_missing_manifest_says_how_to_rebuild(tmp_path):
 # meets every floor but delta loss: +0.3005 on held-out text (+0.253 on training text). That one check
 # is a strict expected failure; it fails the suite when a retrain passes it.
 MISSES = {(SAE, "delta_loss")}
-FLOOR_CASES = [
-    pytest.param(
-        name,
-        key,
-        marks=[pytest.mark.xfail(strict=True, reason="shipped SAE misses it (see above)")]
-        if (name, key) in MISSES
-        else [],
-        id=f"{name}:{key}",
-    )
-    for name, floors in FLOORS.items()
-    for key in floors
-]
+
+
+def _floor_cases(strict: bool) -> list:
+    return [
+        pytest.param(
+            name,
+            key,
+            marks=[pytest.mark.xfail(strict=strict, reason="shipped SAE misses it (see above)")]
+            if (name, key) in MISSES
+            else [],
+            id=f"{name}:{key}",
+        )
+        for name, floors in FLOORS.items()
+        for key in floors
+    ]
+
+
+# The manifest's figures are fixed numbers: a miss there is a strict expected failure. A re-measured
+# figure may land within float summation noise of the floor (+0.3005 against 0.3), so there a pass
+# of the missed check is reported (XPASS) rather than failing the suite.
+FLOOR_CASES = _floor_cases(strict=True)
+MEASURED_FLOOR_CASES = _floor_cases(strict=False)
 
 
 @pytest.mark.parametrize("name, key", FLOOR_CASES)
@@ -270,7 +280,7 @@ def test_manifest_figures_agree_with_a_new_measurement(measured, manifest):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, key", FLOOR_CASES)
+@pytest.mark.parametrize("name, key", MEASURED_FLOOR_CASES)
 def test_measured_quality_meets_the_floors(measured, name, key):
     figures, _ = measured
     assert figures[name][key] <= FLOORS[name][key], (name, key, figures[name][key])
