@@ -54,8 +54,15 @@ def _config(site: str, arch: str, args, site_out: str | None = None) -> TrainCon
     sae = {"d_in": 640, "d_sae": args.d_sae, "site_in": site, "architecture": arch, "k": 32}
     if site_out:
         sae["site_out"] = site_out
+    steps = max(1, args.tokens // args.batch)
+    # Our default warm-ups (1000 steps) are for long runs: here a tenth of the run, as SAELens's
+    # runner, whose learning-rate warm-up defaults to 0, trains from the first step.
+    warmup = max(1, steps // 10)
     return TrainConfig(
-        sae=sae, run={"batch_size": args.batch, "total_tokens": args.tokens, "progress_bar": False}
+        sae=sae,
+        optim={"warmup_steps": warmup},
+        loss={"sparsity_warmup_steps": warmup},
+        run={"batch_size": args.batch, "total_tokens": args.tokens, "progress_bar": False},
     )
 
 

@@ -110,6 +110,9 @@ def main() -> None:
         context_size=args.context,
         training_tokens=args.tokens,
         train_batch_size_tokens=args.batch,
+        # SAELens's mixing buffer holds n_batches_in_buffer * context_size tokens and must hold a
+        # training batch (its default, 20, holds 2560 tokens at context 128): two batches' worth.
+        n_batches_in_buffer=max(20, -(-2 * args.batch // args.context)),
         device="cpu",
         dtype="float32",
         logger=LoggingConfig(log_to_wandb=False),
