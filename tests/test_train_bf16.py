@@ -54,7 +54,8 @@ def test_bf16_stream_refill_close_to_float32(tiny_model):
         stream = StreamConfig(context_len=16, buffer_refills=1, model_dtype=dtype)
         fill, _ = make_data_step(tuple(SITES), stream, 0, batch_size=8)
         buffer = buffer_lib.init_buffer({s: 32 for s in SITES}, 1, tokens.size)
-        buffer, _ = jax.jit(fill)(frozen, buffer, tokens, jnp.int32(0))
+        model = model_in_dtype(frozen, dtype)  # as train_streaming casts it, once
+        buffer, _ = jax.jit(fill)(model, buffer, tokens, jnp.int32(0))
         rows[dtype] = {s: np.asarray(buffer["rows"][s]) for s in SITES}
         assert int(np.asarray(buffer["valid"]).sum()) == tokens.size - len(DOCS)
     for site in SITES:

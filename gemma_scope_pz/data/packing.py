@@ -169,13 +169,22 @@ def _cut(stream: np.ndarray, context_len: int, bos: int) -> tuple[np.ndarray, li
 
 
 def packed_contexts(
-    docs: Iterable[str], tokenizer: Any, context_len: int, packing: str = "document"
+    docs: Iterable[str],
+    tokenizer: Any,
+    context_len: int,
+    packing: str = "document",
+    *,
+    add_bos: bool = True,
+    tail: str = "pad",
 ) -> Iterator[np.ndarray]:
-    """``pack_contexts`` (``packing="document"``) or ``pack_concatenated`` (``"concat"``)."""
+    """``pack_contexts`` (``packing="document"``) or ``pack_concatenated`` (``"concat"``, which
+    needs ``add_bos``: BOS separates its documents)."""
     if packing == "document":
-        return pack_contexts(docs, tokenizer, context_len)
+        return pack_contexts(docs, tokenizer, context_len, add_bos=add_bos, tail=tail)
     if packing == "concat":
-        return pack_concatenated(docs, tokenizer, context_len)
+        if not add_bos:
+            raise ValueError("packing='concat' needs add_bos=True (BOS separates documents)")
+        return pack_concatenated(docs, tokenizer, context_len, tail=tail)
     raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
 
 

@@ -185,7 +185,9 @@ def harvest(
         return
     tokenizer = packing_lib.text_tokenizer(tokenizer)
     mask = _mask_fn(tokenizer, add_bos, packing)
-    contexts = _contexts(corpus, tokenizer, context_len, add_bos, tail, packing)
+    contexts = packing_lib.packed_contexts(
+        corpus, tokenizer, context_len, packing, add_bos=add_bos, tail=tail
+    )
     contexts, skip = _skip_rows(contexts, start_row, mask)
     batches = packing_lib.batch_contexts(contexts, batch_size, context_len, int(tokenizer.pad_id))
     batches = _checked_ids(batches, model.config.vocab_size, corpus.name)
@@ -256,16 +258,6 @@ def model_in_dtype(model, model_dtype: str):
         return leaf
 
     return jax.tree_util.tree_map(cast, model)
-
-
-def _contexts(corpus, tokenizer, context_len: int, add_bos: bool, tail: str, kind: str):
-    if kind == "concat":
-        if not add_bos:
-            raise ValueError("packing='concat' needs add_bos=True (BOS separates documents)")
-        return packing_lib.pack_concatenated(corpus, tokenizer, context_len, tail=tail)
-    if kind != "document":
-        raise ValueError(f"packing must be one of {packing_lib.PACKINGS}, got {kind!r}")
-    return packing_lib.pack_contexts(corpus, tokenizer, context_len, add_bos=add_bos, tail=tail)
 
 
 def _mask_fn(tokenizer, add_bos: bool, kind: str):

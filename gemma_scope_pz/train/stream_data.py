@@ -26,7 +26,7 @@ from gemma_scope_pz.scope.interventions import run_with_captures
 from gemma_scope_pz.scope.sites import Site
 from gemma_scope_pz.train import buffer as buffer_lib
 from gemma_scope_pz.train.config import TrainConfig
-from gemma_scope_pz.train.harvest import MODEL_DTYPES, check_corpus_ids, model_in_dtype
+from gemma_scope_pz.train.harvest import MODEL_DTYPES, check_corpus_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,11 +208,11 @@ def make_data_step(
 ):
     """``data_step(model, buffer, tokens, step, refill) -> (buffer, n_bad, slots)``: the refill
     (when ``refill``) and the draw of step ``step`` (traceable). Rows at position 0 and at the
-    ids ``pad_id`` (one or several: ``ContextStream.ignored_ids``) are not valid."""
+    ids ``pad_id`` (one or several: ``ContextStream.ignored_ids``) are not valid. ``model`` comes
+    already in ``stream.model_dtype`` (``train_streaming`` casts it once)."""
     ignored = (pad_id,) if isinstance(pad_id, int) else tuple(pad_id)
 
     def fill(model, buffer, tokens, chunk):
-        model = model_in_dtype(model, stream.model_dtype)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         _, acts = run_with_captures(model, tokens, positions, sites, stop_early=True)
         rows = {s: acts[s].reshape(-1, acts[s].shape[-1]).astype(jnp.float32) for s in sites}

@@ -44,6 +44,7 @@ from gemma_scope_pz.train import buffer as buffer_lib
 from gemma_scope_pz.train import sharding, stream_data, trainer
 from gemma_scope_pz.train import step as step_lib
 from gemma_scope_pz.train.config import TrainConfig
+from gemma_scope_pz.train.harvest import model_in_dtype
 from gemma_scope_pz.train.normalize import Normaliser
 from gemma_scope_pz.train.sources import CallableSource
 from gemma_scope_pz.train.stream_data import ContextStream, StreamConfig
@@ -389,7 +390,8 @@ def train_streaming(
         first.run.batch_size,
         mesh,
     )
-    frozen = pz.freeze_params(model)
+    # Cast once here, not in every refill's program (``stream.model_dtype``).
+    frozen = model_in_dtype(pz.freeze_params(model), stream.model_dtype)
     if mesh is not None:
         frozen = sharding.on_mesh(frozen, mesh)
     manager = _manager(checkpoint_dir, first.run.keep_checkpoints) if checkpoint_dir else None
