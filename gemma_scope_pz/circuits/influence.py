@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gemma_scope_pz.circuits.graph import compute_influence
+
 __all__ = ["ROW_CHUNK", "partial_influence"]
 
 ROW_CHUNK = 32  # rows per step of the host-side influence products
@@ -34,16 +36,9 @@ def partial_influence(
     inside = row_nodes < width
     square = np.zeros((n, n), np.float32)
     square[:, inside] = np.abs(rows[:, row_nodes[inside]]) / denom
-    walk = np.zeros(n)
-    walk[~inside] = logit_p[row_nodes[~inside] - width]
-    total = np.zeros(n)
-    for _ in range(128):
-        total += walk
-        walk = walk @ square
-        if not walk.any():
-            break
-    else:
-        raise RuntimeError("influence did not converge in 128 steps")
+    start = np.zeros(n)
+    start[~inside] = logit_p[row_nodes[~inside] - width]
+    total = start + compute_influence(square, start, max_iter=128)  # every row node's influence
     influence = np.zeros(n_out)
     for i in range(0, n, ROW_CHUNK):
         block = np.abs(rows[i : i + ROW_CHUNK, :n_out]) / denom[i : i + ROW_CHUNK]
