@@ -78,6 +78,39 @@ def test_auxk_nonzero_only_with_dead_latents():
     assert np.abs(np.asarray(g)[6:]).sum() == 0 and np.abs(np.asarray(g)[:6]).sum() > 0
 
 
+def test_auxk_matches_numpy_and_revives_latents_negative_everywhere():
+    """AuxK uses dead latents' raw pre-activations: one negative on every token still learns."""
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(12, 10)).astype(np.float32)
+    z[:, 0] = -np.abs(z[:, 0]) - 1.0  # latent 0: dead and negative on every token
+    residual = rng.normal(size=(12, 6)).astype(np.float32)
+    w_dec = rng.normal(size=(10, 6)).astype(np.float32)
+    dead = np.zeros(10, bool)
+    dead[[0, 3, 7]] = True
+    aux_k = 2
+    masked = np.where(dead, z, -np.inf)
+    idx = np.argsort(-masked, axis=1, kind="stable")[:, :aux_k]
+    acts = np.zeros_like(z)
+    np.put_along_axis(acts, idx, np.take_along_axis(z, idx, axis=1), axis=1)
+    estimate = acts @ w_dec
+    variance = np.sum((residual - residual.mean(0)) ** 2)
+    expected = np.sum((residual - estimate) ** 2) / variance
+    got = objectives.auxk_loss(
+        jnp.asarray(z),
+        jnp.asarray(residual),
+        jnp.asarray(w_dec),
+        jnp.asarray(dead),
+        aux_k,
+        "float32",
+    )
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+    assert (idx == 0).any(), "the case needs latent 0 among the selected"
+    g = jax.grad(
+        lambda zz: objectives.auxk_loss(zz, residual, w_dec, jnp.asarray(dead), aux_k, "float32")
+    )(jnp.asarray(z))
+    assert np.abs(np.asarray(g)[:, 0]).sum() > 0  # a ReLU here would give exactly 0
+
+
 def test_l1_weighted_by_decoder_norm():
     rng = np.random.default_rng(3)
     f = rng.uniform(0, 1, size=(10, 6)).astype(np.float32)

@@ -25,7 +25,8 @@ over the batch. Architectures:
   value is returned so the trainer can keep a running inference threshold (BatchTopK SAEs are
   exported as JumpReLU SAEs with that global threshold).
 * AuxK (Gao et al. 2024, TopK-style only): the ``aux_k`` largest pre-activations among *dead*
-  latents reconstruct the (stop-gradient) residual ``x_out - y_hat``; the loss is normalised by
+  latents, taken as they are (not ReLU'd, so a latent negative on every token still gets a
+  gradient), reconstruct the (stop-gradient) residual ``x_out - y_hat``; the loss is normalised by
   the residual's total variance and is exactly 0 when no latent is dead. Only ``aux_k`` latents
   per token take part, so their decoder rows are gathered instead of a dense matmul.
 * ``sparse_topk=True`` (TopK): a gradient-free dense encoder pass only *selects* the k latents;
@@ -219,7 +220,9 @@ def auxk_loss(
             pre = jnp.take_along_axis(z, idx, axis=-1)
         else:
             pre = pre_activations_at(idx)
-        f_aux = jnp.where(dead[idx], sae.relu(pre), 0.0)
+        # Raw pre-activations, not ReLU'd (as SAELens does): a dead latent's pre-activation is
+        # usually negative on every token, and a ReLU would give AuxK no gradient to revive it.
+        f_aux = jnp.where(dead[idx], pre, 0.0)
         rows = jnp.take(w_dec, idx, axis=0)
         if dtype == "bfloat16":
             f_aux, rows = f_aux.astype(jnp.bfloat16), rows.astype(jnp.bfloat16)
