@@ -40,7 +40,7 @@ from gemma_scope_pz.models.inputs import (
     pad_columns,
 )
 from gemma_scope_pz.models.special_tokens import PAD_ID
-from gemma_scope_pz.models.stateful import state_variables
+from gemma_scope_pz.models.stateful import frozen, model_mesh, model_state_variables
 from gemma_scope_pz.parallel.shard import batch_on_mesh
 
 __all__ = [
@@ -209,11 +209,11 @@ def forward(
     length = array.shape[1]
     limit = getattr(getattr(model, "config", None), "max_seq_len", None)
     # No bucketing for a model holding state variables: they must record the unpadded input.
-    bucket = bucket and not state_variables(model)
+    bucket = bucket and not model_state_variables(model)
     width = bucket_length(length, limit) if bucket else length
     fill = PAD_ID if pad_id is None else pad_id
-    padded = batch_on_mesh(jnp.asarray(pad_columns(array, width, fill)), model)
-    logits = _forward(pz.freeze_params(model), padded, positions_for(padded, pad_id))
+    padded = batch_on_mesh(jnp.asarray(pad_columns(array, width, fill)), model_mesh(model))
+    logits = _forward(frozen(model), padded, positions_for(padded, pad_id))
     return logits[:, :length]
 
 

@@ -13,6 +13,7 @@ compiled function and writes the new values back, so a state variable ends up ho
 * `detach_state`: a copy whose state variables are fresh copies, for the *derived* models a runner
   builds internally (spliced, ablated, KV-cached), so that only the model the user passed writes to
   the user's variables;
+* `frozen`: ``pz.freeze_params`` of a model, remembered with `per_model`;
 * `per_model`: a value derived from a model (its KV-caching sampler, its state variables), built once
   and reused while the model lives and its parameters hold the same arrays, so that repeated calls
   do not walk the model's tree again (each walk costs tens of milliseconds on the 270M).
@@ -53,12 +54,33 @@ def jit(fun: Callable, **jit_kwargs) -> Callable:
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
-        mesh_of((args, kwargs))  # arrays sharded over two meshes: a clear error, not a reshard
-        if has_variables((args, kwargs)):
+        facts = [mesh_and_variables(arg) for arg in (*args, *kwargs.values())]
+        if len({id(mesh) for mesh, _ in facts if mesh is not None}) > 1:
+            mesh_of((args, kwargs))  # sharded over two meshes: its clear error, not a reshard
+        if any(held for _, held in facts):
             return with_variables(*args, **kwargs)
         return plain(*args, **kwargs)
 
     return call
+
+
+def mesh_and_variables(tree: Any) -> tuple[Any, bool]:
+    """``(mesh_of(tree), has_variables(tree))``; for a penzai tree without variables (a frozen
+    model, the runners' usual argument) remembered with `per_model`, since each walk of the 270M
+    costs ~25 ms and the runners ask on every call."""
+
+    def build():
+        return mesh_of(tree), has_variables(tree)
+
+    if not isinstance(tree, pz.Struct):
+        return build()
+    return per_model(tree, "mesh_and_variables", build, remember=lambda facts: not facts[1])
+
+
+def model_mesh(model: Any) -> Any:
+    """The mesh ``model`` is sharded over, or None (`mesh_and_variables` of its `frozen` copy,
+    which holds the same arrays and, unlike the model, no parameter variables)."""
+    return mesh_and_variables(frozen(model))[0]
 
 
 def state_variables(tree: Any) -> tuple[pz.StateVariable, ...]:
@@ -144,6 +166,12 @@ def per_model(
     while len(entry.values) > keep:
         entry.values.popitem(last=False)
     return value
+
+
+def frozen(model: Any) -> Any:
+    """``pz.freeze_params(model)``, remembered per model (`per_model`): the runners call it on
+    every call, and the walk costs ~60 ms on the 270M (most of a small batch's time)."""
+    return per_model(model, "frozen", lambda: pz.freeze_params(model))
 
 
 def model_state_variables(model: Any) -> tuple[pz.StateVariable, ...]:

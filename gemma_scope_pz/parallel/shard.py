@@ -104,13 +104,14 @@ def shard_batch(array: Any, mesh: Mesh) -> jax.Array:
 
 
 def batch_on_mesh(array: Any, tree: Any) -> Any:
-    """``array`` ``[batch, ...]`` split over ``"data"`` of the mesh ``tree`` is sharded over.
+    """``array`` ``[batch, ...]`` split over ``"data"`` of the mesh ``tree`` is sharded over
+    (``tree`` may also be that mesh, or None).
 
     The runners call this on their token batch, so a sharded model runs data-parallel. Unchanged
     (replicated by ``jit``) when ``tree`` is not sharded, the ``"data"`` axis has size 1, or the
     batch does not divide by it (results are the same, only the work is not split).
     """
-    mesh = mesh_of(tree)
+    mesh = tree if tree is None or isinstance(tree, Mesh) else mesh_of(tree)
     if mesh is None or mesh.shape[DATA] == 1 or array.shape[0] % mesh.shape[DATA]:
         return array
     return jax.device_put(array, NamedSharding(mesh, P(DATA)))

@@ -23,7 +23,13 @@ from penzai.toolshed.save_intermediates import SaveIntermediate
 from gemma_scope_pz.models import stateful
 from gemma_scope_pz.models.gemma3 import Gemma3LM, check_token_ids, positions_for, vocab_size_of
 from gemma_scope_pz.models.inputs import as_token_batch
-from gemma_scope_pz.models.stateful import state_variables
+from gemma_scope_pz.models.stateful import (
+    frozen,
+    model_mesh,
+    model_state_variables,
+    per_model,
+    state_variables,
+)
 from gemma_scope_pz.parallel.shard import batch_on_mesh
 from gemma_scope_pz.scope.crosscoder import Crosscoder
 from gemma_scope_pz.scope.formats.hook_names import check_model_family
@@ -337,16 +343,24 @@ def capture(
         for s in parsed:
             s.check(config)
     tokens, _ = as_token_batch(tokens, model)  # text, ids, ragged lists or [batch, seq]
-    tokens = batch_on_mesh(jnp.asarray(check_token_ids(tokens, vocab_size_of(model))), model)
+    tokens = batch_on_mesh(
+        jnp.asarray(check_token_ids(tokens, vocab_size_of(model))), model_mesh(model)
+    )
     positions = positions_for(tokens, pad_id)
     unique = tuple(dict.fromkeys(s.name for s in parsed))
     if stop_early and _truncation_drops_state(model, max(s.last_block for s in parsed)):
         stop_early = False  # run the layers holding state variables, as a direct call does
-    out = _capture(pz.freeze_params(model), tokens, positions, unique, stop_early)
+    out = _capture(frozen(model), tokens, positions, unique, stop_early)
     return {name: out[Site.parse(name).name] for name in names}
 
 
 def _truncation_drops_state(model: Gemma3LM, last_block: int) -> bool:
     """Whether stopping after ``last_block`` would skip a layer holding a state variable."""
-    held = state_variables(model)
-    return bool(held) and len(state_variables(truncate_after_block(model, last_block))) < len(held)
+    held = model_state_variables(model)
+    if not held:
+        return False
+    return per_model(
+        model,
+        ("truncation_drops_state", last_block),
+        lambda: len(state_variables(truncate_after_block(model, last_block))) < len(held),
+    )
