@@ -90,6 +90,16 @@ def _commit() -> str:
         return "unknown"
 
 
+def _cached_rows(path: pathlib.Path) -> int:
+    """Rows already in the activation cache at ``path`` (0 when there is none yet)."""
+    from gemma_scope_pz.train.store import ActivationCache
+
+    try:
+        return ActivationCache.open(path).n_rows
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
 def train_all(
     model,
     tok,
@@ -104,13 +114,18 @@ def train_all(
     from gemma_scope_pz.train.config import apply_overrides
 
     sites = _sites(configs.values())
+    previous = json.loads((work / "run.json").read_text()) if (work / "run.json").is_file() else {}
     run = {"commit": _commit(), "tokens": n_tokens, "corpus_spec": corpus_spec}
     t = time.perf_counter()
     print(f"harvesting {n_tokens} tokens at {sites} from {corpus_spec} into {work}", flush=True)
+    done_before = _cached_rows(work / "activations")
     cache = gs.harvest_to_cache(
         model, tok, gs.load_corpus(corpus_spec), sites, work / "activations", n_tokens=n_tokens
     )
     run["harvest_s"] = time.perf_counter() - t
+    if done_before >= n_tokens:  # nothing harvested now: keep the time of the run that did it
+        run["harvest_s"] = previous.get("harvest_s", run["harvest_s"])
+        run["harvest_reused"] = True
     run["corpus"] = cache.header["corpus"]
     if harvest_only:
         return run
@@ -120,6 +135,10 @@ def train_all(
         print(f"training {name}: {cfg.num_steps} steps of {cfg.run.batch_size} tokens", flush=True)
         trained = gs.train_dictionary(cfg, cache, work / name.replace("/", "__"))
         run[f"train_s:{name}"] = time.perf_counter() - t
+        run[f"commit:{name}"] = run["commit"]
+        if trained.reused:  # an export kept from an earlier run: keep when and how fast it trained
+            for key in (f"train_s:{name}", f"commit:{name}"):
+                run[key] = previous.get(key, run[key])
         print(f"{name}: {'reused' if trained.reused else 'trained'} → {trained.folder}", flush=True)
     (work / "run.json").write_text(json.dumps(run, indent=2))
     return run
@@ -352,6 +371,7 @@ def package(model, tok, work: pathlib.Path, configs: dict, corpus_spec: str, con
                 "steps": cfg.num_steps,
                 "batch_size": cfg.run.batch_size,
                 "train_wall_s": round(run[f"train_s:{name}"], 1),
+                "commit": run.get(f"commit:{name}", run["commit"]),
                 "harvest_wall_s_shared": round(run["harvest_s"], 1),
             },
         }
