@@ -111,6 +111,35 @@ def test_auxk_matches_numpy_and_revives_latents_negative_everywhere():
     assert np.abs(np.asarray(g)[:, 0]).sum() > 0  # a ReLU here would give exactly 0
 
 
+def test_jumprelu_preactivation_loss_on_selected_dead_latents():
+    """The pre-activation term: relu(threshold - z) * ||w_dec_j|| summed over each row's aux_k
+    selected dead latents, averaged over rows; its gradient raises those pre-activations."""
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(9, 12)).astype(np.float32)
+    residual = rng.normal(size=(9, 5)).astype(np.float32)
+    w_dec = rng.normal(size=(12, 5)).astype(np.float32)
+    threshold = rng.uniform(0.5, 2.0, 12).astype(np.float32)
+    dead = np.zeros(12, bool)
+    dead[[1, 4, 5, 9]] = True
+    aux_k = 3
+    idx = np.argsort(-np.where(dead, z, -np.inf), axis=1, kind="stable")[:, :aux_k]
+    gap = np.maximum(threshold[idx] - np.take_along_axis(z, idx, axis=1), 0)
+    expected = np.mean(np.sum(gap * np.linalg.norm(w_dec, axis=1)[idx], axis=1))
+    args = (jnp.asarray(residual), jnp.asarray(w_dec), jnp.asarray(dead), aux_k, "float32")
+
+    def preact(zz):
+        return objectives.dead_latent_losses(zz, *args, threshold=jnp.asarray(threshold))[1]
+
+    np.testing.assert_allclose(float(preact(jnp.asarray(z))), expected, rtol=1e-5)
+    g = np.asarray(jax.grad(preact)(jnp.asarray(z)))
+    assert (g[:, ~dead] == 0).all() and (g <= 0).all() and (g < 0).any()
+    nothing_dead = objectives.dead_latent_losses(
+        jnp.asarray(z), *args[:2], jnp.zeros(12, bool), aux_k, "float32",
+        threshold=jnp.asarray(threshold),
+    )  # fmt: skip
+    assert [float(v) for v in nothing_dead] == [0.0, 0.0]
+
+
 def test_l1_weighted_by_decoder_norm():
     rng = np.random.default_rng(3)
     f = rng.uniform(0, 1, size=(10, 6)).astype(np.float32)
@@ -282,7 +311,7 @@ def test_sparse_jumprelu_matches_dense_loss_and_gradients(cap, expect_sparse):
     params["b_enc"] = jnp.asarray(rng.normal(size=64) * 0.2, jnp.float32)
     params["w_dec"] = params["w_dec"] * jnp.asarray(rng.uniform(0.5, 1.5, (64, 1)), jnp.float32)
     x = jnp.asarray(rng.normal(size=(48, 8)) * 0.8, jnp.float32)
-    dead = jnp.zeros(64, bool)
+    dead = jnp.zeros(64, bool).at[::5].set(True)  # AuxK and the pre-activation loss take part
     z = np.asarray(objectives.pre_activations(params, x))
     counts = (z > np.asarray(params["threshold"]) - 0.25).sum(axis=1)
     assert (counts.max() <= cap) == bool(expect_sparse) and counts.max() >= 3
@@ -297,7 +326,8 @@ def test_sparse_jumprelu_matches_dense_loss_and_gradients(cap, expect_sparse):
     assert float(m_sparse["sparse"]) == expect_sparse
     assert float(m_dense["l0"]) > 0.5 and float(m_dense["sparsity_loss"]) > 0
     np.testing.assert_allclose(float(l_sparse), float(l_dense), rtol=1e-5)
-    for key in ("l0", "mse", "fvu", "sparsity_loss"):
+    assert float(m_dense["aux_loss"]) > 0
+    for key in ("l0", "mse", "fvu", "sparsity_loss", "aux_loss"):
         np.testing.assert_allclose(float(m_sparse[key]), float(m_dense[key]), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(fired_sparse), np.asarray(fired_dense))
     assert np.abs(np.asarray(g_dense["threshold"])).sum() > 0

@@ -45,6 +45,9 @@ from gemma_scope_pz.train.config_sections import (
 )
 from gemma_scope_pz.train.config_values import parse_string, type_name
 
+JUMPRELU_AUX_K = 32  # AuxK latents per row of a JumpReLU dictionary (no k to scale it by)
+DEAD_WINDOW_MAX_TOKENS = 10_000_000  # the default dead window's cap (a twentieth of the run below)
+
 __all__ = [
     "ARCHITECTURES",
     "BASE_ACTIVATIONS",
@@ -132,16 +135,26 @@ class TrainConfig:
 
     @property
     def dead_window_steps(self) -> int:
-        """``loss.dead_window_tokens`` in steps (at least 1)."""
-        return max(1, math.ceil(self.loss.dead_window_tokens / self.run.batch_size))
+        """``loss.dead_window_tokens`` in steps (at least 1); by default a twentieth of the run,
+        at most ``DEAD_WINDOW_MAX_TOKENS``."""
+        tokens = self.loss.dead_window_tokens
+        if tokens is None:
+            tokens = min(DEAD_WINDOW_MAX_TOKENS, self.num_steps * self.run.batch_size // 20)
+        return max(1, math.ceil(tokens / self.run.batch_size))
 
     @property
     def effective_aux_k(self) -> int:
-        """AuxK latent count (0 when AuxK is off or the activation is not TopK-style)."""
-        if not self.sae.uses_topk:
+        """AuxK latent count: ``loss.aux_k``, by default ``2 * k`` (TopK-style) or
+        ``JUMPRELU_AUX_K`` (JumpReLU); 0 when AuxK is off or the activation is ReLU."""
+        if self.loss.aux_k_coeff == 0:
             return 0
-        value = 2 * self.sae.k if self.loss.aux_k is None else self.loss.aux_k
-        return min(value, self.sae.d_sae)
+        if self.sae.uses_topk:
+            default = 2 * self.sae.k
+        elif self.sae.activation == "jumprelu":
+            default = JUMPRELU_AUX_K
+        else:
+            return 0
+        return min(default if self.loss.aux_k is None else self.loss.aux_k, self.sae.d_sae)
 
     @property
     def jumprelu_sparse_cap(self) -> int:

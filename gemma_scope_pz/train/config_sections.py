@@ -148,7 +148,8 @@ class LossConfig:
 
     Attributes:
       l1_coeff, l0_coeff, target_l0, target_l0_coeff, jumprelu_bandwidth: sparsity penalties.
-      aux_k, aux_k_coeff, dead_window_tokens: the AuxK loss on dead latents.
+      aux_k, aux_k_coeff, dead_preact_coeff, dead_window_tokens: the losses on dead latents
+        (AuxK; the JumpReLU pre-activation loss).
       frequency_coeff, max_firing_fraction: the penalty on latents that fire too often.
       sparsity_warmup_steps: linear warm-up of the sparsity coefficients.
     """
@@ -166,10 +167,22 @@ class LossConfig:
     jumprelu_bandwidth: float = field(
         0.05, "Width of the rectangle kernel of the threshold pseudo-derivative.", positive=True
     )
-    aux_k: int | None = field(None, "Latents used by AuxK (None: 2 * k; 0 disables it).", minimum=0)
-    aux_k_coeff: float = field(1.0 / 32.0, "Weight of the AuxK loss (TopK-style).", minimum=0)
-    dead_window_tokens: int = field(
-        10_000_000, "A latent silent for this many tokens counts as dead.", minimum=1
+    aux_k: int | None = field(
+        None, "Latents used by AuxK (None: 2 * k for TopK-style, 32 for JumpReLU).", minimum=0
+    )
+    aux_k_coeff: float = field(
+        1.0 / 32.0, "Weight of the AuxK loss (TopK-style and JumpReLU; 0 disables it).", minimum=0
+    )
+    dead_preact_coeff: float = field(
+        1e-3,
+        "Weight of the pre-activation loss raising dead JumpReLU latents to their thresholds.",
+        minimum=0,
+    )
+    dead_window_tokens: int | None = field(
+        None,
+        "A latent silent for this many tokens counts as dead (None: a twentieth of the run, "
+        "at most 10M).",
+        minimum=1,
     )
     frequency_coeff: float = field(
         0.0,

@@ -24,11 +24,14 @@ over the batch. Architectures:
 * ``batchtopk``: the ``k * batch`` largest over the whole batch are kept; the smallest kept
   value is returned so the trainer can keep a running inference threshold (BatchTopK SAEs are
   exported as JumpReLU SAEs with that global threshold).
-* AuxK (Gao et al. 2024, TopK-style only): the ``aux_k`` largest pre-activations among *dead*
+* AuxK (Gao et al. 2024; TopK-style and JumpReLU): the ``aux_k`` largest pre-activations among *dead*
   latents, taken as they are (not ReLU'd, so a latent negative on every token still gets a
   gradient), reconstruct the (stop-gradient) residual ``x_out - y_hat``; the loss is normalised by
   the residual's total variance and is exactly 0 when no latent is dead. Only ``aux_k`` latents
   per token take part, so their decoder rows are gathered instead of a dense matmul.
+* Pre-activation loss (JumpReLU): ``dead_preact_coeff * mean_b sum_j relu(θ_j - z_bj) ||w_dec_j||``
+  over the same selected dead latents, which raises their pre-activations up to their thresholds
+  (a JumpReLU latent below its threshold everywhere gets no other gradient to its threshold).
 * ``sparse_topk=True`` (TopK): a gradient-free dense encoder pass only *selects* the k latents;
   their pre-activations are recomputed from gathered encoder columns and decoded from gathered
   decoder rows, so the backward pass costs O(batch * k * d) instead of three dense matmuls.
@@ -213,6 +216,29 @@ def auxk_loss(
 
     Returns ``||e - e_hat||^2 / ||e - mean(e)||^2`` over the batch, or 0 if nothing is dead.
     """
+    return dead_latent_losses(z, residual, w_dec, dead, aux_k, dtype, pre_activations_at)[0]
+
+
+def dead_latent_losses(
+    z: jax.Array,
+    residual: jax.Array,
+    w_dec: jax.Array,
+    dead: jax.Array,
+    aux_k: int,
+    dtype: str,
+    pre_activations_at=None,
+    threshold: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(auxk, preact)``: :func:`auxk_loss` and, for JumpReLU (``threshold`` given), the
+    pre-activation loss of the same selected dead latents,
+    ``mean_b sum_{j in idx_b} relu(threshold_j - z_bj) * ||w_dec_j||``.
+
+    AuxK trains a dead latent's encoder direction and decoder row, but a JumpReLU latent whose
+    threshold lies above all its pre-activations still never fires, and its threshold gets no
+    gradient. The pre-activation loss (after Anthropic's, which applies it to every latent) raises
+    the pre-activations of each row's most promising dead latents until they cross the threshold.
+    Both are 0 while nothing is dead; the computation is skipped then.
+    """
 
     def compute(z, residual, w_dec):
         idx = sae.topk_indices(jnp.where(dead, jax.lax.stop_gradient(z), -1e30), aux_k)
@@ -222,17 +248,20 @@ def auxk_loss(
             pre = pre_activations_at(idx)
         # Raw pre-activations, not ReLU'd (as SAELens does): a dead latent's pre-activation is
         # usually negative on every token, and a ReLU would give AuxK no gradient to revive it.
-        f_aux = jnp.where(dead[idx], pre, 0.0)
+        selected = dead[idx]
+        f_aux = jnp.where(selected, pre, 0.0)
         rows = jnp.take(w_dec, idx, axis=0)
+        preact = jnp.zeros((), jnp.float32)
+        if threshold is not None:
+            gap = jax.nn.relu(threshold[idx] - pre) * jnp.linalg.norm(rows, axis=-1)
+            preact = jnp.mean(jnp.sum(jnp.where(selected, gap, 0.0), axis=-1))
         if dtype == "bfloat16":
             f_aux, rows = f_aux.astype(jnp.bfloat16), rows.astype(jnp.bfloat16)
         estimate = jnp.einsum("bk,bkd->bd", f_aux, rows, preferred_element_type=jnp.float32)
-        return _aux_from_estimate(residual, estimate, dead)
+        return _aux_from_estimate(residual, estimate, dead), preact.astype(jnp.float32)
 
-    # Skipped at run time (not just masked) while no latent is dead.
-    return jax.lax.cond(
-        jnp.any(dead), compute, lambda *_: jnp.zeros((), jnp.float32), z, residual, w_dec
-    )
+    zero = jnp.zeros((), jnp.float32)
+    return jax.lax.cond(jnp.any(dead), compute, lambda *_: (zero, zero), z, residual, w_dec)
 
 
 def _aux_from_estimate(residual: jax.Array, estimate: jax.Array, dead: jax.Array) -> jax.Array:
@@ -343,13 +372,22 @@ def dense_loss_fn(
         sparsity = sparsity + config.loss.frequency_coeff * frequency_penalty(
             f, params["w_dec"], config.loss.max_firing_fraction
         )
-    aux = jnp.zeros((), jnp.float32)
-    if config.effective_aux_k > 0 and config.loss.aux_k_coeff > 0:
-        aux = config.loss.aux_k_coeff * auxk_loss(
-            z, x_out - recon, params["w_dec"], dead, config.effective_aux_k, dtype
-        )
+    aux = dead_latent_terms(params, z, x_out - recon, dead, config)
     fired = jnp.any(f != 0, axis=0)
     return finish(recon_loss, full_sq_err, sparsity, aux, l0, x_out, fired, batch_threshold)
+
+
+def dead_latent_terms(params, z, residual, dead, config: TrainConfig, pre_activations_at=None):
+    """``aux_k_coeff * AuxK + dead_preact_coeff * preact`` (:func:`dead_latent_losses`), or 0
+    when AuxK is off; the pre-activation term only for JumpReLU."""
+    if config.effective_aux_k == 0:
+        return jnp.zeros((), jnp.float32)
+    jump = config.sae.activation == "jumprelu" and config.loss.dead_preact_coeff > 0
+    auxk, preact = dead_latent_losses(
+        z, residual, params["w_dec"], dead, config.effective_aux_k, config.run.dtype,
+        pre_activations_at, params["threshold"] if jump else None,
+    )  # fmt: skip
+    return config.loss.aux_k_coeff * auxk + config.loss.dead_preact_coeff * preact
 
 
 def finish(recon_loss, full_sq_err, sparsity, aux, l0, x_out, fired, batch_threshold):
@@ -373,17 +411,10 @@ def _sparse_topk_loss(params, x_in, x_out, dead, config):
     if "w_skip" in params:
         recon = recon + sae.skip(x_in, params["w_skip"], dtype=config.run.dtype)
     sq_err = sum_sq(recon - x_out)
-    aux = jnp.zeros((), jnp.float32)
-    if config.effective_aux_k > 0 and config.loss.aux_k_coeff > 0:
-        aux = config.loss.aux_k_coeff * auxk_loss(
-            z,
-            x_out - recon,
-            params["w_dec"],
-            dead,
-            config.effective_aux_k,
-            config.run.dtype,
-            lambda idx: gathered(params, x_in, idx, config.run.dtype)[0],
-        )
+    aux = dead_latent_terms(
+        params, z, x_out - recon, dead, config,
+        lambda idx: gathered(params, x_in, idx, config.run.dtype)[0],
+    )  # fmt: skip
     zero = jnp.zeros((), jnp.float32)
     threshold = topk_threshold(z, config.sae.k)
     return finish(sq_err, sq_err, zero, aux, l0, x_out, fired, threshold)

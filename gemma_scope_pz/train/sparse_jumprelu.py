@@ -50,7 +50,7 @@ def loss_fn(
     fits = jnp.max(candidate_counts(z, params["threshold"], config.loss.jumprelu_bandwidth)) <= cap
 
     def sparse(params, x_in, x_out, dead, scale, z):
-        loss, (metrics, fired, thr) = _sparse_loss(params, x_in, x_out, scale, z, cap, config)
+        loss, (metrics, fired, thr) = _sparse_loss(params, x_in, x_out, dead, scale, z, cap, config)
         return loss, (dict(metrics, sparse=jnp.ones((), jnp.float32)), fired, thr)
 
     def dense(params, x_in, x_out, dead, scale, z):
@@ -63,7 +63,7 @@ def loss_fn(
     return jax.lax.cond(fits, sparse, dense, params, x_in, x_out, dead, scale, z)
 
 
-def _sparse_loss(params, x_in, x_out, scale, z, cap: int, config: TrainConfig):
+def _sparse_loss(params, x_in, x_out, dead, scale, z, cap: int, config: TrainConfig):
     """The loss from each row's ``cap`` largest-margin latents (exact when all candidates fit)."""
     dtype, bandwidth = config.run.dtype, config.loss.jumprelu_bandwidth
     threshold = params["threshold"]
@@ -92,5 +92,9 @@ def _sparse_loss(params, x_in, x_out, scale, z, cap: int, config: TrainConfig):
             params["w_dec"],
             config.loss.max_firing_fraction,
         )
+    aux = objectives.dead_latent_terms(
+        params, z, x_out - recon, dead, config,
+        lambda idx: objectives.gathered(params, x_in, idx, dtype)[0],
+    )  # fmt: skip
     zero = jnp.zeros((), jnp.float32)
-    return objectives.finish(sq_err, sq_err, sparsity, zero, l0, x_out, counts > 0, zero)
+    return objectives.finish(sq_err, sq_err, sparsity, aux, l0, x_out, counts > 0, zero)
