@@ -214,3 +214,41 @@ def test_a_fine_tuned_model_does_not_reuse_the_base_models_cache(tmp_path):
     assert _listing(tmp_path / "c") == listing
     again = harvest_to_cache(base, _Tokenizer(), docs, site, tmp_path / "c", **kw)
     assert again.n_rows == 20  # the same weights reuse it
+
+
+def test_cache_written_before_packing_keys_means_document_float32(tmp_path):
+    """A header without ``packing``/``model_dtype`` (caches made before they were recorded) reads
+    as the defaults: a default request resumes it, a concat or bfloat16 request is refused."""
+    path = tmp_path / "old"
+    with ActivationCache.create_or_resume(path, **HEADER) as cache:
+        cache.append(_rows(0, 4))
+    manifest = json.loads((path / "manifest.json").read_text())
+    for key in ("packing", "model_dtype"):
+        del manifest["header"][key]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with ActivationCache.create_or_resume(path, **HEADER) as cache:
+        assert cache.n_rows == 4
+    with pytest.raises(ValueError, match=r"packing='document'.*but packing='concat'"):
+        ActivationCache.create_or_resume(path, **HEADER, packing="concat")
+    with pytest.raises(ValueError, match=r"model_dtype='float32'.*but model_dtype='bfloat16'"):
+        ActivationCache.create_or_resume(path, **HEADER, model_dtype="bfloat16")
+
+
+def test_harvest_to_cache_packing_and_dtype_are_the_harvests(tmp_path):
+    """``harvest_to_cache(packing=, model_dtype=)`` stores what ``harvest_array`` gives with the
+    same settings, records them, and a cache made with other settings is not reused."""
+    from gemma_scope_pz.train.harvest import harvest_array
+
+    config = Gemma3Config.tiny()
+    model = Gemma3LM.from_params(config, random_params(config, seed=0))
+    docs = ["some text to harvest", "and another document", "a third one here"]
+    kw = dict(n_tokens=24, context_len=8, batch_size=2, progress=False)
+    site = ["blocks.1.resid_post"]
+    settings = dict(packing="concat", model_dtype="bfloat16")
+    cache = harvest_to_cache(model, _Tokenizer(), docs, site, tmp_path / "c", **kw, **settings)
+    assert {k: cache.header[k] for k in settings} == settings
+    rows, _ = harvest_array(model, _Tokenizer(), docs, site, **kw, **settings)
+    stored = cache.read_rows(np.arange(cache.n_rows))[0]
+    np.testing.assert_array_equal(stored, rows[site[0]])
+    with pytest.raises(ValueError, match="packing='concat'.*but packing='document'"):
+        harvest_to_cache(model, _Tokenizer(), docs, site, tmp_path / "c", **kw)

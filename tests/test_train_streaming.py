@@ -232,6 +232,31 @@ def test_cli_train_stream_exports_a_loadable_dictionary(model, tmp_path, monkeyp
     assert (out / "saelens").is_dir() and (out / "stream_checkpoints" / "6").is_dir()
 
 
+def test_cli_train_packing_and_model_dtype_reach_the_harvest(model, tmp_path, monkeypatch):
+    """``train --packing concat --model-dtype bfloat16``: the cached path records both in the
+    activation cache it harvests (and is refused by a cache made otherwise); --stream takes them."""
+    import gemma_scope_pz as gs
+    from gemma_scope_pz.app import cli
+    from gemma_scope_pz.train.store import ActivationCache
+
+    monkeypatch.setattr(gs, "load_model", lambda source=None: model)
+    monkeypatch.setattr(gs, "load_tokenizer", lambda source=None: Tok())
+    (tmp_path / "docs.txt").write_text("\n\n".join(_docs(seed=5)), encoding="utf-8")
+    config = tmp_path / "sae.yaml"
+    config.write_text(
+        f"sae: {{d_in: 32, d_sae: 48, site_in: {SAE_SITE}, norm_estimation_batches: 2}}\n"
+        "run: {batch_size: 32, total_steps: 4, progress_bar: false, model_name: gemma-3-270m}\n",
+        encoding="utf-8",
+    )
+    flags = ["--packing", "concat", "--model-dtype", "bfloat16"]
+    common = ["--config", str(config), "--corpus", str(tmp_path / "docs.txt")]
+    assert cli.main(["train", *common, "--out", str(tmp_path / "c"), *flags]) == 0
+    header = ActivationCache.open(tmp_path / "c" / "activations").header
+    assert (header["packing"], header["model_dtype"]) == ("concat", "bfloat16")
+    assert cli.main(["train", *common, "--out", str(tmp_path / "c")]) == 2  # document ≠ concat
+    assert cli.main(["train", "--stream", *common, "--out", str(tmp_path / "s"), *flags]) == 0
+
+
 @pytest.mark.slow
 def test_real_270m_streaming_fvu_and_l0_fall(real_model, real_tokenizer):
     site = "blocks.5.resid_post"

@@ -151,29 +151,31 @@ def cmd_train(args) -> None:
         config = gs.TrainConfig.from_overrides(config, [f"run.model_name={model.config.name}"])
     out = pathlib.Path(args.out)
     if args.stream:
-        _train_streaming(config, model, tok, args.corpus, out)
+        _train_streaming(config, model, tok, args, out)
         return
     n_tokens = args.tokens or config.run.batch_size * (config.run.total_steps or 1000)
     cache = gs.harvest_to_cache(
-        model, tok, args.corpus, sites, out / "activations", n_tokens=n_tokens
-    )
+        model, tok, args.corpus, sites, out / "activations", n_tokens=n_tokens,
+        packing=args.packing, model_dtype=args.model_dtype,
+    )  # fmt: skip
     trained = gs.train_dictionary(config, cache, out, reuse=False, saelens=True)
     print(f"exported Gemma Scope 2 folder: {trained.folder} (SAELens format: {out / 'saelens'})")
     print(f"skipped steps (non-finite data or gradients): {trained.n_skipped}")
 
 
-def _train_streaming(config, model, tok, corpus, out: pathlib.Path) -> None:
+def _train_streaming(config, model, tok, args, out: pathlib.Path) -> None:
     """``train --stream``: train_streaming, then the same exports as the cached path."""
     from gemma_scope_pz.train.export import export_gemma_scope_2, export_saelens
-    from gemma_scope_pz.train.streaming import train_streaming
+    from gemma_scope_pz.train.streaming import StreamConfig, train_streaming
 
     out.mkdir(parents=True, exist_ok=True)
     config.to_json(out / "train_config.json")
     result = train_streaming(
         model,
         {"dictionary": config},
-        corpus,
+        args.corpus,
         tokenizer=tok,
+        stream=StreamConfig(packing=args.packing, model_dtype=args.model_dtype),
         checkpoint_dir=out / "stream_checkpoints",
     )
     trained = result.dictionaries["dictionary"]

@@ -127,6 +127,19 @@ def _add_train(sub) -> None:
         help="train from activations made on the device as it goes (no activation cache; "
         "see docs/streaming.md); resumes from OUT/stream_checkpoints",
     )
+    p.add_argument(
+        "--packing",
+        choices=("document", "concat"),
+        default="document",
+        help="contexts: one document each, tails padded (document), or documents back to back "
+        "with a BOS each, no padding, as SAELens packs (concat)",
+    )
+    p.add_argument(
+        "--model-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the model forward that makes the activations (rows stored as float32)",
+    )
     overrides.add_dataclass_options(p, gs.TrainConfig, title="config fields (override --config)")
 
 

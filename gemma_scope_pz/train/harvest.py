@@ -91,6 +91,8 @@ class HarvestInfo:
             "model_fingerprint": self.model_fingerprint,
             "add_bos": self.add_bos,
             "tail": self.tail,
+            "packing": self.packing,
+            "model_dtype": self.model_dtype,
         }
 
 

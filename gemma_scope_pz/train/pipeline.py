@@ -41,17 +41,21 @@ def harvest_to_cache(
     shard_rows: int = 16_384,
     model_name: str | None = None,
     progress: bool = True,
+    packing: str = "document",
+    model_dtype: str = "float32",
 ) -> ActivationCache:
     """Fills (or resumes) an on-disk activation cache with ``n_tokens`` rows per site.
 
     One forward pass serves all ``sites`` (e.g. a resid_post SAE site plus an mlp_in/mlp_out pair).
-    A cache written for other weights, sites, corpus or harvest settings is refused with both
-    named; so is a second process filling the same cache at once (naming the holder's pid).
+    ``packing`` and ``model_dtype`` as in ``harvest`` (recorded in the cache's header). A cache
+    written for other weights, sites, corpus or harvest settings is refused with both named; so is
+    a second process filling the same cache at once (naming the holder's pid).
     """
     corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
     info = harvest_info(
-        model, corpus, sites, n_tokens=n_tokens, context_len=context_len, model_name=model_name
-    )
+        model, corpus, sites, n_tokens=n_tokens, context_len=context_len, model_name=model_name,
+        packing=packing, model_dtype=model_dtype,
+    )  # fmt: skip
     # the writer's lock is held while filling; a second process on this cache is refused
     with ActivationCache.create_or_resume(path, **info.store_header()) as cache:
         if cache.n_rows < n_tokens:
@@ -65,6 +69,8 @@ def harvest_to_cache(
                 batch_size=batch_size,
                 start_row=cache.n_rows,
                 progress=progress,
+                packing=packing,
+                model_dtype=model_dtype,
             )
             _fill_cache(cache, stream, sites, shard_rows)
     if cache.n_rows == 0:

@@ -48,7 +48,11 @@ IDENTITY_KEYS = (
     "context_length",
     "add_bos",
     "tail",
+    "packing",
+    "model_dtype",
 )
+# What a header written before a key existed means by its absence.
+HEADER_DEFAULTS = {"packing": "document", "model_dtype": "float32"}
 _SHARD_NAME = re.compile(r"shard_\d{6}\.s\d+\.npy")
 _TMP = ".tmp"
 
@@ -105,6 +109,8 @@ class ActivationCache:
         model_fingerprint: str = "",
         add_bos: bool = True,
         tail: str = "pad",
+        packing: str = "document",
+        model_dtype: str = "float32",
     ) -> ActivationCache:
         """Opens a cache for appending (a writer), creating it or resuming after a crash.
 
@@ -129,6 +135,8 @@ class ActivationCache:
             "context_length": int(context_length),
             "add_bos": bool(add_bos),
             "tail": tail,
+            "packing": packing,
+            "model_dtype": model_dtype,
         }
         if len(header["sites"]) != len(header["widths"]):
             raise ValueError(f"ActivationCache {path}: {len(sites)} sites but {len(widths)} widths")
@@ -159,9 +167,10 @@ class ActivationCache:
         cache = cls.open(path)
         keys = IDENTITY_KEYS + (() if header["model_fingerprint"] else ("model_name",))
         for key in keys:
-            if cache.header.get(key) != header[key]:
+            existing = cache.header.get(key, HEADER_DEFAULTS.get(key))
+            if existing != header[key]:
                 raise ValueError(
-                    f"ActivationCache {path}: existing cache has {key}={cache.header.get(key)!r} "
+                    f"ActivationCache {path}: existing cache has {key}={existing!r} "
                     f"(model {cache.header.get('model_name')!r}, sites {cache.header.get('sites')}) "
                     f"but {key}={header[key]!r} was requested (model {header['model_name']!r}, "
                     f"sites {header['sites']}); use another folder or delete this one"
