@@ -63,6 +63,11 @@ def test_topk_and_batchtopk_counts():
     np.testing.assert_allclose(float(thr), np.sort(np.asarray(z).ravel())[-5 * 32])
 
 
+def _auxk(*args):
+    """The AuxK term of :func:`objectives.dead_latent_losses`."""
+    return objectives.dead_latent_losses(*args)[0]
+
+
 def test_auxk_nonzero_only_with_dead_latents():
     rng = np.random.default_rng(2)
     z = jnp.asarray(rng.normal(size=(16, 32)), jnp.float32)
@@ -70,11 +75,11 @@ def test_auxk_nonzero_only_with_dead_latents():
     w_dec = jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)
     none_dead = jnp.zeros(32, bool)
     some_dead = none_dead.at[:6].set(True)
-    assert float(objectives.auxk_loss(z, residual, w_dec, none_dead, 4, "float32")) == 0.0
-    loss = float(objectives.auxk_loss(z, residual, w_dec, some_dead, 4, "float32"))
+    assert float(_auxk(z, residual, w_dec, none_dead, 4, "float32")) == 0.0
+    loss = float(_auxk(z, residual, w_dec, some_dead, 4, "float32"))
     assert loss > 0
     # gradient reaches only dead latents' decoder rows
-    g = jax.grad(lambda w: objectives.auxk_loss(z, residual, w, some_dead, 4, "float32"))(w_dec)
+    g = jax.grad(lambda w: _auxk(z, residual, w, some_dead, 4, "float32"))(w_dec)
     assert np.abs(np.asarray(g)[6:]).sum() == 0 and np.abs(np.asarray(g)[:6]).sum() > 0
 
 
@@ -95,7 +100,7 @@ def test_auxk_matches_numpy_and_revives_latents_negative_everywhere():
     estimate = acts @ w_dec
     variance = np.sum((residual - residual.mean(0)) ** 2)
     expected = np.sum((residual - estimate) ** 2) / variance
-    got = objectives.auxk_loss(
+    got = _auxk(
         jnp.asarray(z),
         jnp.asarray(residual),
         jnp.asarray(w_dec),
@@ -105,9 +110,9 @@ def test_auxk_matches_numpy_and_revives_latents_negative_everywhere():
     )
     np.testing.assert_allclose(float(got), expected, rtol=1e-5)
     assert (idx == 0).any(), "the case needs latent 0 among the selected"
-    g = jax.grad(
-        lambda zz: objectives.auxk_loss(zz, residual, w_dec, jnp.asarray(dead), aux_k, "float32")
-    )(jnp.asarray(z))
+    g = jax.grad(lambda zz: _auxk(zz, residual, w_dec, jnp.asarray(dead), aux_k, "float32"))(
+        jnp.asarray(z)
+    )
     assert np.abs(np.asarray(g)[:, 0]).sum() > 0  # a ReLU here would give exactly 0
 
 

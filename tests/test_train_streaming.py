@@ -208,21 +208,32 @@ def test_nan_activations_are_counted_and_never_trained_on(model):
         _stream(poisoned, {"sae": _sae(nan_policy="error")}, docs)
 
 
+def _cli_inputs(model, tmp_path, monkeypatch, *, seed: int, steps: int):
+    """The CLI on the tiny model: ``gs.load_model``/``load_tokenizer`` patched, a corpus file
+    and a 32 → 48 SAE config file written; returns (config path, corpus path)."""
+    import gemma_scope_pz as gs
+
+    monkeypatch.setattr(gs, "load_model", lambda source=None: model)
+    monkeypatch.setattr(gs, "load_tokenizer", lambda source=None: Tok())
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n\n".join(_docs(seed=seed)), encoding="utf-8")
+    config = tmp_path / "sae.yaml"
+    config.write_text(
+        f"sae: {{d_in: 32, d_sae: 48, site_in: {SAE_SITE}, norm_estimation_batches: 2}}\n"
+        f"run: {{batch_size: 32, total_steps: {steps}, progress_bar: false, "
+        "model_name: gemma-3-270m}\n",
+        encoding="utf-8",
+    )
+    return config, docs
+
+
 def test_cli_train_stream_exports_a_loadable_dictionary(model, tmp_path, monkeypatch, capsys):
     import gemma_scope_pz as gs
     from gemma_scope_pz.app import cli
 
-    monkeypatch.setattr(gs, "load_model", lambda source=None: model)
-    monkeypatch.setattr(gs, "load_tokenizer", lambda source=None: Tok())
-    (tmp_path / "docs.txt").write_text("\n\n".join(_docs(seed=4)), encoding="utf-8")
-    config = tmp_path / "sae.yaml"
-    config.write_text(
-        f"sae: {{d_in: 32, d_sae: 48, site_in: {SAE_SITE}, norm_estimation_batches: 2}}\n"
-        "run: {batch_size: 32, total_steps: 6, progress_bar: false, model_name: gemma-3-270m}\n",
-        encoding="utf-8",
-    )
+    config, docs = _cli_inputs(model, tmp_path, monkeypatch, seed=4, steps=6)
     out = tmp_path / "out"
-    argv = ["train", "--stream", "--config", str(config), "--corpus", str(tmp_path / "docs.txt"),
+    argv = ["train", "--stream", "--config", str(config), "--corpus", str(docs),
             "--out", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
@@ -235,21 +246,12 @@ def test_cli_train_stream_exports_a_loadable_dictionary(model, tmp_path, monkeyp
 def test_cli_train_packing_and_model_dtype_reach_the_harvest(model, tmp_path, monkeypatch):
     """``train --packing concat --model-dtype bfloat16``: the cached path records both in the
     activation cache it harvests (and is refused by a cache made otherwise); --stream takes them."""
-    import gemma_scope_pz as gs
     from gemma_scope_pz.app import cli
     from gemma_scope_pz.train.store import ActivationCache
 
-    monkeypatch.setattr(gs, "load_model", lambda source=None: model)
-    monkeypatch.setattr(gs, "load_tokenizer", lambda source=None: Tok())
-    (tmp_path / "docs.txt").write_text("\n\n".join(_docs(seed=5)), encoding="utf-8")
-    config = tmp_path / "sae.yaml"
-    config.write_text(
-        f"sae: {{d_in: 32, d_sae: 48, site_in: {SAE_SITE}, norm_estimation_batches: 2}}\n"
-        "run: {batch_size: 32, total_steps: 4, progress_bar: false, model_name: gemma-3-270m}\n",
-        encoding="utf-8",
-    )
+    config, docs = _cli_inputs(model, tmp_path, monkeypatch, seed=5, steps=4)
     flags = ["--packing", "concat", "--model-dtype", "bfloat16"]
-    common = ["--config", str(config), "--corpus", str(tmp_path / "docs.txt")]
+    common = ["--config", str(config), "--corpus", str(docs)]
     assert cli.main(["train", *common, "--out", str(tmp_path / "c"), *flags]) == 0
     header = ActivationCache.open(tmp_path / "c" / "activations").header
     assert (header["packing"], header["model_dtype"]) == ("concat", "bfloat16")

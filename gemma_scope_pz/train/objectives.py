@@ -199,26 +199,6 @@ def frequency_penalty_from(
     return jnp.sum(excess * mean_abs * jnp.linalg.norm(w_dec, axis=-1))
 
 
-def auxk_loss(
-    z: jax.Array,
-    residual: jax.Array,
-    w_dec: jax.Array,
-    dead: jax.Array,
-    aux_k: int,
-    dtype: str,
-    pre_activations_at=None,
-) -> jax.Array:
-    """AuxK loss: dead latents' top-``aux_k`` reconstruct the (stop-gradient) residual.
-
-    Only ``aux_k`` latents per row take part, so the decoder side uses a gather of their rows
-    instead of a dense matmul. ``pre_activations_at(idx)`` recomputes the selected
-    pre-activations (sparse path); by default they are read from ``z``.
-
-    Returns ``||e - e_hat||^2 / ||e - mean(e)||^2`` over the batch, or 0 if nothing is dead.
-    """
-    return dead_latent_losses(z, residual, w_dec, dead, aux_k, dtype, pre_activations_at)[0]
-
-
 def dead_latent_losses(
     z: jax.Array,
     residual: jax.Array,
@@ -229,8 +209,15 @@ def dead_latent_losses(
     pre_activations_at=None,
     threshold: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """``(auxk, preact)``: :func:`auxk_loss` and, for JumpReLU (``threshold`` given), the
-    pre-activation loss of the same selected dead latents,
+    """``(auxk, preact)`` of each row's ``aux_k`` highest-pre-activation dead latents.
+
+    AuxK: those latents reconstruct the (stop-gradient) residual ``e``; the loss is
+    ``||e - e_hat||^2 / ||e - mean(e)||^2`` over the batch. Only ``aux_k`` latents per row take
+    part, so the decoder side uses a gather of their rows instead of a dense matmul.
+    ``pre_activations_at(idx)`` recomputes the selected pre-activations (sparse paths); by
+    default they are read from ``z``.
+
+    Pre-activation loss, for JumpReLU (``threshold`` given; else 0):
     ``mean_b sum_{j in idx_b} relu(threshold_j - z_bj) * ||w_dec_j||``.
 
     AuxK trains a dead latent's encoder direction and decoder row, but a JumpReLU latent whose
