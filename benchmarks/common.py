@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import jax
 
+from gemma_scope_pz.backend import cpu_has_bf16, cpu_matmul, set_cpu_matmul
+
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``fn()`` (results blocked on) over ``repeats`` runs after one warm-up."""
@@ -23,10 +25,28 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def machine_info() -> dict[str, object]:
-    """Devices, CPU count, architecture and JAX version, to label benchmark output."""
+    """Devices, CPU count, architecture, JAX version and CPU matmul mode, to label benchmark output."""
     return {
         "devices": [str(d) for d in jax.devices()],
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "jax": jax.__version__,
+        "cpu_matmul": cpu_matmul(),
+        "cpu_has_bf16": cpu_has_bf16(),
     }
+
+
+def add_cpu_matmul_option(parser) -> None:
+    """``--cpu-matmul`` (``gemma_scope_pz.backend``); apply with ``apply_cpu_matmul`` first thing."""
+    parser.add_argument(
+        "--cpu-matmul",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="CPU matmul mode of this process (None: as GEMMA_SCOPE_PZ_CPU_MATMUL says)",
+    )
+
+
+def apply_cpu_matmul(args) -> None:
+    """Sets the ``--cpu-matmul`` mode, before JAX starts."""
+    if args.cpu_matmul:
+        set_cpu_matmul(args.cpu_matmul)

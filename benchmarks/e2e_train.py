@@ -14,13 +14,17 @@ not counted, for ours or SAELens's.
 * ``cache``: ``harvest_array`` to host memory, then ``train``;
 * ``saelens``: ``scripts/e2e_saelens.py`` run with ``--saelens-python`` (a scratch environment
   with sae-lens and torch; never a dependency): ``LanguageModelSAETrainingRunner`` on the same
-  model converted to Hugging Face format and the same documents, same machine, same run.
+  model converted to Hugging Face format and the same documents, same machine, same run;
+  ``saelens_bf16``: the same with SAELens's bfloat16 autocast (LM forward and SAE step).
+
+``--cpu-matmul bfloat16`` runs our paths (and the evaluation of every SAE) with bfloat16 matmul
+products on the CPU (``gemma_scope_pz.backend``); the JSON records the mode.
 
 Quality: FVU, L0 and delta loss of every trained SAE (SAELens's included, read back from its
 weights) by ``evaluate_sae`` on the same held-out contexts: the corpus's last documents, which the
 training tokens do not reach. ``forward`` (a path name): tokens/s of the harvest forward alone, float32 against
 bfloat16, and the bfloat16 activations' relative error. ``--many``: three SAEs at blocks 3, 6, 9
-plus a transcoder at every layer from one stream, against each alone. ``load_average`` says how
+plus a transcoder at every layer from one stream, against each alone (``--many-tokens`` each). ``load_average`` says how
 busy the (shared) machine was.
 """
 
@@ -34,7 +38,8 @@ import subprocess
 import time
 
 import numpy as np
-from common import machine_info
+from common import add_cpu_matmul_option, apply_cpu_matmul, machine_info
+from tqdm.auto import tqdm
 
 import gemma_scope_pz as gs
 from gemma_scope_pz.data.packing import corpus_contexts
@@ -48,6 +53,7 @@ from gemma_scope_pz.train.trainer import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAELENS_SCRIPT = REPO / "scripts" / "e2e_saelens.py"
+PATHS = ("stream", "stream_bf16", "cache", "saelens", "saelens_bf16")
 
 
 def _config(site: str, arch: str, args, site_out: str | None = None) -> TrainConfig:
@@ -106,12 +112,16 @@ def stream_path(model, tok, configs: dict, args, model_dtype: str = "float32"):
     return timing, {n: r.to_autoencoder() for n, r in result.dictionaries.items()}
 
 
-def saelens_path(arch: str, args, docs_path: pathlib.Path) -> tuple[dict, object]:
-    """SAELens's runner in its own environment; its SAE rebuilt from the weights it wrote."""
-    out = args.work / f"saelens_{arch}.npz"
+def saelens_path(
+    arch: str, args, docs_path: pathlib.Path, autocast: bool = False
+) -> tuple[dict, object]:
+    """SAELens's runner in its own environment (``autocast``: its bfloat16 mixed precision); its
+    SAE rebuilt from the weights it wrote."""
+    out = args.work / f"saelens_{arch}{'_bf16' if autocast else ''}.npz"
     command = [args.saelens_python, str(SAELENS_SCRIPT), "--docs", str(docs_path), "--arch", arch,
                "--out", str(out), "--tokens", str(args.tokens), "--d-sae", str(args.d_sae),
                "--batch", str(args.batch), "--layer", args.site.split(".")[1]]  # fmt: skip
+    command += ["--autocast"] if autocast else []
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     timing = json.loads(done.stdout.strip().splitlines()[-1])
     with np.load(out) as w:
@@ -151,22 +161,30 @@ def forward_rates(tok, args) -> dict:
 
 
 def many_path(model, tok, args) -> dict:
-    """Three SAEs and a transcoder at every layer from one stream, against each alone."""
-    many = {f"res{b}": _config(f"blocks.{b}.resid_post", "jumprelu", args) for b in (3, 6, 9)}
+    """Three SAEs and a transcoder at every layer from one stream, against each alone, on
+    ``--many-tokens`` tokens each: wall times (compilation included) and loop tokens/s."""
+    short = argparse.Namespace(**{**vars(args), "tokens": args.many_tokens})
+    many = {f"res{b}": _config(f"blocks.{b}.resid_post", "jumprelu", short) for b in (3, 6, 9)}
     for layer in range(model.config.n_layers):
         many[f"tc{layer}"] = _config(
-            f"blocks.{layer}.mlp_in", "jumprelu", args, site_out=f"blocks.{layer}.mlp_out"
+            f"blocks.{layer}.mlp_in", "jumprelu", short, site_out=f"blocks.{layer}.mlp_out"
         )
-    together, _ = stream_path(model, tok, many, args)
-    alone = [stream_path(model, tok, {n: c}, args)[0]["total_s"] for n, c in many.items()]
-    return {"n_dictionaries": len(many), "together_s": together["total_s"],
-            "one_by_one_s": sum(alone), "speedup": sum(alone) / together["total_s"]}  # fmt: skip
+    together, _ = stream_path(model, tok, many, short)
+    alone = {n: stream_path(model, tok, {n: c}, short)[0] for n, c in tqdm(many.items())}
+    one_by_one = sum(t["total_s"] for t in alone.values())
+    loop_s = sum(args.many_tokens / t["loop_tokens_per_s"] for t in alone.values())
+    return {"n_dictionaries": len(many), "tokens": args.many_tokens,
+            "together_s": together["total_s"], "one_by_one_s": one_by_one,
+            "speedup": one_by_one / together["total_s"],
+            "together_loop_tokens_per_s": together["loop_tokens_per_s"],
+            "one_by_one_loop_tokens_per_s": args.many_tokens / loop_s,
+            "alone": alone}  # fmt: skip
 
 
 def _run(name: str, model, tok, arch: str, config: TrainConfig, args, docs_path):
     """(timing, trained SAE) of one path."""
-    if name == "saelens":
-        return saelens_path(arch, args, docs_path)
+    if name in ("saelens", "saelens_bf16"):
+        return saelens_path(arch, args, docs_path, autocast=name == "saelens_bf16")
     if name == "cache":
         return cache_path(model, tok, config, args)
     dtype = "bfloat16" if name == "stream_bf16" else "float32"
@@ -186,6 +204,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--held-out", type=int, default=32, help="held-out contexts of 128")
     parser.add_argument("--forward-tokens", type=int, default=127 * 32 * 4)
     parser.add_argument("--many", action="store_true")
+    parser.add_argument("--many-tokens", type=int, default=65_536, help="tokens of each --many run")
+    add_cpu_matmul_option(parser)
     parser.add_argument("--work", type=pathlib.Path, default=REPO / "runs" / "e2e")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -196,6 +216,7 @@ def _parse() -> argparse.Namespace:
 
 def main() -> None:
     args = _parse()
+    apply_cpu_matmul(args)  # before JAX starts
     args.work.mkdir(parents=True, exist_ok=True)
     model, tok = gs.load_model(), gs.load_tokenizer()
     corpus = gs.load_corpus(None)
@@ -210,7 +231,7 @@ def main() -> None:
         _save(report, args)
     for arch in args.archs.split(","):
         config = _config(args.site, arch, args)
-        names = [n for n in ("stream", "stream_bf16", "cache", "saelens") if n in paths]
+        names = [n for n in PATHS if n in paths]
         runs = ((n, _run(n, model, tok, arch, config, args, docs_path)) for n in names)  # lazily
         out = report["paths"].setdefault(arch, {})
         for name, (timing, sae) in runs:

@@ -14,7 +14,7 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
-from common import machine_info, median_seconds
+from common import add_cpu_matmul_option, apply_cpu_matmul, machine_info, median_seconds
 
 
 def main() -> None:
@@ -24,7 +24,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--model", default=None, help="checkpoint source (default: offline 270M)")
+    add_cpu_matmul_option(parser)
     args = parser.parse_args()
+    apply_cpu_matmul(args)
 
     import gemma_scope_pz as gs
 

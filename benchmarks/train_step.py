@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import add_cpu_matmul_option, apply_cpu_matmul, machine_info
 
 from gemma_scope_pz.train import objectives
 from gemma_scope_pz.train import step as step_lib
@@ -120,16 +120,15 @@ def main() -> None:
     parser.add_argument("--archs", default="jumprelu,topk")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    add_cpu_matmul_option(parser)
     args = parser.parse_args()
+    apply_cpu_matmul(args)
     d_in, d_sae, batch, k = (128, 2048, 512, 32) if args.quick else (640, 16384, 4096, 32)
     matmul_time = _matmul_timer(batch, d_in, d_sae)
     matmul_s = float(np.median([matmul_time() for _ in range(args.steps)]))
     report = {
-        "device": str(jax.devices()[0]),
-        "cpu_count": os.cpu_count(),
+        **machine_info(),
         "load_average": os.getloadavg(),
-        "machine": platform.machine(),
-        "jax": jax.__version__,
         "shape": {"d_in": d_in, "d_sae": d_sae, "batch": batch, "k": k, "dtype": args.dtype},
         "dense_matmul": {"seconds": matmul_s, "flops_per_s": 2 * batch * d_in * d_sae / matmul_s},
         "steps": {},

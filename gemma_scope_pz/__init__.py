@@ -21,6 +21,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from gemma_scope_pz import backend as _backend  # noqa: E402 (before JAX starts)
+
+_backend.apply_environment()
+
 # name -> "module" (attribute of the same name) or "module:attribute.path".
 _EXPORTS = {
     # models
@@ -33,6 +37,8 @@ _EXPORTS = {
     "load_tokenizer": "gemma_scope_pz.models.tokenizer",
     "format_chat": "gemma_scope_pz.models.tokenizer",
     "generate": "gemma_scope_pz.models.sampling",
+    "set_cpu_matmul": "gemma_scope_pz.backend",
+    "cpu_matmul": "gemma_scope_pz.backend",
     # dictionaries: layers and files
     "AutoEncoder": "gemma_scope_pz.scope.layers",
     "AutoEncoderSkip": "gemma_scope_pz.scope.layers",

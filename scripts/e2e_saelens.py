@@ -87,6 +87,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--autocast", action="store_true",
+        help="SAELens's mixed precision: bfloat16 autocast of the LM forward and of the SAE step",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import numpy as np
@@ -115,6 +119,8 @@ def main() -> None:
         n_batches_in_buffer=max(20, -(-2 * args.batch // args.context)),
         device="cpu",
         dtype="float32",
+        autocast=args.autocast,
+        autocast_lm=args.autocast,
         logger=LoggingConfig(log_to_wandb=False),
         n_checkpoints=0,
         checkpoint_path=None,
@@ -131,7 +137,8 @@ def main() -> None:
     np.savez(tmp, **weights(sae))
     os.replace(tmp, args.out)
     report = {"arch": args.arch, "total_s": total, "tokens_per_s": args.tokens / total,
-              "weights": str(args.out), "threads": args.threads, "sae_lens": _version()}  # fmt: skip
+              "weights": str(args.out), "threads": args.threads,
+              "autocast": args.autocast, "sae_lens": _version()}  # fmt: skip
     print(json.dumps(report))
 
 

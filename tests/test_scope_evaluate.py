@@ -107,3 +107,17 @@ def test_evaluate_counts_the_token_mask(setup):
     assert result.l0 == pytest.approx((want[mask] > 0).sum(-1).mean(), rel=1e-5)
     plain = evaluate_sae(model, sae, tokens, progress=False)
     assert plain.n_tokens == token_mask(tokens).sum() == tokens.size - 2
+
+
+def test_an_array_is_evaluated_in_batches_with_the_same_result(setup):
+    """One array is split into ``batch_size`` contexts per forward; the metrics do not change."""
+    model, sae, _, _ = setup
+    tokens = np.random.default_rng(9).integers(3, CONFIG.vocab_size, size=(5, 7)).astype(np.int32)
+    tokens[:, 0] = 2
+    whole = evaluate_sae(model, sae, [tokens], progress=False).to_dict()  # one batch of 5
+    split = evaluate_sae(model, sae, tokens, batch_size=2, progress=False).to_dict()  # 2 + 2 + 1
+    assert split.keys() == whole.keys()
+    for key, value in whole.items():
+        np.testing.assert_allclose(split[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        evaluate_sae(model, sae, tokens, batch_size=0, progress=False)

@@ -64,9 +64,9 @@ def _worker() -> dict:
     stream = StreamConfig(context_len=8, contexts_per_refill=8, refill_every=2, buffer_refills=3,
                           seed=3, log_every=1, progress_bar=False)  # fmt: skip
 
-    def train(mesh=None, lm=model, stream=stream):
+    def train(mesh=None, lm=model, stream=stream, **kwargs):
         return train_streaming(lm, configs, Corpus.from_texts(docs), tokenizer=Tok(),
-                               stream=stream, mesh=mesh)  # fmt: skip
+                               stream=stream, mesh=mesh, **kwargs)  # fmt: skip
 
     single = train()
     out = {"n_devices": len(jax.devices()), "compare": {}}
@@ -99,6 +99,7 @@ def _worker() -> dict:
                 "fvu_first_last": [ref.metrics[0]["fvu"], ref.metrics[-1]["fvu"]],
             }
         out["compare"][name] = rows
+        out["resume"] = _resume_on_mesh(train, mesh, lm, sharded)
     odd = StreamConfig(context_len=8, contexts_per_refill=6, refill_every=2, buffer_refills=3)
     try:
         train(make_mesh(4, 2), stream=odd)
@@ -106,6 +107,25 @@ def _worker() -> dict:
     except ValueError as exc:
         out["refusal"] = str(exc)
     return out
+
+
+def _resume_on_mesh(train, mesh, lm, whole) -> dict:
+    """Kill after 2 steps and resume, on the mesh: the largest weight difference from ``whole``
+    (the uninterrupted mesh run) and the resumed run's steps and sharding."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        first = train(mesh, lm, checkpoint_dir=folder, stop_at=2)
+        again = train(mesh, lm, checkpoint_dir=folder)
+    return {
+        "first_step": first.step,
+        "steps": {k: [r["step"] for r in d.metrics] for k, d in again.dictionaries.items()},
+        "max_diff": max(
+            float(np.max(np.abs(np.asarray(again.dictionaries[k].params[p]) - v)))
+            for k, d in whole.dictionaries.items()
+            for p, v in ((p, np.asarray(v)) for p, v in d.params.items())
+        ),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +148,14 @@ def test_data_parallel_stream_equals_single_device_run(result, mesh):
             assert diff < 1e-4, (mesh, name, key, diff)
         for key, diff in row["metrics"].items():
             assert diff < 1e-3, (mesh, name, key, diff)
+
+
+@pytest.mark.slow  # shares the subprocess above
+def test_kill_and_resume_on_the_mesh_gives_identical_weights(result):
+    resume = result["resume"]
+    assert resume["first_step"] == 2
+    assert resume["steps"] == {"sae": [2, 3, 4], "tc": [2, 3, 4]}
+    assert resume["max_diff"] == 0.0, resume
 
 
 @pytest.mark.slow  # shares the subprocess above

@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
+        if args.cpu_matmul:
+            gs.set_cpu_matmul(args.cpu_matmul)  # before JAX starts
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -200,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show tracebacks (accepted anywhere on the line)"
     )
+    parser.add_argument(
+        "--cpu-matmul",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="matmul precision on x86 CPUs with AMX / AVX-512 BF16: bfloat16 products with "
+        "float32 sums, ~2.5x faster forwards (see gemma_scope_pz/backend.py; None: as "
+        "GEMMA_SCOPE_PZ_CPU_MATMUL says, else float32); goes before the command",
+    )
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )

@@ -184,15 +184,23 @@ def evaluate_sae(
     pad_id: int = 0,
     special_ids: tuple[int, ...] = (),
     progress: bool = True,
+    batch_size: int = 8,
 ) -> SaeEvaluation:
     """Evaluates an SAE (or transcoder) on token batches ([batch, seq] int arrays, right-padded).
 
     ``site``/``site_out`` default to the SAE's ``meta.site_in``/``meta.site_out``. Batches after the
-    first should keep its shape so that the evaluation compiles once. Counted positions follow
+    first should keep its shape so that the evaluation compiles once; one array is split into
+    batches of ``batch_size`` contexts (three full-vocabulary forwards per batch: the memory
+    grows with it). Counted positions follow
     `gemma_scope_pz.scope.tokens.token_mask` with ``pad_id``, ``exclude_prefix`` and ``special_ids``
     (e.g. ``scope.tokens.TURN_MARKER_IDS`` for chat transcripts). A `Crosscoder` is evaluated by
     `scope.multisite.evaluate_crosscoder` (all its layers spliced; FVU over all layers).
     """
+    if batch_size < 1:
+        raise ValueError(f"evaluate_sae: batch_size must be >= 1, got {batch_size}")
+    if isinstance(batches, np.ndarray | jax.Array):
+        array = np.asarray(batches)
+        batches = [array[i : i + batch_size] for i in range(0, len(array), batch_size)]
     if isinstance(sae, Crosscoder):
         result = evaluate_crosscoder(model, sae, batches, pad_id=pad_id, progress=progress)
         fields = {f.name for f in dataclasses.fields(SaeEvaluation)}
@@ -203,8 +211,6 @@ def evaluate_sae(
     ablate_site = site_out if transcoder else site_in
     ablated = detach_state(pz.freeze_params(attach(model, ablate_site, ZeroOut())).body)
     frozen = (pz.freeze_params(model), spliced, ablated, pz.freeze_params(sae))
-    if isinstance(batches, np.ndarray | jax.Array):
-        batches = [np.asarray(batches)]
     special = tuple(int(i) for i in special_ids)
     totals: dict[str, np.ndarray] = {}
     for tokens in tqdm(batches, desc="evaluate", disable=not progress):

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from gemma_scope_pz.backend import cpu_matmul
 from gemma_scope_pz.data import packing as packing_lib
 from gemma_scope_pz.data.corpus import Corpus, as_corpus
 from gemma_scope_pz.models.fingerprint import weights_fingerprint
@@ -53,6 +54,8 @@ class HarvestInfo:
         the weights, which a cache of these rows is keyed by.
       packing: "document" or "concat" (see ``harvest``).
       model_dtype: Dtype the forward ran in ("float32" or "bfloat16").
+      cpu_matmul: The CPU matmul mode of the harvesting process (``gemma_scope_pz.backend``;
+        "float32" off the CPU).
     """
 
     model_name: str
@@ -68,6 +71,7 @@ class HarvestInfo:
     model_fingerprint: str = ""
     packing: str = "document"
     model_dtype: str = "float32"
+    cpu_matmul: str = "float32"
 
     @property
     def corpus(self) -> str:
@@ -93,6 +97,7 @@ class HarvestInfo:
             "tail": self.tail,
             "packing": self.packing,
             "model_dtype": self.model_dtype,
+            "cpu_matmul": self.cpu_matmul,
         }
 
 
@@ -127,6 +132,7 @@ def harvest_info(
         model_fingerprint=weights_fingerprint(model),
         packing=packing,
         model_dtype=model_dtype,
+        cpu_matmul=cpu_matmul() if jax.default_backend() == "cpu" else "float32",
     )
 
 

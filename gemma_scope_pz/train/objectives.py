@@ -212,43 +212,60 @@ def dead_latent_losses(
     """``(auxk, preact)`` of each row's ``aux_k`` highest-pre-activation dead latents.
 
     AuxK: those latents reconstruct the (stop-gradient) residual ``e``; the loss is
-    ``||e - e_hat||^2 / ||e - mean(e)||^2`` over the batch. Only ``aux_k`` latents per row take
-    part, so the decoder side uses a gather of their rows instead of a dense matmul.
-    ``pre_activations_at(idx)`` recomputes the selected pre-activations (sparse paths); by
-    default they are read from ``z``.
+    ``||e - e_hat||^2 / ||e - mean(e)||^2`` over the batch.
 
     Pre-activation loss, for JumpReLU (``threshold`` given; else 0):
-    ``mean_b sum_{j in idx_b} relu(threshold_j - z_bj) * ||w_dec_j||``.
+    ``mean_b sum_{j in S_b} relu(threshold_j - z_bj) * ||w_dec_j||``.
 
     AuxK trains a dead latent's encoder direction and decoder row, but a JumpReLU latent whose
     threshold lies above all its pre-activations still never fires, and its threshold gets no
     gradient. The pre-activation loss (after Anthropic's, which applies it to every latent) raises
     the pre-activations of each row's most promising dead latents until they cross the threshold.
     Both are 0 while nothing is dead; the computation is skipped then.
-    """
 
-    def compute(z, residual, w_dec):
-        idx = sae.topk_indices(jnp.where(dead, jax.lax.stop_gradient(z), -1e30), aux_k)
-        if pre_activations_at is None:
-            pre = jnp.take_along_axis(z, idx, axis=-1)
-        else:
-            pre = pre_activations_at(idx)
+    With a dense ``z`` (carrying the gradient) the selection is a mask (each row's dead latents
+    at or above its ``aux_k``-th largest dead pre-activation) and the decode a dense matmul: no
+    gather of ``[batch, aux_k, d]`` decoder rows, no scatter in the backward pass.
+    ``pre_activations_at(idx)`` (the sparse paths, whose ``z`` has no gradient) recomputes the
+    selected pre-activations instead, and the decode gathers their rows.
+    """
+    cast = (lambda a: a.astype(jnp.bfloat16)) if dtype == "bfloat16" else (lambda a: a)
+
+    def dense(z, residual, w_dec):
+        masked = jnp.where(dead, jax.lax.stop_gradient(z), -jnp.inf)
+        # min of the values, not values[..., -1]: XLA:CPU lowers the latter to a full sort
+        kth = jnp.min(jax.lax.top_k(masked, aux_k)[0], axis=-1, keepdims=True)
+        selected = dead & (masked >= kth)  # all the dead when a row has fewer than aux_k
         # Raw pre-activations, not ReLU'd (as SAELens does): a dead latent's pre-activation is
         # usually negative on every token, and a ReLU would give AuxK no gradient to revive it.
-        selected = dead[idx]
-        f_aux = jnp.where(selected, pre, 0.0)
-        rows = jnp.take(w_dec, idx, axis=0)
-        preact = jnp.zeros((), jnp.float32)
-        if threshold is not None:
-            gap = jax.nn.relu(threshold[idx] - pre) * jnp.linalg.norm(rows, axis=-1)
-            preact = jnp.mean(jnp.sum(jnp.where(selected, gap, 0.0), axis=-1))
-        if dtype == "bfloat16":
-            f_aux, rows = f_aux.astype(jnp.bfloat16), rows.astype(jnp.bfloat16)
-        estimate = jnp.einsum("bk,bkd->bd", f_aux, rows, preferred_element_type=jnp.float32)
-        return _aux_from_estimate(residual, estimate, dead), preact.astype(jnp.float32)
+        f_aux = jnp.where(selected, z, 0.0)
+        estimate = jnp.matmul(cast(f_aux), cast(w_dec), preferred_element_type=jnp.float32)
+        gap = jax.nn.relu(threshold - z) * jnp.linalg.norm(w_dec, axis=-1) if jump else None
+        return _aux_from_estimate(residual, estimate, dead), _preact(gap, selected)
 
+    def gathered(z, residual, w_dec):
+        idx = sae.topk_indices(jnp.where(dead, jax.lax.stop_gradient(z), -1e30), aux_k)
+        pre = pre_activations_at(idx)
+        selected = dead[idx]
+        rows = jnp.take(w_dec, idx, axis=0)
+        f_aux = jnp.where(selected, pre, 0.0)
+        estimate = jnp.einsum(
+            "bk,bkd->bd", cast(f_aux), cast(rows), preferred_element_type=jnp.float32
+        )
+        gap = jax.nn.relu(threshold[idx] - pre) * jnp.linalg.norm(rows, axis=-1) if jump else None
+        return _aux_from_estimate(residual, estimate, dead), _preact(gap, selected)
+
+    jump = threshold is not None
+    compute = dense if pre_activations_at is None else gathered
     zero = jnp.zeros((), jnp.float32)
     return jax.lax.cond(jnp.any(dead), compute, lambda *_: (zero, zero), z, residual, w_dec)
+
+
+def _preact(gap: jax.Array | None, selected: jax.Array) -> jax.Array:
+    """The pre-activation loss from per-entry gaps (``None``: not JumpReLU, 0)."""
+    if gap is None:
+        return jnp.zeros((), jnp.float32)
+    return jnp.mean(jnp.sum(jnp.where(selected, gap, 0.0), axis=-1)).astype(jnp.float32)
 
 
 def _aux_from_estimate(residual: jax.Array, estimate: jax.Array, dead: jax.Array) -> jax.Array:

@@ -50,9 +50,10 @@ IDENTITY_KEYS = (
     "tail",
     "packing",
     "model_dtype",
+    "cpu_matmul",
 )
 # What a header written before a key existed means by its absence.
-HEADER_DEFAULTS = {"packing": "document", "model_dtype": "float32"}
+HEADER_DEFAULTS = {"packing": "document", "model_dtype": "float32", "cpu_matmul": "float32"}
 _SHARD_NAME = re.compile(r"shard_\d{6}\.s\d+\.npy")
 _TMP = ".tmp"
 
@@ -111,6 +112,7 @@ class ActivationCache:
         tail: str = "pad",
         packing: str = "document",
         model_dtype: str = "float32",
+        cpu_matmul: str = "float32",
     ) -> ActivationCache:
         """Opens a cache for appending (a writer), creating it or resuming after a crash.
 
@@ -137,6 +139,7 @@ class ActivationCache:
             "tail": tail,
             "packing": packing,
             "model_dtype": model_dtype,
+            "cpu_matmul": cpu_matmul,
         }
         if len(header["sites"]) != len(header["widths"]):
             raise ValueError(f"ActivationCache {path}: {len(sites)} sites but {len(widths)} widths")
