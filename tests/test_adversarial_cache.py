@@ -8,9 +8,12 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
+from penzai import pz
 
+from gemma_scope_pz import backend as gs_backend
 from gemma_scope_pz.io import LockHeld
 from gemma_scope_pz.models.config import Gemma3Config
 from gemma_scope_pz.models.fingerprint import weights_fingerprint
@@ -200,6 +203,12 @@ def test_a_fine_tuned_model_does_not_reuse_the_base_models_cache(tmp_path):
     }
     assert len(fingerprints) == 3
     assert weights_fingerprint(Gemma3LM.from_params(config, params)) == weights_fingerprint(base)
+    # remembered per model, but a parameter given a new value in place changes it
+    edited = Gemma3LM.from_params(config, params)
+    before = weights_fingerprint(edited)
+    param = next(p for p in jax.tree_util.tree_leaves(edited) if isinstance(p, pz.Parameter))
+    param.value = param.value + 1.0
+    assert weights_fingerprint(edited) not in (before, weights_fingerprint(base))
 
     docs = ["some text to harvest", "and another document"]
     kw = dict(n_tokens=20, context_len=8, batch_size=2, progress=False)
@@ -223,7 +232,7 @@ def test_cache_written_before_packing_keys_means_document_float32(tmp_path):
     with ActivationCache.create_or_resume(path, **HEADER) as cache:
         cache.append(_rows(0, 4))
     manifest = json.loads((path / "manifest.json").read_text())
-    for key in ("packing", "model_dtype"):
+    for key in ("packing", "model_dtype", "cpu_matmul"):
         del manifest["header"][key]
     (path / "manifest.json").write_text(json.dumps(manifest))
     with ActivationCache.create_or_resume(path, **HEADER) as cache:
@@ -232,6 +241,8 @@ def test_cache_written_before_packing_keys_means_document_float32(tmp_path):
         ActivationCache.create_or_resume(path, **HEADER, packing="concat")
     with pytest.raises(ValueError, match=r"model_dtype='float32'.*but model_dtype='bfloat16'"):
         ActivationCache.create_or_resume(path, **HEADER, model_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"cpu_matmul='float32'.*but cpu_matmul='bfloat16'"):
+        ActivationCache.create_or_resume(path, **HEADER, cpu_matmul="bfloat16")
 
 
 def test_harvest_to_cache_packing_and_dtype_are_the_harvests(tmp_path):
@@ -247,6 +258,7 @@ def test_harvest_to_cache_packing_and_dtype_are_the_harvests(tmp_path):
     settings = dict(packing="concat", model_dtype="bfloat16")
     cache = harvest_to_cache(model, _Tokenizer(), docs, site, tmp_path / "c", **kw, **settings)
     assert {k: cache.header[k] for k in settings} == settings
+    assert cache.header["cpu_matmul"] == gs_backend.cpu_matmul()  # this process's mode
     rows, _ = harvest_array(model, _Tokenizer(), docs, site, **kw, **settings)
     stored = cache.read_rows(np.arange(cache.n_rows))[0]
     np.testing.assert_array_equal(stored, rows[site[0]])

@@ -22,15 +22,24 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from gemma_scope_pz.models.stateful import per_model
+
 SAMPLES = 1024
 
 
 def weights_fingerprint(model: Any) -> str:
     """A 16-hex-digit hash of the ``pz.Parameter`` values in ``model`` (see the module docstring).
 
+    Remembered per model while its parameters keep their values (``stateful.per_model``): a
+    harvest asks for it on every call.
+
     Raises:
       ValueError: if ``model`` holds no ``pz.Parameter`` (the message names its type).
     """
+    return per_model(model, "weights_fingerprint", lambda: _fingerprint(model))
+
+
+def _fingerprint(model: Any) -> str:
     _, params = pz.unbind_params(model)
     if not params:
         raise ValueError(f"weights_fingerprint: {type(model).__name__} holds no pz.Parameter")
