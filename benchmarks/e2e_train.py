@@ -24,7 +24,8 @@ Quality: FVU, L0 and delta loss of every trained SAE (SAELens's included, read b
 weights) by ``evaluate_sae`` on the same held-out contexts: the corpus's last documents, which the
 training tokens do not reach. ``forward`` (a path name): tokens/s of the harvest forward alone, float32 against
 bfloat16, and the bfloat16 activations' relative error. ``--many``: three SAEs at blocks 3, 6, 9
-plus a transcoder at every layer from one stream, against each alone (``--many-tokens`` each). ``load_average`` says how
+plus a transcoder at every layer from one stream, against each alone (``--many-tokens`` each,
+a buffer of two refills). ``load_average`` says how
 busy the (shared) machine was.
 """
 
@@ -100,10 +101,10 @@ def cache_path(model, tok, config: TrainConfig, args) -> tuple[dict, object]:
     return timing, result.to_autoencoder()
 
 
-def stream_path(model, tok, configs: dict, args, model_dtype: str = "float32"):
+def stream_path(model, tok, configs: dict, args, model_dtype: str = "float32", refills: int = 4):
     """``train_streaming`` of ``configs``: wall time, tokens/s (end to end), the trained SAEs."""
-    stream = StreamConfig(context_len=128, buffer_refills=4, progress_bar=False, log_every=10**9,
-                          packing="concat", model_dtype=model_dtype)  # fmt: skip
+    stream = StreamConfig(context_len=128, buffer_refills=refills, progress_bar=False,
+                          log_every=10**9, packing="concat", model_dtype=model_dtype)  # fmt: skip
     total, result = _timed(
         lambda: train_streaming(model, configs, None, tokenizer=tok, stream=stream)
     )
@@ -169,8 +170,8 @@ def many_path(model, tok, args) -> dict:
         many[f"tc{layer}"] = _config(
             f"blocks.{layer}.mlp_in", "jumprelu", short, site_out=f"blocks.{layer}.mlp_out"
         )
-    together, _ = stream_path(model, tok, many, short)
-    alone = {n: stream_path(model, tok, {n: c}, short)[0] for n, c in tqdm(many.items())}
+    together, _ = stream_path(model, tok, many, short, refills=2)
+    alone = {n: stream_path(model, tok, {n: c}, short, refills=2)[0] for n, c in tqdm(many.items())}
     one_by_one = sum(t["total_s"] for t in alone.values())
     loop_s = sum(args.many_tokens / t["loop_tokens_per_s"] for t in alone.values())
     return {"n_dictionaries": len(many), "tokens": args.many_tokens,
@@ -204,7 +205,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--held-out", type=int, default=32, help="held-out contexts of 128")
     parser.add_argument("--forward-tokens", type=int, default=127 * 32 * 4)
     parser.add_argument("--many", action="store_true")
-    parser.add_argument("--many-tokens", type=int, default=65_536, help="tokens of each --many run")
+    parser.add_argument("--many-tokens", type=int, default=32_768, help="tokens of each --many run")
     add_cpu_matmul_option(parser)
     parser.add_argument("--work", type=pathlib.Path, default=REPO / "runs" / "e2e")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="also write the JSON here")
