@@ -176,7 +176,11 @@ def offline_dictionaries(
     root = default_cache_dir() / "tour"
     corpus = gs.load_corpus(None)
     weights = weights_fingerprint(model)  # a fine-tuned model gets its own activations
-    data_key = fingerprint(model.config.to_dict(), weights, corpus.label, s.train_tokens, *sites)
+    # activations made with bfloat16 CPU matmuls are kept apart (float32 keys stay as they were)
+    mode = [] if gs.cpu_matmul() == "float32" else [f"cpu_matmul={gs.cpu_matmul()}"]
+    data_key = fingerprint(
+        model.config.to_dict(), weights, corpus.label, s.train_tokens, *sites, *mode
+    )
     if not (root / f"acts-{data_key}").exists():
         log(
             f"first run: harvesting {s.train_tokens} tokens and training two dictionaries for "
