@@ -141,7 +141,7 @@ SHIPPED = {"sae": "resid_post/layer_9", "transcoder": "transcoder/layer_6"}
 
 def _expected_time(s: TourSettings) -> str:
     """Rough wall time of the first :func:`offline_dictionaries` call, from measured tour runs."""
-    return "about 2 minutes" if s.quick else "10 to 20 minutes"
+    return "about 2 minutes" if s.quick else "5 to 15 minutes"
 
 
 def offline_dictionaries(
