@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import jax
 
-from gemma_scope_pz.backend import cpu_has_bf16, cpu_matmul, set_cpu_matmul
+from gemma_scope_pz.backend import CPU_MATMULS, cpu_has_bf16, cpu_matmul, set_cpu_matmul
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -40,7 +40,7 @@ def add_cpu_matmul_option(parser) -> None:
     """``--cpu-matmul`` (``gemma_scope_pz.backend``); apply with ``apply_cpu_matmul`` first thing."""
     parser.add_argument(
         "--cpu-matmul",
-        choices=("float32", "bfloat16"),
+        choices=CPU_MATMULS,
         default=None,
         help="CPU matmul mode of this process (None: as GEMMA_SCOPE_PZ_CPU_MATMUL says)",
     )

@@ -12,8 +12,8 @@ computation), so it is chosen first: ``GEMMA_SCOPE_PZ_CPU_MATMUL=bfloat16`` in t
 ``gs.set_cpu_matmul("bfloat16")`` before anything else. A CPU without bfloat16 instructions
 computes in float32 as before. GPU and TPU backends ignore it.
 
-Precision: the activations at ``blocks.9.resid_post`` of the offline 270M differ from float32's
-by ~1% (relative L2), as with a bfloat16 forward; see docs/results.md.
+Precision: on real text the activations at ``blocks.9.resid_post`` of the offline 270M differ
+from float32's by ~0.5% (relative L2; a bfloat16 forward: ~0.8%); see docs/results.md.
 """
 
 from __future__ import annotations

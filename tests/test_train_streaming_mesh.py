@@ -99,7 +99,7 @@ def _worker() -> dict:
                 "fvu_first_last": [ref.metrics[0]["fvu"], ref.metrics[-1]["fvu"]],
             }
         out["compare"][name] = rows
-        out["resume"] = _resume_on_mesh(train, mesh, lm, sharded)
+        out.setdefault("resume", {})[name] = _resume_on_mesh(train, mesh, lm, sharded)
     odd = StreamConfig(context_len=8, contexts_per_refill=6, refill_every=2, buffer_refills=3)
     try:
         train(make_mesh(4, 2), stream=odd)
@@ -110,8 +110,8 @@ def _worker() -> dict:
 
 
 def _resume_on_mesh(train, mesh, lm, whole) -> dict:
-    """Kill after 2 steps and resume, on the mesh: the largest weight difference from ``whole``
-    (the uninterrupted mesh run) and the resumed run's steps and sharding."""
+    """Kill after 2 steps and resume, on the mesh: the first run's last step, the resumed run's
+    steps and its largest weight difference from ``whole`` (the uninterrupted mesh run)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
@@ -151,8 +151,9 @@ def test_data_parallel_stream_equals_single_device_run(result, mesh):
 
 
 @pytest.mark.slow  # shares the subprocess above
-def test_kill_and_resume_on_the_mesh_gives_identical_weights(result):
-    resume = result["resume"]
+@pytest.mark.parametrize("mesh", MESHES)
+def test_kill_and_resume_on_the_mesh_gives_identical_weights(result, mesh):
+    resume = result["resume"][mesh]
     assert resume["first_step"] == 2
     assert resume["steps"] == {"sae": [2, 3, 4], "tc": [2, 3, 4]}
     assert resume["max_diff"] == 0.0, resume

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import gemma_scope_pz as gs
 from gemma_scope_pz.app import overrides
+from gemma_scope_pz.backend import CPU_MATMULS
 from gemma_scope_pz.circuits.cli import add_attribute_parser
 
 DESCRIPTION = "gemma-scope-pz: Gemma 3 and Gemma Scope 2 on the command line."
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cpu-matmul",
-        choices=("float32", "bfloat16"),
+        choices=CPU_MATMULS,
         default=None,
         help="matmul precision on x86 CPUs with AMX / AVX-512 BF16: bfloat16 products with "
         "float32 sums, ~2.5x faster forwards (see gemma_scope_pz/backend.py; None: as "

@@ -129,8 +129,18 @@ def topk_threshold(z: jax.Array, k: int) -> jax.Array:
     Its running average is the JumpReLU threshold a TopK dictionary is exported with where the
     format has no TopK (Gemma Scope 2, SAELens transcoders).
     """
-    kth = jnp.min(jax.lax.top_k(jax.lax.stop_gradient(z), k)[0], axis=-1)
-    return sae.relu(jnp.mean(kth))
+    return sae.relu(jnp.mean(_row_kth_largest(jax.lax.stop_gradient(z), k)))
+
+
+def _row_kth_largest(z: jax.Array, k: int) -> jax.Array:
+    """Each row's ``k``-th largest entry: ``[..., d] -> [...]``."""
+    # min of the top-k values, not values[..., -1]: XLA:CPU lowers the latter to a full sort
+    return jnp.min(jax.lax.top_k(z, k)[0], axis=-1)
+
+
+def _cast(a: jax.Array, dtype: str) -> jax.Array:
+    """``a`` as an operand of a ``dtype`` ("float32" or "bfloat16") product (see ``sae.matmul``)."""
+    return a.astype(jnp.bfloat16) if dtype == "bfloat16" else a
 
 
 def activate(params: Params, z: jax.Array, config: TrainConfig) -> tuple[jax.Array, jax.Array]:
@@ -229,17 +239,15 @@ def dead_latent_losses(
     ``pre_activations_at(idx)`` (the sparse paths, whose ``z`` has no gradient) recomputes the
     selected pre-activations instead, and the decode gathers their rows.
     """
-    cast = (lambda a: a.astype(jnp.bfloat16)) if dtype == "bfloat16" else (lambda a: a)
 
     def dense(z, residual, w_dec):
         masked = jnp.where(dead, jax.lax.stop_gradient(z), -jnp.inf)
-        # min of the values, not values[..., -1]: XLA:CPU lowers the latter to a full sort
-        kth = jnp.min(jax.lax.top_k(masked, aux_k)[0], axis=-1, keepdims=True)
+        kth = _row_kth_largest(masked, aux_k)[..., None]
         selected = dead & (masked >= kth)  # all the dead when a row has fewer than aux_k
         # Raw pre-activations, not ReLU'd (as SAELens does): a dead latent's pre-activation is
         # usually negative on every token, and a ReLU would give AuxK no gradient to revive it.
         f_aux = jnp.where(selected, z, 0.0)
-        estimate = jnp.matmul(cast(f_aux), cast(w_dec), preferred_element_type=jnp.float32)
+        estimate = sae.matmul(f_aux, w_dec, dtype)
         gap = jax.nn.relu(threshold - z) * jnp.linalg.norm(w_dec, axis=-1) if jump else None
         return _aux_from_estimate(residual, estimate, dead), _preact(gap, selected)
 
@@ -250,7 +258,10 @@ def dead_latent_losses(
         rows = jnp.take(w_dec, idx, axis=0)
         f_aux = jnp.where(selected, pre, 0.0)
         estimate = jnp.einsum(
-            "bk,bkd->bd", cast(f_aux), cast(rows), preferred_element_type=jnp.float32
+            "bk,bkd->bd",
+            _cast(f_aux, dtype),
+            _cast(rows, dtype),
+            preferred_element_type=jnp.float32,
         )
         gap = jax.nn.relu(threshold[idx] - pre) * jnp.linalg.norm(rows, axis=-1) if jump else None
         return _aux_from_estimate(residual, estimate, dead), _preact(gap, selected)
@@ -277,10 +288,11 @@ def _aux_from_estimate(residual: jax.Array, estimate: jax.Array, dead: jax.Array
 
 def gathered(params: Params, x_in: jax.Array, idx: jax.Array, dtype: str):
     """Pre-activations of latents ``idx [batch, n]`` and their decoder rows, by gathers."""
-    cast = (lambda a: a.astype(jnp.bfloat16)) if dtype == "bfloat16" else (lambda a: a)
     enc_cols = jnp.take(params["w_enc"].T, idx, axis=0)  # [batch, n, d_in]
-    pre = jnp.einsum("bd,bnd->bn", cast(x_in), cast(enc_cols), preferred_element_type=jnp.float32)
-    return pre + params["b_enc"][idx], cast(jnp.take(params["w_dec"], idx, axis=0))
+    pre = jnp.einsum(
+        "bd,bnd->bn", _cast(x_in, dtype), _cast(enc_cols, dtype), preferred_element_type=jnp.float32
+    )
+    return pre + params["b_enc"][idx], _cast(jnp.take(params["w_dec"], idx, axis=0), dtype)
 
 
 def _sparse_topk_terms(params: Params, x_in: jax.Array, dead: jax.Array, config: TrainConfig):
