@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from gemma_scope_pz.backend import CPU_MATMULS, cpu_has_bf16, cpu_matmul, set_cpu_matmul
 
@@ -22,6 +23,16 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def peak_flops(repeats: int = 5, n: int = 8192) -> float:
+    """FLOP/s of a jitted bfloat16 ``[n, n] @ [n, n]`` on the default device (its practical
+    peak: the denominator of the benchmarks' MFU)."""
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(key_a, (n, n), jnp.bfloat16)
+    b = jax.random.normal(key_b, (n, n), jnp.bfloat16)
+    matmul = jax.jit(jnp.matmul)
+    return 2 * n**3 / median_seconds(lambda: matmul(a, b), repeats)
 
 
 def machine_info() -> dict[str, object]:

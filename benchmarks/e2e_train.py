@@ -5,8 +5,8 @@ Usage: python benchmarks/e2e_train.py [--quick] [--tokens 200000] [--paths strea
 
 Prints one JSON object (and writes it to ``--out``). Every path trains the same JumpReLU and TopK
 (k=32) dictionaries, 640 → ``--d-sae`` at ``--site``, context 128, ``--batch`` tokens per step,
-``--tokens`` tokens, from the default corpus with documents packed back to back
-(``packing="concat"``, as SAELens packs); wall times include compilation and model loading is
+``--tokens`` tokens, from ``--corpus`` (default: the offline corpus; it restarts when it runs
+out) with documents packed back to back (``packing="concat"``, as SAELens packs); wall times include compilation and model loading is
 not counted, for ours or SAELens's.
 
 * ``stream`` / ``stream_bf16``: ``train_streaming`` (forward, on-device buffer, update), the LM
@@ -21,11 +21,11 @@ not counted, for ours or SAELens's.
 products on the CPU (``gemma_scope_pz.backend``); the JSON records the mode.
 
 Quality: FVU, L0 and delta loss of every trained SAE (SAELens's included, read back from its
-weights) by ``evaluate_sae`` on the same held-out contexts: the corpus's last documents, which the
-training tokens do not reach. ``forward`` (a path name): tokens/s of the harvest forward alone, float32 against
-bfloat16, and the bfloat16 activations' relative error. ``--many``: three SAEs at blocks 3, 6, 9
-plus a transcoder at every layer from one stream, against each alone (``--many-tokens`` each,
-a buffer of two refills). ``load_average`` says how
+weights) by ``evaluate_sae`` on the same held-out contexts: the corpus's last documents, which
+are left out of every path's training text. ``forward`` (a path name): tokens/s of the harvest
+forward alone, float32 against bfloat16, and the bfloat16 activations' relative error.
+``--many``: three SAEs at blocks 3, 6, 9 plus a transcoder at every layer from one stream,
+against each alone (``--many-tokens`` each, a buffer of two refills). ``load_average`` says how
 busy the (shared) machine was.
 """
 
@@ -43,7 +43,8 @@ from common import add_cpu_matmul_option, apply_cpu_matmul, machine_info
 from tqdm.auto import tqdm
 
 import gemma_scope_pz as gs
-from gemma_scope_pz.data.packing import corpus_contexts
+from gemma_scope_pz.data.corpus import Corpus
+from gemma_scope_pz.data.packing import corpus_contexts, pack_contexts
 from gemma_scope_pz.io import write_atomically
 from gemma_scope_pz.scope.evaluate import evaluate_sae
 from gemma_scope_pz.scope.layers import AutoEncoder, SaeMeta
@@ -73,6 +74,18 @@ def _config(site: str, arch: str, args, site_out: str | None = None) -> TrainCon
     )
 
 
+def split_held_out(tok, docs: list[str], n_contexts: int) -> tuple[list[str], list[str]]:
+    """(training documents, held-out documents): the last documents that pack into
+    ``n_contexts`` contexts of 128 are held out, so a run that wraps around the corpus never
+    trains on the evaluation text."""
+    n = 0
+    for i in range(len(docs) - 1, 0, -1):
+        n += sum(1 for _ in pack_contexts([docs[i]], tok, 128))
+        if n >= n_contexts:
+            return docs[:i], docs[i:]
+    raise ValueError(f"the corpus has too few documents for {n_contexts} held-out contexts")
+
+
 def _timed(fn) -> tuple[float, object]:
     start = time.perf_counter()
     out = fn()
@@ -86,7 +99,7 @@ def cache_path(model, tok, config: TrainConfig, args) -> tuple[dict, object]:
         lambda: harvest_array(
             model,
             tok,
-            None,
+            args.train_corpus,
             [site],
             n_tokens=args.tokens,
             batch_size=32,
@@ -106,7 +119,7 @@ def stream_path(model, tok, configs: dict, args, model_dtype: str = "float32", r
     stream = StreamConfig(context_len=128, buffer_refills=refills, progress_bar=False,
                           log_every=10**9, packing="concat", model_dtype=model_dtype)  # fmt: skip
     total, result = _timed(
-        lambda: train_streaming(model, configs, None, tokenizer=tok, stream=stream)
+        lambda: train_streaming(model, configs, args.train_corpus, tokenizer=tok, stream=stream)
     )
     timing = {"total_s": total, "tokens_per_s": args.tokens / total,
               "loop_tokens_per_s": result.tokens_per_second}  # fmt: skip
@@ -149,7 +162,7 @@ def forward_rates(tok, args) -> dict:
     for dtype in ("float32", "bfloat16"):
 
         def run(n, dtype=dtype):  # noqa: E306
-            return harvest_array(model, tok, None, [args.site], n_tokens=n, batch_size=32,
+            return harvest_array(model, tok, args.train_corpus, [args.site], n_tokens=n, batch_size=32,
                                  packing="concat", model_dtype=dtype, progress=False)[0]  # fmt: skip
 
         run(127 * 32)  # compile
@@ -199,6 +212,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--d-sae", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--site", default="blocks.9.resid_post")
+    parser.add_argument(
+        "--corpus", default=None, help="load_corpus spec (default: the offline corpus)"
+    )
     parser.add_argument("--archs", default="jumprelu,topk")
     parser.add_argument("--paths", default="forward,stream,stream_bf16,cache,saelens")
     parser.add_argument("--saelens-python", default="/work/scratch/saelens/bin/python")
@@ -220,10 +236,11 @@ def main() -> None:
     apply_cpu_matmul(args)  # before JAX starts
     args.work.mkdir(parents=True, exist_ok=True)
     model, tok = gs.load_model(), gs.load_tokenizer()
-    corpus = gs.load_corpus(None)
+    train_docs, held_docs = split_held_out(tok, list(gs.load_corpus(args.corpus)), args.held_out)
+    args.train_corpus = Corpus.from_texts(train_docs, name="train")
     docs_path = args.work / "docs.jsonl"
-    write_atomically(docs_path, "\n".join(json.dumps({"text": d}) for d in corpus) + "\n")
-    held_out = corpus_contexts(tok, corpus, args.held_out, from_end=True)
+    write_atomically(docs_path, "\n".join(json.dumps({"text": d}) for d in train_docs) + "\n")
+    held_out = corpus_contexts(tok, held_docs, args.held_out, from_end=True)
     paths = args.paths.split(",")
     report = {**machine_info(), "settings": {k: str(v) for k, v in vars(args).items()},
               "load_average_start": os.getloadavg(), "paths": {}}  # fmt: skip

@@ -136,6 +136,11 @@ def test_streaming_equals_cached_path_on_the_same_data_order(model, together):
         for k, v in cached.params.items():
             np.testing.assert_allclose(streamed.params[k], v, rtol=1e-3, atol=1e-5, err_msg=k)
     assert result.n_nonfinite_rows == 0 and result.step == STEPS
+    # the first step (compiling the step program) is timed apart from the rate
+    assert 0 < result.first_step_seconds < result.seconds
+    steady = (STEPS - 1) * BATCH / (result.seconds - result.first_step_seconds)
+    assert result.tokens_per_second == pytest.approx(steady)
+    assert result.tokens_per_second > STEPS * BATCH / result.seconds
 
 
 def test_kill_and_resume_gives_bit_identical_weights(model, tmp_path):

@@ -61,9 +61,10 @@ class DictionaryConfig:
     sparse_jumprelu: Literal["auto", "on", "off"] = field(
         "auto",
         "JumpReLU: decode each row from its capped active set (gathered decoder rows) with an "
-        "exact dense fallback for batches where a row exceeds the cap; auto: on when an expected "
-        "L0 is known (loss.target_l0 or sae.sparse_cap) and the cap is at most d_sae / 8. Loss "
-        "and gradients equal the dense path's.",
+        "exact dense fallback for batches where a row exceeds the cap; auto: on the CPU, when an "
+        "expected L0 is known (loss.target_l0 or sae.sparse_cap) and the cap is at most d_sae / 8 "
+        "(dense on accelerators, where the gathers are slower). Loss and gradients equal the "
+        "dense path's.",
         operational=True,
     )
     sparse_cap: int | None = field(

@@ -2,7 +2,8 @@
 
 :func:`gemma_scope_pz.train.objectives.loss_fn` computes every architecture densely (and TopK
 sparsely with ``sae.sparse_topk``); :mod:`gemma_scope_pz.train.sparse_jumprelu` computes JumpReLU
-from a capped active set when ``config.jumprelu_sparse_cap`` is set. Both give the same loss and
+from a capped active set when ``config.jumprelu_sparse_cap`` is set (with ``sae.sparse_jumprelu``
+"auto", on the CPU only: see :func:`uses_sparse_jumprelu`). Both give the same loss and
 gradients; this module picks one so that neither module needs the other's dispatch.
 """
 
@@ -23,6 +24,19 @@ def loss_fn(
     config: TrainConfig,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array, jax.Array]]:
     """Total training loss of one batch; arguments and result as :func:`objectives.loss_fn`."""
-    if config.jumprelu_sparse_cap and not config.sae.sparse_topk:
+    if uses_sparse_jumprelu(config):
         return sparse_jumprelu.loss_fn(params, x_in, x_out, dead, sparsity_scale, config)
     return objectives.loss_fn(params, x_in, x_out, dead, sparsity_scale, config)
+
+
+def uses_sparse_jumprelu(config: TrainConfig) -> bool:
+    """Whether the step takes the sparse JumpReLU path on the default backend.
+
+    ``sae.sparse_jumprelu="on"`` always does; "auto" (a cap from ``config.jumprelu_sparse_cap``)
+    only on the CPU. On a GPU the gathers cost more than the dense decode they save: on an H200,
+    640 -> 16,384 and 2304 -> 65,536 at batch 4096, the sparse step took 5.5x and 3.9x the dense
+    one (``benchmarks/accelerator_results.json``).
+    """
+    if not config.jumprelu_sparse_cap or config.sae.sparse_topk:
+        return False
+    return config.sae.sparse_jumprelu == "on" or jax.default_backend() == "cpu"

@@ -62,6 +62,8 @@ class StreamResult:
       tokens: Tokens trained on in this call (steps x batch size).
       seconds: Wall time of this call's training loop.
       step: Steps done (a run stopped with ``stop_at`` can be resumed from here).
+      first_step_seconds: Wall time of the loop's first step, which compiles the step program
+        (unless an earlier call with the same settings did).
     """
 
     dictionaries: dict[str, trainer.TrainResult]
@@ -69,9 +71,15 @@ class StreamResult:
     tokens: int
     seconds: float
     step: int
+    first_step_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
+        """Training rate after the first step (compilation left out); with a single step, that
+        step's rate."""
+        batch = next(iter(self.dictionaries.values())).config.run.batch_size
+        if self.tokens > batch:
+            return (self.tokens - batch) / max(self.seconds - self.first_step_seconds, 1e-9)
         return self.tokens / max(self.seconds, 1e-9)
 
 
@@ -249,6 +257,7 @@ class _Run:
     manager: Any
     histories: dict[str, list[dict]]
     mesh: Any = None
+    first_step_done: float = 0.0
 
 
 def _log(run: _Run, states, metrics, step: int, n_bad, bar) -> None:
@@ -287,6 +296,9 @@ def _loop(run: _Run, model, states, buffer, n_bad, start: int, stop: int):
                 model, states, buffer, tokens, jnp.int32(step), jnp.bool_(refill is not None)
             )
             n_bad = n_bad + bad
+            if step == start:  # the first step compiles: its time is reported apart
+                jax.block_until_ready(bad)
+                run.first_step_done = time.perf_counter()
             done = step + 1
             if done % stream.log_every == 0 or done in (total, stop):
                 _log(run, states, metrics, step, n_bad, bar)
@@ -412,4 +424,7 @@ def train_streaming(
     results = _results(configs, states, finished=stop == first.num_steps)
     for name, result in results.items():
         result.metrics = run.histories[name]
-    return StreamResult(results, n_bad, (stop - start) * first.run.batch_size, seconds, stop)
+    first_s = max(run.first_step_done - began, 0.0)
+    return StreamResult(
+        results, n_bad, (stop - start) * first.run.batch_size, seconds, stop, first_s
+    )
