@@ -137,7 +137,7 @@ def _variants(archs: str, k: int) -> list[tuple[str, dict]]:
 
 def shape_report(shape: tuple[int, int, int], args, peak: float | None) -> dict:
     """Every variant's step rate at ``(d_in, d_sae, batch)``, next to the dense matmul rate."""
-    (d_in, d_sae, batch), k = shape, 32
+    (d_in, d_sae, batch), k = shape, args.k
     matmul_time = _matmul_timer(batch, d_in, d_sae, group=args.group)
     matmul_s = float(np.median([matmul_time() for _ in range(args.steps)]))
     report = {
@@ -170,6 +170,7 @@ def main() -> None:
         help="a shape to time (repeatable; default 640,16384,4096)",
     )  # fmt: skip
     parser.add_argument("--archs", default="jumprelu,topk")
+    parser.add_argument("--k", type=int, default=32, help="TopK's k and the sparse JumpReLU cap")
     parser.add_argument("--steps", type=int, default=5, help="timings per configuration")
     parser.add_argument("--group", type=int, default=1, help="back-to-back steps per timing")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
