@@ -344,17 +344,18 @@ def test_sparse_jumprelu_matches_dense_loss_and_gradients(cap, expect_sparse):
 
 def test_sparse_jumprelu_auto_choice_and_refusal():
     assert _cfg(sae=dict(architecture="jumprelu", d_sae=4096)).jumprelu_sparse_cap == 0  # no L0
-    wide = _cfg(sae=dict(architecture="jumprelu", d_sae=1024), loss=dict(target_l0=10))
-    assert wide.jumprelu_sparse_cap == 64  # max(64, 4 * target_l0), 8 * 64 <= 1024
+    wide = _cfg(sae=dict(architecture="jumprelu", d_sae=32768), loss=dict(target_l0=10))
+    assert wide.jumprelu_sparse_cap == 64  # max(64, 4 * target_l0), 512 * 64 <= 32768
+    assert apply_overrides(wide, {"sae.d_sae": 16384}).jumprelu_sparse_cap == 0  # too narrow
     assert (
         apply_overrides(wide, {"sae.sparse_jumprelu": "on", "sae.d_sae": 256}).jumprelu_sparse_cap
         == 64
     )
-    target = {"loss.target_l0": 40}  # cap 160: sparse from d_sae 1280 on
-    assert apply_overrides(wide, {**target, "sae.d_sae": 1280}).jumprelu_sparse_cap == 160
+    target = {"loss.target_l0": 40}  # cap 160: sparse from d_sae 81920 on
+    assert apply_overrides(wide, {**target, "sae.d_sae": 81920}).jumprelu_sparse_cap == 160
     assert apply_overrides(wide, target).jumprelu_sparse_cap == 0
-    assert apply_overrides(wide, {"sae.sparse_cap": 200}).jumprelu_sparse_cap == 0
-    assert apply_overrides(wide, {"sae.sparse_cap": 100}).jumprelu_sparse_cap == 100
+    assert apply_overrides(wide, {"sae.sparse_cap": 65}).jumprelu_sparse_cap == 0
+    assert apply_overrides(wide, {"sae.sparse_cap": 60}).jumprelu_sparse_cap == 60
     assert apply_overrides(wide, {"sae.sparse_jumprelu": "off"}).jumprelu_sparse_cap == 0
     assert _cfg(sae=dict(architecture="jumprelu", d_sae=256)).jumprelu_sparse_cap == 0
     with pytest.raises(ValueError, match="sae.sparse_jumprelu='on' needs architecture"):
