@@ -40,6 +40,7 @@ from penzai import pz
 from tqdm.auto import tqdm
 
 from gemma_scope_pz.data.corpus import Corpus, as_corpus
+from gemma_scope_pz.models import stateful
 from gemma_scope_pz.train import buffer as buffer_lib
 from gemma_scope_pz.train import sharding, stream_data, trainer
 from gemma_scope_pz.train import step as step_lib
@@ -294,7 +295,7 @@ def _loop(run: _Run, model, states, buffer, n_bad, start: int, stop: int):
         np.zeros((run.contexts.n_contexts, stream.context_len), np.int32), run.mesh
     )
     n_bad = jnp.int32(n_bad)
-    model_leaves, model_def = jax.tree_util.tree_flatten(model)
+    model_leaves, model_def = stateful.flat(model)
     bar = tqdm(total=total * batch, initial=start * batch, unit="tok", unit_scale=True,
                disable=not stream.progress_bar, desc="stream", leave=False)  # fmt: skip
     try:
