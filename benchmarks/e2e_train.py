@@ -242,7 +242,7 @@ def main() -> None:
     write_atomically(docs_path, "\n".join(json.dumps({"text": d}) for d in train_docs) + "\n")
     held_out = corpus_contexts(tok, held_docs, args.held_out, from_end=True)
     paths = args.paths.split(",")
-    report = {**machine_info(), "settings": {k: str(v) for k, v in vars(args).items()},
+    report = {**machine_info(), "settings": {k: str(v) for k, v in vars(args).items() if k != "train_corpus"},
               "load_average_start": os.getloadavg(), "paths": {}}  # fmt: skip
     if "forward" in paths:
         report["forward"] = forward_rates(tok, args)
