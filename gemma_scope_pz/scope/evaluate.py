@@ -210,7 +210,7 @@ def evaluate_sae(
     transcoder = Site.parse(site_out).kind == "mlp_out" and Site.parse(site_in).kind == "mlp_in"
     ablate_site = site_out if transcoder else site_in
     ablated = detach_state(pz.freeze_params(attach(model, ablate_site, ZeroOut())).body)
-    frozen = (pz.freeze_params(model), spliced, ablated, pz.freeze_params(sae))
+    frozen = (stateful.frozen(model), spliced, ablated, stateful.frozen(sae))
     special = tuple(int(i) for i in special_ids)
     totals: dict[str, np.ndarray] = {}
     for tokens in tqdm(batches, desc="evaluate", disable=not progress):

@@ -85,7 +85,7 @@ def crosscoder_latents(
     _check(model, crosscoder)
     sites = crosscoder.sites()
     acts = capture(model, tokens, sites, pad_id=pad_id)
-    return _encode(pz.freeze_params(crosscoder), [acts[s] for s in sites])
+    return _encode(stateful.frozen(crosscoder), [acts[s] for s in sites])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,8 +204,8 @@ def crosscoder_logits(
     positions = positions_for(tokens, pad_id)
     ready, mode, acausal = _plan(crosscoder, "splice_error" if include_error else "splice")
     return _spliced_logits(
-        pz.freeze_params(model),
-        pz.freeze_params(crosscoder),
+        stateful.frozen(model),
+        stateful.frozen(crosscoder),
         tokens,
         positions,
         ready,
@@ -288,7 +288,7 @@ def evaluate_crosscoder(
     """
     _check(model, crosscoder)
     ready, _, acausal = _plan(crosscoder, "splice")
-    frozen = (pz.freeze_params(model), pz.freeze_params(crosscoder))
+    frozen = (stateful.frozen(model), stateful.frozen(crosscoder))
     if isinstance(batches, np.ndarray | jax.Array):
         batches = [batches]
     totals: dict[str, np.ndarray] = {}
