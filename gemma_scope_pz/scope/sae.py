@@ -30,12 +30,15 @@ ACTIVATIONS: tuple[str, ...] = ("jumprelu", "relu", "topk", "batchtopk")
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
 
+def operand(a: jax.Array, dtype: str) -> jax.Array:
+    """``a`` as an operand of a ``dtype`` product: cast to bfloat16 for "bfloat16", else as is."""
+    return a.astype(jnp.bfloat16) if dtype == "bfloat16" else a
+
+
 def matmul(a: jax.Array, b: jax.Array, dtype: str = "float32") -> jax.Array:
     """``a @ b`` in the operands' dtype, or with bfloat16 operands and float32 accumulation."""
     if dtype == "bfloat16":
-        return jnp.matmul(
-            a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32
-        )
+        return jnp.matmul(operand(a, dtype), operand(b, dtype), preferred_element_type=jnp.float32)
     if dtype != "float32":
         raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
     return jnp.matmul(a, b)

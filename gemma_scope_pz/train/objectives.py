@@ -138,11 +138,6 @@ def _row_kth_largest(z: jax.Array, k: int) -> jax.Array:
     return jnp.min(jax.lax.top_k(z, k)[0], axis=-1)
 
 
-def _cast(a: jax.Array, dtype: str) -> jax.Array:
-    """``a`` as an operand of a ``dtype`` ("float32" or "bfloat16") product (see ``sae.matmul``)."""
-    return a.astype(jnp.bfloat16) if dtype == "bfloat16" else a
-
-
 def activate(params: Params, z: jax.Array, config: TrainConfig) -> tuple[jax.Array, jax.Array]:
     """Applies the configured activation; also returns the batch's implied threshold (BatchTopK:
     the smallest kept value; TopK: :func:`topk_threshold`; 0 otherwise)."""
@@ -259,8 +254,8 @@ def dead_latent_losses(
         f_aux = jnp.where(selected, pre, 0.0)
         estimate = jnp.einsum(
             "bk,bkd->bd",
-            _cast(f_aux, dtype),
-            _cast(rows, dtype),
+            sae.operand(f_aux, dtype),
+            sae.operand(rows, dtype),
             preferred_element_type=jnp.float32,
         )
         gap = jax.nn.relu(threshold[idx] - pre) * jnp.linalg.norm(rows, axis=-1) if jump else None
@@ -290,9 +285,12 @@ def gathered(params: Params, x_in: jax.Array, idx: jax.Array, dtype: str):
     """Pre-activations of latents ``idx [batch, n]`` and their decoder rows, by gathers."""
     enc_cols = jnp.take(params["w_enc"].T, idx, axis=0)  # [batch, n, d_in]
     pre = jnp.einsum(
-        "bd,bnd->bn", _cast(x_in, dtype), _cast(enc_cols, dtype), preferred_element_type=jnp.float32
+        "bd,bnd->bn",
+        sae.operand(x_in, dtype),
+        sae.operand(enc_cols, dtype),
+        preferred_element_type=jnp.float32,
     )
-    return pre + params["b_enc"][idx], _cast(jnp.take(params["w_dec"], idx, axis=0), dtype)
+    return pre + params["b_enc"][idx], sae.operand(jnp.take(params["w_dec"], idx, axis=0), dtype)
 
 
 def _sparse_topk_terms(params: Params, x_in: jax.Array, dead: jax.Array, config: TrainConfig):
