@@ -53,6 +53,8 @@ def jit(fun: Callable, **jit_kwargs) -> Callable:
     variables run `pz.variable_jit`, which threads the variables' values through and writes them
     back. Use ``static_argnames`` (not ``static_argnums``) for static arguments.
     """
+    if set(jit_kwargs) - {"static_argnames"}:  # the flattened plain path honours only these
+        raise TypeError(f"stateful.jit takes only static_argnames, got {sorted(jit_kwargs)}")
     static = frozenset(jit_kwargs.get("static_argnames", ()))
     names = _keyword_names(fun)
     with_variables = pz.variable_jit(fun, **jit_kwargs)
