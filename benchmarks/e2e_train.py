@@ -127,25 +127,47 @@ def stream_path(model, tok, configs: dict, args, model_dtype: str = "float32", r
 
 
 def saelens_path(
-    arch: str, args, docs_path: pathlib.Path, autocast: bool = False
+    arch: str,
+    args,
+    docs_path: pathlib.Path,
+    autocast: bool = False,
+    options: dict | None = None,
+    tag: str = "",
 ) -> tuple[dict, object]:
-    """SAELens's runner in its own environment (``autocast``: its bfloat16 mixed precision); its
-    SAE rebuilt from the weights it wrote."""
-    out = args.work / f"saelens_{arch}{'_bf16' if autocast else ''}.npz"
+    """SAELens's runner in its own environment (``autocast``: its bfloat16 mixed precision;
+    ``options``: fields of its SAE config); its SAE rebuilt from the weights it wrote."""
+    out = args.work / f"saelens_{arch}{'_bf16' if autocast else ''}{tag}.npz"
     command = [args.saelens_python, str(SAELENS_SCRIPT), "--docs", str(docs_path), "--arch", arch,
                "--out", str(out), "--tokens", str(args.tokens), "--d-sae", str(args.d_sae),
                "--batch", str(args.batch), "--layer", args.site.split(".")[1]]  # fmt: skip
     command += ["--autocast"] if autocast else []
+    for name, value in (options or {}).items():
+        command += ["--sae-option", f"{name}={json.dumps(value)}"]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     timing = json.loads(done.stdout.strip().splitlines()[-1])
-    with np.load(out) as w:
+    return timing, saelens_autoencoder(out, arch, args.site)
+
+
+def saelens_autoencoder(path: pathlib.Path, arch: str, site: str) -> AutoEncoder:
+    """The SAE in ``scripts/e2e_saelens.py``'s ``.npz`` as our ``AutoEncoder``.
+
+    SAELens's training SAEs encode ``(x - b_dec) @ W_enc + b_enc`` (``apply_b_dec_to_input``,
+    True by default in sae-lens 6.54.12 for JumpReLU and TopK); ours encodes ``x @ w_enc +
+    b_enc``, so ``b_dec @ W_enc`` is folded into ``b_enc`` (the same pre-activations exactly).
+    Files written before the flag was recorded were all trained with the default, True.
+    """
+    with np.load(path) as w:
         arrays = {key: w[key] for key in w.files}
-    meta = SaeMeta(d_in=640, d_sae=args.d_sae, d_out=640, site_in=args.site, site_out=args.site)
-    sae = AutoEncoder.from_arrays(
-        arrays["W_enc"], arrays["b_enc"], arrays["W_dec"], arrays["b_dec"],
+    b_enc = arrays["b_enc"]
+    if bool(arrays.get("apply_b_dec_to_input", True)):
+        b_enc = b_enc - arrays["b_dec"] @ arrays["W_enc"]
+    d_in, d_sae = arrays["W_enc"].shape
+    meta = SaeMeta(d_in=d_in, d_sae=d_sae, d_out=arrays["W_dec"].shape[1], site_in=site,
+                   site_out=site)  # fmt: skip
+    return AutoEncoder.from_arrays(
+        arrays["W_enc"], b_enc, arrays["W_dec"], arrays["b_dec"],
         arrays.get("threshold"), activation=arch, k=32 if arch == "topk" else None, meta=meta,
     )  # fmt: skip
-    return timing, sae
 
 
 def quality(model, sae, held_out: np.ndarray, site: str) -> dict:

@@ -5,7 +5,8 @@ documents of a JSON-lines file, the model being the offline GGUF converted once 
 format (``--hf-dir``, written on first use with ``transformers``), and prints one JSON object: the
 wall time of the whole run (model load and tokenization included, as a user waits for them) and the
 trained weights' path. The weights are written as ``.npz`` (``W_enc [d_in, d_sae]``, ``b_enc``,
-``W_dec [d_sae, d_in]``, ``b_dec`` and, for JumpReLU, ``threshold``), so that the benchmark
+``W_dec [d_sae, d_in]``, ``b_dec``, ``apply_b_dec_to_input`` (SAELens then encodes ``(x - b_dec) @ W_enc + b_enc``) and,
+for JumpReLU, ``threshold``), so that the benchmark
 evaluates SAELens's SAE and ours with the same code on the same held-out text.
 
 Needs torch, transformers, gguf, datasets and sae-lens (never project dependencies)::
@@ -51,25 +52,29 @@ def hf_model_dir(path: Path) -> Path:
     return path
 
 
-def sae_config(arch: str, d_in: int, d_sae: int, k: int):
+def sae_config(arch: str, d_in: int, d_sae: int, k: int, options: dict | None = None):
+    """SAELens's training config of ``arch``; ``options`` are further fields of that config."""
     from sae_lens import JumpReLUTrainingSAEConfig, TopKTrainingSAEConfig
 
+    options = options or {}
     if arch == "jumprelu":
-        return JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae)
+        return JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae, **options)
     if arch == "topk":
-        return TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k)
+        return TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, **options)
     raise ValueError(f"--arch must be jumprelu or topk, got {arch!r}")
 
 
 def weights(sae) -> dict:
     """The trained SAE's arrays, in the layout the module docstring names."""
+    import numpy as np
+
     state = {k: v.detach().float().cpu().numpy() for k, v in sae.state_dict().items()}
     out = {key: state[key] for key in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    # SAELens encodes (x - b_dec) @ W_enc + b_enc when this is set: the reader must know
+    out["apply_b_dec_to_input"] = np.asarray(bool(sae.cfg.apply_b_dec_to_input))
     if "threshold" in state:
         out["threshold"] = state["threshold"]
     elif "log_threshold" in state:
-        import numpy as np
-
         out["threshold"] = np.exp(state["log_threshold"])
     return out
 
@@ -91,7 +96,12 @@ def main() -> None:
         "--autocast", action="store_true",
         help="SAELens's mixed precision: bfloat16 autocast of the LM forward and of the SAE step",
     )  # fmt: skip
+    parser.add_argument(
+        "--sae-option", action="append", default=[], metavar="FIELD=JSON",
+        help="a field of SAELens's SAE training config, e.g. target_l0=64 (repeatable)",
+    )  # fmt: skip
     args = parser.parse_args()
+    options = dict(_option(text) for text in args.sae_option)
 
     import numpy as np
     import torch
@@ -104,7 +114,7 @@ def main() -> None:
 
     docs = [json.loads(line)["text"] for line in args.docs.read_text().splitlines() if line]
     config = LanguageModelSAERunnerConfig(
-        sae=sae_config(args.arch, 640, args.d_sae, args.k),
+        sae=sae_config(args.arch, 640, args.d_sae, args.k, options),
         model_name=str(hf_dir),
         model_class_name="AutoModelForCausalLM",
         hook_name=f"model.layers.{args.layer}",
@@ -138,8 +148,20 @@ def main() -> None:
     os.replace(tmp, args.out)
     report = {"arch": args.arch, "total_s": total, "tokens_per_s": args.tokens / total,
               "weights": str(args.out), "threads": args.threads,
-              "autocast": args.autocast, "sae_lens": _version()}  # fmt: skip
+              "autocast": args.autocast, "sae_options": options,
+              "sae_lens": _version()}  # fmt: skip
     print(json.dumps(report))
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``FIELD=JSON`` → (field, value); a value that is not JSON is taken as a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--sae-option wants FIELD=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
 
 
 def _version() -> str:

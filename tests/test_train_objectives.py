@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_scope_pz.train import loss, objectives
+from gemma_scope_pz.train import loss, objectives, selected, sparse_jumprelu
 from gemma_scope_pz.train import step as step_lib
 from gemma_scope_pz.train.config import TrainConfig, apply_overrides
 
@@ -322,7 +322,7 @@ def test_sparse_jumprelu_matches_dense_loss_and_gradients(cap, expect_sparse):
     assert (counts.max() <= cap) == bool(expect_sparse) and counts.max() >= 3
 
     def run(c, params, x):
-        return jax.value_and_grad(loss.loss_fn, has_aux=True)(params, x, x, dead, 0.7, c)
+        return loss.value_and_grad(params, x, x, dead, 0.7, c)
 
     (l_dense, (m_dense, fired_dense, _)), g_dense = run(base, params, x)
     (l_sparse, (m_sparse, fired_sparse, _)), g_sparse = jax.jit(run, static_argnums=0)(
@@ -344,15 +344,15 @@ def test_sparse_jumprelu_matches_dense_loss_and_gradients(cap, expect_sparse):
 
 def test_sparse_jumprelu_auto_choice_and_refusal():
     assert _cfg(sae=dict(architecture="jumprelu", d_sae=4096)).jumprelu_sparse_cap == 0  # no L0
-    wide = _cfg(sae=dict(architecture="jumprelu", d_sae=32768), loss=dict(target_l0=10))
-    assert wide.jumprelu_sparse_cap == 64  # max(64, 4 * target_l0), 512 * 64 <= 32768
-    assert apply_overrides(wide, {"sae.d_sae": 16384}).jumprelu_sparse_cap == 0  # too narrow
+    wide = _cfg(sae=dict(architecture="jumprelu", d_sae=8192), loss=dict(target_l0=10))
+    assert wide.jumprelu_sparse_cap == 64  # max(64, 4 * target_l0), 128 * 64 <= 8192
+    assert apply_overrides(wide, {"sae.d_sae": 8191}).jumprelu_sparse_cap == 0  # too narrow
     assert (
         apply_overrides(wide, {"sae.sparse_jumprelu": "on", "sae.d_sae": 256}).jumprelu_sparse_cap
         == 64
     )
-    target = {"loss.target_l0": 40}  # cap 160: sparse from d_sae 81920 on
-    assert apply_overrides(wide, {**target, "sae.d_sae": 81920}).jumprelu_sparse_cap == 160
+    target = {"loss.target_l0": 40}  # cap 160: sparse from d_sae 20480 on
+    assert apply_overrides(wide, {**target, "sae.d_sae": 20480}).jumprelu_sparse_cap == 160
     assert apply_overrides(wide, target).jumprelu_sparse_cap == 0
     assert apply_overrides(wide, {"sae.sparse_cap": 65}).jumprelu_sparse_cap == 0
     assert apply_overrides(wide, {"sae.sparse_cap": 60}).jumprelu_sparse_cap == 60
@@ -360,3 +360,39 @@ def test_sparse_jumprelu_auto_choice_and_refusal():
     assert _cfg(sae=dict(architecture="jumprelu", d_sae=256)).jumprelu_sparse_cap == 0
     with pytest.raises(ValueError, match="sae.sparse_jumprelu='on' needs architecture"):
         _cfg(sae=dict(architecture="topk", d_sae=256, sparse_jumprelu="on"))
+
+
+def test_selected_pre_activations_carry_the_dense_gradient():
+    # values from z at idx; gradients to w_enc, b_enc and x_in as autodiff of the dense formula
+    rng = np.random.default_rng(7)
+    params = {
+        "w_enc": jnp.asarray(rng.normal(size=(6, 20)), jnp.float32),
+        "b_enc": jnp.asarray(rng.normal(size=20), jnp.float32),
+    }
+    x = jnp.asarray(rng.normal(size=(5, 6)), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.choice(20, 4, replace=False) for _ in range(5)]))
+    weights = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+
+    def dense(params, x):
+        z = x @ params["w_enc"] + params["b_enc"]
+        return jnp.sum(weights * jnp.take_along_axis(z, idx, axis=-1))
+
+    def sparse(params, x):
+        z = objectives.pre_activations(params, x)
+        return jnp.sum(weights * selected.pre_activations_at(params, x, idx, z))
+
+    value, grads = jax.jit(jax.value_and_grad(sparse, argnums=(0, 1)))(params, x)
+    want_value, want = jax.value_and_grad(dense, argnums=(0, 1))(params, x)
+    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-6)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("margin_of_fifth, fits", [(-0.3, True), (-0.2, False)])
+def test_sparse_jumprelu_selection_fits_exactly_cap_candidates(margin_of_fifth, fits):
+    # bandwidth 0.5: a candidate has margin > -0.25; four candidates and a cap of 4 fit
+    z = jnp.asarray([[1.0, 0.5, 0.1, -0.1, margin_of_fifth, -2.0, -3.0, -4.0]])
+    idx, ok = sparse_jumprelu.select(z, jnp.zeros(8), 4, 0.5)
+    assert bool(ok) == fits
+    assert sorted(np.asarray(idx)[0].tolist()) == [0, 1, 2, 3, 4]
+    assert bool(sparse_jumprelu.select(z, jnp.zeros(8), 8, 0.5)[1])  # cap >= d_sae always fits

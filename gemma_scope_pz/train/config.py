@@ -66,9 +66,10 @@ __all__ = [
 
 
 # "auto" takes the sparse JumpReLU path when d_sae >= this many times the cap. Measured on the CPU
-# (benchmarks/train_step.py, 640-wide rows, batch 4096): at 512 the two paths are even (16,384
-# latents, cap 32), at 512 with cap 64 (32,768 latents) sparse is 1.17x faster, at 1024 1.8x.
-SPARSE_JUMPRELU_WIDTH_PER_CAP = 512
+# (benchmarks/train_step.py, 640-wide rows, batch 4096, scatter-add encoder gradient): with cap 64
+# the two paths are even at 4,096 latents (64x), sparse is 1.2x faster at 8,192 (128x); with cap
+# 32 at 16,384 latents (512x) 2.2x; at 2,048 latents (32x) it is 2x slower.
+SPARSE_JUMPRELU_WIDTH_PER_CAP = 128
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,7 +62,7 @@ class DictionaryConfig:
         "auto",
         "JumpReLU: decode each row from its capped active set (gathered decoder rows) with an "
         "exact dense fallback for batches where a row exceeds the cap; auto: on the CPU, when an "
-        "expected L0 is known (loss.target_l0 or sae.sparse_cap) and the cap is at most d_sae / 512 "
+        "expected L0 is known (loss.target_l0 or sae.sparse_cap) and the cap is at most d_sae / 128 "
         "(dense on accelerators, where the gathers are slower). Loss and gradients equal the "
         "dense path's.",
         operational=True,

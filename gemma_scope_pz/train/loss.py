@@ -1,4 +1,4 @@
-"""The training loss of one batch: the one entry point the step calls, choosing the computation path.
+"""The training loss and gradients of one batch: the entry point the step calls, choosing the path.
 
 :func:`gemma_scope_pz.train.objectives.loss_fn` computes every architecture densely (and TopK
 sparsely with ``sae.sparse_topk``); :mod:`gemma_scope_pz.train.sparse_jumprelu` computes JumpReLU
@@ -15,18 +15,20 @@ from gemma_scope_pz.train import objectives, sparse_jumprelu
 from gemma_scope_pz.train.config import TrainConfig
 
 
-def loss_fn(
+def value_and_grad(
     params: objectives.Params,
     x_in: jax.Array,
     x_out: jax.Array,
     dead: jax.Array,
     sparsity_scale: jax.Array,
     config: TrainConfig,
-) -> tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array, jax.Array]]:
-    """Total training loss of one batch; arguments and result as :func:`objectives.loss_fn`."""
+):
+    """``((loss, (metrics, fired, batch_threshold)), grads)`` of one batch: the loss of
+    :func:`objectives.loss_fn` (same arguments) and its gradient with respect to ``params``."""
     if uses_sparse_jumprelu(config):
-        return sparse_jumprelu.loss_fn(params, x_in, x_out, dead, sparsity_scale, config)
-    return objectives.loss_fn(params, x_in, x_out, dead, sparsity_scale, config)
+        return sparse_jumprelu.value_and_grad(params, x_in, x_out, dead, sparsity_scale, config)
+    grad_fn = jax.value_and_grad(objectives.loss_fn, has_aux=True)
+    return grad_fn(params, x_in, x_out, dead, sparsity_scale, config)
 
 
 def uses_sparse_jumprelu(config: TrainConfig) -> bool:

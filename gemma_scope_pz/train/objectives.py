@@ -33,8 +33,9 @@ over the batch. Architectures:
   over the same selected dead latents, which raises their pre-activations up to their thresholds
   (a JumpReLU latent below its threshold everywhere gets no other gradient to its threshold).
 * ``sparse_topk=True`` (TopK): a gradient-free dense encoder pass only *selects* the k latents;
-  their pre-activations are recomputed from gathered encoder columns and decoded from gathered
-  decoder rows, so the backward pass costs O(batch * k * d) instead of three dense matmuls.
+  their pre-activations (:mod:`~gemma_scope_pz.train.selected`) carry a scatter-add gradient and
+  they decode from gathered decoder rows, so the backward pass costs O(batch * k * d) instead
+  of three dense matmuls.
   Loss and gradients equal the dense path's (tested): both select with the same TopK rule.
 * ``matryoshka``: the reconstruction loss is summed over nested prefixes of the latents
   (``f[:, :m] @ w_dec[:m]`` for each prefix size m), computed with one matmul per group.
@@ -52,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma_scope_pz.scope import sae
+from gemma_scope_pz.train import selected
 from gemma_scope_pz.train.config import TrainConfig
 
 Params = dict[str, jax.Array]
@@ -231,8 +233,8 @@ def dead_latent_losses(
     With a dense ``z`` (carrying the gradient) the selection is a mask (each row's dead latents
     at or above its ``aux_k``-th largest dead pre-activation) and the decode a dense matmul: no
     gather of ``[batch, aux_k, d]`` decoder rows, no scatter in the backward pass.
-    ``pre_activations_at(idx)`` (the sparse paths, whose ``z`` has no gradient) recomputes the
-    selected pre-activations instead, and the decode gathers their rows.
+    ``pre_activations_at(idx)`` (the sparse paths, whose ``z`` has no gradient) gives the
+    selected pre-activations with their gradient instead, and the decode gathers their rows.
     """
 
     def dense(z, residual, w_dec):
@@ -281,18 +283,6 @@ def _aux_from_estimate(residual: jax.Array, estimate: jax.Array, dead: jax.Array
     return jnp.where(jnp.any(dead), loss, 0.0)
 
 
-def gathered(params: Params, x_in: jax.Array, idx: jax.Array, dtype: str):
-    """Pre-activations of latents ``idx [batch, n]`` and their decoder rows, by gathers."""
-    enc_cols = jnp.take(params["w_enc"].T, idx, axis=0)  # [batch, n, d_in]
-    pre = jnp.einsum(
-        "bd,bnd->bn",
-        sae.operand(x_in, dtype),
-        sae.operand(enc_cols, dtype),
-        preferred_element_type=jnp.float32,
-    )
-    return pre + params["b_enc"][idx], sae.operand(jnp.take(params["w_dec"], idx, axis=0), dtype)
-
-
 def _sparse_topk_terms(params: Params, x_in: jax.Array, dead: jax.Array, config: TrainConfig):
     """Selection pre-activations, TopK reconstruction (without b_dec/skip), fired mask, L0.
 
@@ -301,7 +291,8 @@ def _sparse_topk_terms(params: Params, x_in: jax.Array, dead: jax.Array, config:
     """
     z = jax.lax.stop_gradient(pre_activations(params, x_in, config.run.dtype))
     idx = sae.topk_indices(z, config.sae.k)
-    pre, rows = gathered(params, x_in, idx, config.run.dtype)
+    pre = selected.pre_activations_at(params, x_in, idx, z)
+    rows = selected.decoder_rows(params, idx, config.run.dtype)
     f = sae.relu(pre)
     recon = jnp.einsum("bk,bkd->bd", f.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
     counts = jnp.zeros(config.sae.d_sae, jnp.int32).at[idx.reshape(-1)].add((f > 0).reshape(-1))
@@ -335,7 +326,7 @@ def loss_fn(
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array, jax.Array]]:
     """Total training loss of one batch (dense; sparse TopK with ``sae.sparse_topk``).
 
-    The sparse JumpReLU path is chosen by :func:`gemma_scope_pz.train.loss.loss_fn`, which the
+    The sparse JumpReLU path is chosen by :func:`gemma_scope_pz.train.loss.value_and_grad`, which the
     step calls; here a JumpReLU dictionary is always computed densely (same values).
 
     Args:
@@ -427,7 +418,7 @@ def _sparse_topk_loss(params, x_in, x_out, dead, config):
     sq_err = sum_sq(recon - x_out)
     aux = dead_latent_terms(
         params, z, x_out - recon, dead, config,
-        lambda idx: gathered(params, x_in, idx, config.run.dtype)[0],
+        lambda idx: selected.pre_activations_at(params, x_in, idx, z),
     )  # fmt: skip
     zero = jnp.zeros((), jnp.float32)
     threshold = topk_threshold(z, config.sae.k)

@@ -134,8 +134,7 @@ def make_train_step(config: TrainConfig) -> Callable:
         params, step = state["params"], state["step"]
         finite, x_in, x_out = normalise_batch(state["norm"], x_in, x_out)
         dead = state["since_fired"] >= window
-        grad_fn = jax.value_and_grad(loss_lib.loss_fn, has_aux=True)
-        (loss, (metrics, fired, batch_threshold)), grads = grad_fn(
+        (loss, (metrics, fired, batch_threshold)), grads = loss_lib.value_and_grad(
             params, x_in, x_out, dead, sparsity_scale(config, step), config
         )
         if config.sae.unit_norm_decoder:
