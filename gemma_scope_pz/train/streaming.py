@@ -267,7 +267,6 @@ class _Run:
     manager: Any
     histories: dict[str, list[dict]]
     mesh: Any = None
-    first_step_done: float = 0.0
 
 
 def _log(run: _Run, states, metrics, step: int, n_bad, bar) -> None:
@@ -287,7 +286,11 @@ def _log(run: _Run, states, metrics, step: int, n_bad, bar) -> None:
 
 
 def _loop(run: _Run, model, states, buffer, n_bad, start: int, stop: int):
-    """Steps ``start .. stop - 1``: refills, updates, logging, checkpoints."""
+    """Steps ``start .. stop - 1``: refills, updates, logging, checkpoints. Returns the states,
+    the buffer, the non-finite row count and the seconds to the end of the first step (which
+    compiles the step program)."""
+    began = time.perf_counter()
+    first_s = 0.0
     first = next(iter(run.configs.values()))
     total, batch = first.num_steps, first.run.batch_size
     stream = run.stream
@@ -310,7 +313,7 @@ def _loop(run: _Run, model, states, buffer, n_bad, start: int, stop: int):
             n_bad = n_bad + bad
             if step == start:  # the first step compiles: its time is reported apart
                 jax.block_until_ready(bad)
-                run.first_step_done = time.perf_counter()
+                first_s = time.perf_counter() - began
             done = step + 1
             if done % stream.log_every == 0 or done in (total, stop):
                 _log(run, states, metrics, step, n_bad, bar)
@@ -319,7 +322,7 @@ def _loop(run: _Run, model, states, buffer, n_bad, start: int, stop: int):
                 _save(run.manager, done, states, buffer, int(n_bad), run.configs, stream)
     finally:
         bar.close()
-    return states, buffer, int(n_bad)
+    return states, buffer, int(n_bad), first_s
 
 
 def _manager(checkpoint_dir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
@@ -426,7 +429,7 @@ def train_streaming(
     stop = first.num_steps if stop_at is None else min(int(stop_at), first.num_steps)
     run = _Run(configs, stream, contexts, program, manager, {n: [] for n in configs}, mesh)
     began = time.perf_counter()
-    states, buffer, n_bad = _loop(run, frozen, states, buffer, n_bad, start, stop)
+    states, buffer, n_bad, first_s = _loop(run, frozen, states, buffer, n_bad, start, stop)
     seconds = time.perf_counter() - began
     if n_bad:
         warnings.warn(
@@ -436,7 +439,6 @@ def train_streaming(
     results = _results(configs, states, finished=stop == first.num_steps)
     for name, result in results.items():
         result.metrics = run.histories[name]
-    first_s = max(run.first_step_done - began, 0.0)
     return StreamResult(
         results, n_bad, (stop - start) * first.run.batch_size, seconds, stop, first_s
     )
