@@ -57,7 +57,9 @@ def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
     """Temperature-scaled logits [..., vocab] with filtered-out tokens set to -inf."""
     logits = logits.astype(jnp.float32) / max(config.temperature, 1e-6)
     if config.top_k is not None and config.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, config.top_k)[0][..., -1:]
+        # the min of the top-k values, not values[..., -1:]: XLA:CPU lowers that slice to a full
+        # sort of the vocabulary (63 ms instead of 0.7 ms per step for 262k logits here)
+        kth = jnp.min(jax.lax.top_k(logits, config.top_k)[0], axis=-1, keepdims=True)
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if config.top_p is not None and config.top_p < 1:
         order = jnp.argsort(-logits, axis=-1)

@@ -94,6 +94,15 @@ def topk(z: jax.Array, k: int) -> jax.Array:
     return jnp.where(topk_mask(z, k), relu(z), jnp.zeros((), z.dtype))
 
 
+def kth_largest(x: jax.Array, k: int) -> jax.Array:
+    """Each row's ``k``-th largest entry along the last axis: ``[..., d] -> [...]``.
+
+    The minimum of the top-k values, not ``values[..., k - 1]``: XLA:CPU lowers that slice of a
+    top-k to a full sort (at 4096 x 16,384, 11.8 s instead of 0.12 s).
+    """
+    return jnp.min(jax.lax.top_k(x, k)[0], axis=-1)
+
+
 def batchtopk_threshold(z: jax.Array, k: int) -> jax.Array:
     """The batch's implied threshold: the ``k * rows``-th largest ReLU'd value of ``z``.
 
@@ -103,9 +112,7 @@ def batchtopk_threshold(z: jax.Array, k: int) -> jax.Array:
     k = _check_k(z, k, "batchtopk")
     rows = math.prod(z.shape[:-1])
     n_keep = min(k * rows, z.size)
-    kept = jax.lax.top_k(relu(z).reshape(-1), n_keep)[0]
-    # min over the kept values rather than kept[-1]: XLA:CPU lowers the latter to a full sort.
-    return jax.lax.stop_gradient(jnp.min(kept))
+    return jax.lax.stop_gradient(kth_largest(relu(z).reshape(-1), n_keep))
 
 
 def batchtopk(z: jax.Array, k: int, threshold: jax.Array | None = None) -> jax.Array:

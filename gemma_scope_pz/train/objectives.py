@@ -131,13 +131,7 @@ def topk_threshold(z: jax.Array, k: int) -> jax.Array:
     Its running average is the JumpReLU threshold a TopK dictionary is exported with where the
     format has no TopK (Gemma Scope 2, SAELens transcoders).
     """
-    return sae.relu(jnp.mean(_row_kth_largest(jax.lax.stop_gradient(z), k)))
-
-
-def _row_kth_largest(z: jax.Array, k: int) -> jax.Array:
-    """Each row's ``k``-th largest entry: ``[..., d] -> [...]``."""
-    # min of the top-k values, not values[..., -1]: XLA:CPU lowers the latter to a full sort
-    return jnp.min(jax.lax.top_k(z, k)[0], axis=-1)
+    return sae.relu(jnp.mean(sae.kth_largest(jax.lax.stop_gradient(z), k)))
 
 
 def activate(params: Params, z: jax.Array, config: TrainConfig) -> tuple[jax.Array, jax.Array]:
@@ -239,7 +233,7 @@ def dead_latent_losses(
 
     def dense(z, residual, w_dec):
         masked = jnp.where(dead, jax.lax.stop_gradient(z), -jnp.inf)
-        kth = _row_kth_largest(masked, aux_k)[..., None]
+        kth = sae.kth_largest(masked, aux_k)[..., None]
         selected = dead & (masked >= kth)  # all the dead when a row has fewer than aux_k
         # Raw pre-activations, not ReLU'd (as SAELens does): a dead latent's pre-activation is
         # usually negative on every token, and a ReLU would give AuxK no gradient to revive it.

@@ -82,7 +82,7 @@ def select(
     values, idx = jax.lax.top_k(margin, n)
     if n == z.shape[-1]:
         return idx, jnp.ones((), bool)
-    return idx, jnp.all(jnp.min(values, axis=-1) <= -bandwidth / 2)
+    return idx, jnp.all(jnp.min(values, axis=-1) <= -bandwidth / 2)  # as sae.kth_largest
 
 
 def _sparse_loss(params, x_in, x_out, dead, scale, z, idx, config: TrainConfig):
