@@ -234,20 +234,20 @@ def dead_latent_losses(
     def dense(z, residual, w_dec):
         masked = jnp.where(dead, jax.lax.stop_gradient(z), -jnp.inf)
         kth = sae.kth_largest(masked, aux_k)[..., None]
-        selected = dead & (masked >= kth)  # all the dead when a row has fewer than aux_k
+        picked = dead & (masked >= kth)  # all the dead when a row has fewer than aux_k
         # Raw pre-activations, not ReLU'd (as SAELens does): a dead latent's pre-activation is
         # usually negative on every token, and a ReLU would give AuxK no gradient to revive it.
-        f_aux = jnp.where(selected, z, 0.0)
+        f_aux = jnp.where(picked, z, 0.0)
         estimate = sae.matmul(f_aux, w_dec, dtype)
         gap = jax.nn.relu(threshold - z) * jnp.linalg.norm(w_dec, axis=-1) if jump else None
-        return _aux_from_estimate(residual, estimate, dead), _preact(gap, selected)
+        return _aux_from_estimate(residual, estimate, dead), _preact(gap, picked)
 
     def gathered(z, residual, w_dec):
         idx = sae.topk_indices(jnp.where(dead, jax.lax.stop_gradient(z), -1e30), aux_k)
         pre = pre_activations_at(idx)
-        selected = dead[idx]
+        picked = dead[idx]
         rows = jnp.take(w_dec, idx, axis=0)
-        f_aux = jnp.where(selected, pre, 0.0)
+        f_aux = jnp.where(picked, pre, 0.0)
         estimate = jnp.einsum(
             "bk,bkd->bd",
             sae.operand(f_aux, dtype),
@@ -255,7 +255,7 @@ def dead_latent_losses(
             preferred_element_type=jnp.float32,
         )
         gap = jax.nn.relu(threshold[idx] - pre) * jnp.linalg.norm(rows, axis=-1) if jump else None
-        return _aux_from_estimate(residual, estimate, dead), _preact(gap, selected)
+        return _aux_from_estimate(residual, estimate, dead), _preact(gap, picked)
 
     jump = threshold is not None
     compute = dense if pre_activations_at is None else gathered
@@ -263,11 +263,11 @@ def dead_latent_losses(
     return jax.lax.cond(jnp.any(dead), compute, lambda *_: (zero, zero), z, residual, w_dec)
 
 
-def _preact(gap: jax.Array | None, selected: jax.Array) -> jax.Array:
+def _preact(gap: jax.Array | None, picked: jax.Array) -> jax.Array:
     """The pre-activation loss from per-entry gaps (``None``: not JumpReLU, 0)."""
     if gap is None:
         return jnp.zeros((), jnp.float32)
-    return jnp.mean(jnp.sum(jnp.where(selected, gap, 0.0), axis=-1)).astype(jnp.float32)
+    return jnp.mean(jnp.sum(jnp.where(picked, gap, 0.0), axis=-1)).astype(jnp.float32)
 
 
 def _aux_from_estimate(residual: jax.Array, estimate: jax.Array, dead: jax.Array) -> jax.Array:

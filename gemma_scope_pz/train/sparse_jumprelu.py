@@ -38,9 +38,10 @@ def value_and_grad(
     dead: jax.Array,
     sparsity_scale: jax.Array,
     config: TrainConfig,
-):
-    """``jax.value_and_grad(loss_fn, has_aux=True)`` of a JumpReLU dictionary, sparse when every
-    row fits the cap, dense otherwise; ``metrics["sparse"]`` says which (1.0 or 0.0).
+) -> tuple[tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array, jax.Array]], Params]:
+    """``jax.value_and_grad(objectives.loss_fn, has_aux=True)`` of a JumpReLU dictionary,
+    sparse when every row fits the cap, dense otherwise; ``metrics["sparse"]`` says which (1.0
+    or 0.0).
 
     The branch is chosen outside the differentiation, each branch differentiating itself:
     differentiating through a ``lax.cond`` would make the sparse branch hand over zero-filled
