@@ -131,18 +131,19 @@ def saelens_path(
     args,
     docs_path: pathlib.Path,
     autocast: bool = False,
-    options: dict | None = None,
+    options: list[str] = (),
     tag: str = "",
 ) -> tuple[dict, object]:
     """SAELens's runner in its own environment (``autocast``: its bfloat16 mixed precision;
-    ``options``: fields of its SAE config); its SAE rebuilt from the weights it wrote."""
+    ``options``: fields of its SAE config as ``FIELD=JSON`` texts, later ones winning); its SAE
+    rebuilt from the weights it wrote."""
     out = args.work / f"saelens_{arch}{'_bf16' if autocast else ''}{tag}.npz"
     command = [args.saelens_python, str(SAELENS_SCRIPT), "--docs", str(docs_path), "--arch", arch,
                "--out", str(out), "--tokens", str(args.tokens), "--d-sae", str(args.d_sae),
                "--batch", str(args.batch), "--layer", args.site.split(".")[1]]  # fmt: skip
     command += ["--autocast"] if autocast else []
-    for name, value in (options or {}).items():
-        command += ["--sae-option", f"{name}={json.dumps(value)}"]
+    for option in options:
+        command += ["--sae-option", option]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     timing = json.loads(done.stdout.strip().splitlines()[-1])
     return timing, saelens_autoencoder(out, arch, args.site)
@@ -253,16 +254,24 @@ def _parse() -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = _parse()
-    apply_cpu_matmul(args)  # before JAX starts
+def prepare(args, docs_name: str) -> tuple[object, object, pathlib.Path, np.ndarray]:
+    """The model, tokenizer, training documents (``args.train_corpus``, and as JSON lines under
+    ``args.work / docs_name`` for SAELens) and held-out contexts of a benchmark run. Applies
+    ``--cpu-matmul`` first, before JAX starts."""
+    apply_cpu_matmul(args)
     args.work.mkdir(parents=True, exist_ok=True)
     model, tok = gs.load_model(), gs.load_tokenizer()
     train_docs, held_docs = split_held_out(tok, list(gs.load_corpus(args.corpus)), args.held_out)
     args.train_corpus = Corpus.from_texts(train_docs, name="train")
-    docs_path = args.work / "docs.jsonl"
+    docs_path = args.work / docs_name
     write_atomically(docs_path, "\n".join(json.dumps({"text": d}) for d in train_docs) + "\n")
     held_out = corpus_contexts(tok, held_docs, args.held_out, from_end=True)
+    return model, tok, docs_path, held_out
+
+
+def main() -> None:
+    args = _parse()
+    model, tok, docs_path, held_out = prepare(args, "docs.jsonl")
     paths = args.paths.split(",")
     report = {**machine_info(), "settings": {k: str(v) for k, v in vars(args).items() if k != "train_corpus"},
               "load_average_start": os.getloadavg(), "paths": {}}  # fmt: skip

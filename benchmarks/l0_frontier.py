@@ -30,12 +30,9 @@ import pathlib
 import time
 
 import numpy as np
-from common import add_cpu_matmul_option, apply_cpu_matmul, machine_info
-from e2e_train import REPO, quality, saelens_path, split_held_out
+from common import add_cpu_matmul_option, machine_info
+from e2e_train import REPO, prepare, quality, saelens_path
 
-import gemma_scope_pz as gs
-from gemma_scope_pz.data.corpus import Corpus
-from gemma_scope_pz.data.packing import corpus_contexts
 from gemma_scope_pz.io import write_atomically
 from gemma_scope_pz.train.config import TrainConfig
 from gemma_scope_pz.train.harvest import harvest_array
@@ -58,12 +55,12 @@ def our_config(point: str, args) -> TrainConfig:
     )
 
 
-def saelens_options(point: str, args) -> dict:
-    """SAELens's SAE config fields of one frontier point."""
-    options = dict(_option(text) for text in args.saelens_option)
-    if point != "default":
-        options.update(jumprelu_sparsity_loss_mode="quadratic", target_l0=float(point))
-    return options
+def saelens_options(point: str, args) -> list[str]:
+    """SAELens's SAE config fields of one frontier point, as ``FIELD=JSON`` texts."""
+    if point == "default":
+        return list(args.saelens_option)
+    quadratic = ['jumprelu_sparsity_loss_mode="quadratic"', f"target_l0={float(point)}"]
+    return [*args.saelens_option, *quadratic]
 
 
 def activations(model, tok, args) -> np.ndarray:
@@ -93,14 +90,6 @@ def run_point(tool: str, point: str, model, tok, held_out, args, docs_path) -> d
     return {**timing, **quality(model, sae, held_out, args.site)}
 
 
-def _option(text: str) -> tuple[str, object]:
-    name, _, value = text.partition("=")
-    try:
-        return name, json.loads(value)
-    except json.JSONDecodeError:
-        return name, value
-
-
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2_000_000)
@@ -123,14 +112,7 @@ def _parse() -> argparse.Namespace:
 
 def main() -> None:
     args = _parse()
-    apply_cpu_matmul(args)  # before JAX starts
-    args.work.mkdir(parents=True, exist_ok=True)
-    model, tok = gs.load_model(), gs.load_tokenizer()
-    train_docs, held_docs = split_held_out(tok, list(gs.load_corpus(args.corpus)), args.held_out)
-    args.train_corpus = Corpus.from_texts(train_docs, name="train")
-    docs_path = args.work / "frontier_docs.jsonl"
-    write_atomically(docs_path, "\n".join(json.dumps({"text": d}) for d in train_docs) + "\n")
-    held_out = corpus_contexts(tok, held_docs, args.held_out, from_end=True)
+    model, tok, docs_path, held_out = prepare(args, "frontier_docs.jsonl")
     report = json.loads(args.out.read_text()) if args.out.exists() else {"points": {}}
     report.update(machine_info())
     report["settings"] = {k: str(v) for k, v in vars(args).items() if k != "train_corpus"}
