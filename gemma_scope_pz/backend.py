@@ -9,8 +9,10 @@ machine (AMX) the Gemma 3 270M forward to block 9 runs ~2.5x faster this way.
 It is a setting of the whole process, read when JAX starts its CPU backend (the first array or
 computation), so it is chosen first: ``GEMMA_SCOPE_PZ_CPU_MATMUL=bfloat16`` in the environment
 (applied when ``gemma_scope_pz`` is imported), ``gemma-scope-pz --cpu-matmul bfloat16 …``, or
-``gs.set_cpu_matmul("bfloat16")`` before anything else. A CPU without bfloat16 instructions
-computes in float32 as before. GPU and TPU backends ignore it.
+``gs.set_cpu_matmul("bfloat16")`` before anything else. On a CPU without bfloat16 instructions
+the request is declined with a warning and the process computes in float32 as before: XLA's
+oneDNN path is left off there, because on such a CPU (an AVX2-only AMD EPYC) it corrupted the heap
+of the 270M forward at random. GPU and TPU backends ignore it.
 
 Precision: on real text the activations at ``blocks.9.resid_post`` of the offline 270M differ
 from float32's by ~0.5% (relative L2; a bfloat16 forward: ~0.8%); see docs/results.md.
@@ -19,6 +21,7 @@ from float32's by ~0.5% (relative L2; a bfloat16 forward: ~0.8%); see docs/resul
 from __future__ import annotations
 
 import os
+import warnings
 
 CPU_MATMULS: tuple[str, ...] = ("float32", "bfloat16")
 ENV_VAR = "GEMMA_SCOPE_PZ_CPU_MATMUL"
@@ -42,6 +45,9 @@ def cpu_matmul() -> str:
 def set_cpu_matmul(mode: str) -> None:
     """Chooses the CPU matmul mode of this process ("float32" or "bfloat16"; see the module doc).
 
+    On a CPU without bfloat16 instructions ("bfloat16" asked for where ``cpu_has_bf16()`` is
+    false) it warns and keeps float32.
+
     Raises:
       ValueError: for another mode.
       RuntimeError: if JAX's backend has already started in another mode (the message says how
@@ -50,6 +56,13 @@ def set_cpu_matmul(mode: str) -> None:
     if mode not in CPU_MATMULS:
         raise ValueError(f"CPU matmul mode must be one of {CPU_MATMULS}, got {mode!r}")
     if mode == cpu_matmul():
+        return
+    if mode == "bfloat16" and not cpu_has_bf16():
+        warnings.warn(
+            "CPU matmul mode 'bfloat16' declined: this CPU has no bfloat16 matmul instructions "
+            "(no amx_bf16 or avx512_bf16 in /proc/cpuinfo); matmuls stay float32",
+            stacklevel=2,
+        )
         return
     from jax._src import xla_bridge  # noqa: PLC0415 (private: no public "has JAX started")
 

@@ -37,7 +37,7 @@ def _probe(env_mode: str | None) -> dict:
         [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "stderr": done.stderr}
 
 
 def test_bfloat16_mode_rounds_matmul_inputs_and_float32_mode_does_not():
@@ -45,12 +45,23 @@ def test_bfloat16_mode_rounds_matmul_inputs_and_float32_mode_does_not():
     assert plain["mode"] == "float32"
     assert plain["err"] < 1e-6
     fast = _probe("bfloat16")
-    assert fast["mode"] == "bfloat16"
     if backend.cpu_has_bf16():
+        assert fast["mode"] == "bfloat16"
         # bfloat16 inputs: error of the order of 2^-9 per element, averaged down over 640 terms
         assert 1e-4 < fast["err"] < 1e-2, fast
-    else:
-        assert fast["err"] < 1e-6, fast  # oneDNN keeps float32 where the CPU has no bf16
+    else:  # declined with a warning: XLA's oneDNN path stays off on such a CPU
+        assert fast["mode"] == "float32" and fast["err"] < 1e-6, fast
+        assert "'bfloat16' declined: this CPU has no bfloat16 matmul instructions" in fast["stderr"]
+
+
+def test_bfloat16_is_declined_where_the_cpu_lacks_it(monkeypatch):
+    monkeypatch.setattr(backend, "cpu_has_bf16", lambda: False)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("ONEDNN_DEFAULT_FPMATH_MODE", raising=False)
+    with pytest.warns(UserWarning, match="declined.*matmuls stay float32"):
+        backend.set_cpu_matmul("bfloat16")
+    assert backend.cpu_matmul() == "float32"
+    assert "onednn" not in os.environ.get("XLA_FLAGS", "")
 
 
 def test_bad_mode_from_the_environment_names_the_variable(monkeypatch):
@@ -59,8 +70,10 @@ def test_bad_mode_from_the_environment_names_the_variable(monkeypatch):
         backend.apply_environment()
 
 
-def test_switching_after_jax_started_is_refused_with_the_way_out():
+def test_switching_after_jax_started_is_refused_with_the_way_out(monkeypatch):
     import jax.numpy as jnp
+
+    monkeypatch.setattr(backend, "cpu_has_bf16", lambda: True)  # else "bfloat16" is declined first
 
     jnp.zeros(1).block_until_ready()  # JAX has started in this process
     other = "bfloat16" if backend.cpu_matmul() == "float32" else "float32"

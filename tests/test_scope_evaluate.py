@@ -117,7 +117,9 @@ def test_an_array_is_evaluated_in_batches_with_the_same_result(setup):
     whole = evaluate_sae(model, sae, [tokens], progress=False).to_dict()  # one batch of 5
     split = evaluate_sae(model, sae, tokens, batch_size=2, progress=False).to_dict()  # 2 + 2 + 1
     assert split.keys() == whole.keys()
+    # Batch shapes change the matmuls' summation order (AVX2 and AVX-512 kernels differ): float32
+    # noise, amplified up to ~1e-4 in ce_recovered's ratio of loss differences.
     for key, value in whole.items():
-        np.testing.assert_allclose(split[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+        np.testing.assert_allclose(split[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         evaluate_sae(model, sae, tokens, batch_size=0, progress=False)

@@ -61,12 +61,13 @@ def test_jumprelu_fvu_and_l0_fall_over_training(activations, real_model, real_to
     x_hat = np.asarray(sae(held_out))
     fvu = np.sum((held_out - x_hat) ** 2) / np.sum((held_out - held_out.mean(0)) ** 2)
     assert fvu < 0.5, fvu
-    tokens = np.array(
-        [
-            real_tokenizer.encode(
-                "The law of conservation of energy states that energy cannot be created."
-            )
-        ]
+    # A paragraph, not one sentence: FVU over a dozen tokens swung by ±0.1 between CPUs.
+    text = (
+        "The law of conservation of energy states that energy cannot be created or destroyed. "
+        "It can only be changed from one form to another, as when a falling stone turns height "
+        "into speed. Engineers use this rule to check every machine they design, and physicists "
+        "trust it more than almost any other law."
     )
+    tokens = np.array([real_tokenizer.encode(text)])
     ev = gs.evaluate_sae(real_model, sae, tokens, site=SITE, progress=False)
-    assert ev.fvu < 0.6 and np.isfinite(ev.delta_loss) and 0 < ev.l0 < 512
+    assert ev.fvu < 0.6 and np.isfinite(ev.delta_loss) and 0 < ev.l0 < 512, ev
