@@ -61,7 +61,7 @@ def test_jumprelu_fvu_and_l0_fall_over_training(activations, real_model, real_to
     x_hat = np.asarray(sae(held_out))
     fvu = np.sum((held_out - x_hat) ** 2) / np.sum((held_out - held_out.mean(0)) ** 2)
     assert fvu < 0.5, fvu
-    # A paragraph, not one sentence: FVU over a dozen tokens swung by ±0.1 between CPUs.
+    # A paragraph, not one sentence: FVU over 13 tokens came out at 0.605 on an AVX2 CPU.
     text = (
         "The law of conservation of energy states that energy cannot be created or destroyed. "
         "It can only be changed from one form to another, as when a falling stone turns height "
