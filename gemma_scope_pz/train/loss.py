@@ -22,7 +22,7 @@ def value_and_grad(
     dead: jax.Array,
     sparsity_scale: jax.Array,
     config: TrainConfig,
-) -> tuple[tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array, jax.Array]], objectives.Params]:
+) -> objectives.ValueAndGrad:
     """``((loss, (metrics, fired, batch_threshold)), grads)`` of one batch: the loss of
     :func:`objectives.loss_fn` (same arguments) and its gradient with respect to ``params``."""
     if uses_sparse_jumprelu(config):

@@ -57,6 +57,8 @@ from gemma_scope_pz.train import selected
 from gemma_scope_pz.train.config import TrainConfig
 
 Params = dict[str, jax.Array]
+# ``((loss, (metrics, fired, batch_threshold)), grads)``: what a step's value_and_grad returns.
+ValueAndGrad = tuple[tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array, jax.Array]], Params]
 
 
 # --------------------------------------------------------------------------- activations

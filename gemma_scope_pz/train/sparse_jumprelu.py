@@ -38,7 +38,7 @@ def value_and_grad(
     dead: jax.Array,
     sparsity_scale: jax.Array,
     config: TrainConfig,
-) -> tuple[tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array, jax.Array]], Params]:
+) -> objectives.ValueAndGrad:
     """``jax.value_and_grad(objectives.loss_fn, has_aux=True)`` of a JumpReLU dictionary,
     sparse when every row fits the cap, dense otherwise; ``metrics["sparse"]`` says which (1.0
     or 0.0).
