@@ -15,7 +15,12 @@ not counted, for ours or SAELens's.
 * ``saelens``: ``scripts/e2e_saelens.py`` run with ``--saelens-python`` (a scratch environment
   with sae-lens and torch; never a dependency): ``LanguageModelSAETrainingRunner`` on the same
   model converted to Hugging Face format and the same documents, same machine, same run;
-  ``saelens_bf16``: the same with SAELens's bfloat16 autocast (LM forward and SAE step).
+  ``saelens_store8``: the same with 8 contexts per LM forward instead of its default 32
+  (``store_batch_size_prompts``; on the 2-core CPUs here torch's forward, like ours, runs faster
+  in small batches); ``saelens_bf16``: with SAELens's bfloat16 autocast (LM forward and SAE step).
+
+Our paths run the LM forward ``--forward-contexts`` contexts at a time (8 by default, as
+``StreamConfig`` does on a CPU).
 
 ``--cpu-matmul bfloat16`` runs our paths (and the evaluation of every SAE) with bfloat16 matmul
 products on the CPU (``gemma_scope_pz.backend``); the JSON records the mode.
@@ -55,7 +60,7 @@ from gemma_scope_pz.train.trainer import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAELENS_SCRIPT = REPO / "scripts" / "e2e_saelens.py"
-PATHS = ("stream", "stream_bf16", "cache", "saelens", "saelens_bf16")
+PATHS = ("stream", "stream_bf16", "cache", "saelens", "saelens_store8", "saelens_bf16")
 
 
 def _config(site: str, arch: str, args, site_out: str | None = None) -> TrainConfig:
@@ -102,7 +107,7 @@ def cache_path(model, tok, config: TrainConfig, args) -> tuple[dict, object]:
             args.train_corpus,
             [site],
             n_tokens=args.tokens,
-            batch_size=32,
+            batch_size=args.forward_contexts,
             packing="concat",
             progress=False,
         )  # fmt: skip
@@ -117,7 +122,8 @@ def cache_path(model, tok, config: TrainConfig, args) -> tuple[dict, object]:
 def stream_path(model, tok, configs: dict, args, model_dtype: str = "float32", refills: int = 4):
     """``train_streaming`` of ``configs``: wall time, tokens/s (end to end), the trained SAEs."""
     stream = StreamConfig(context_len=128, buffer_refills=refills, progress_bar=False,
-                          log_every=10**9, packing="concat", model_dtype=model_dtype)  # fmt: skip
+                          log_every=10**9, packing="concat", model_dtype=model_dtype,
+                          forward_contexts=args.forward_contexts)  # fmt: skip
     total, result = _timed(
         lambda: train_streaming(model, configs, args.train_corpus, tokenizer=tok, stream=stream)
     )
@@ -133,14 +139,17 @@ def saelens_path(
     autocast: bool = False,
     options: list[str] = (),
     tag: str = "",
+    store_batch: int = 32,
 ) -> tuple[dict, object]:
     """SAELens's runner in its own environment (``autocast``: its bfloat16 mixed precision;
     ``options``: fields of its SAE config as ``FIELD=JSON`` texts, later ones winning); its SAE
     rebuilt from the weights it wrote."""
-    out = args.work / f"saelens_{arch}{'_bf16' if autocast else ''}{tag}.npz"
+    store = "" if store_batch == 32 else f"_store{store_batch}"
+    out = args.work / f"saelens_{arch}{'_bf16' if autocast else ''}{store}{tag}.npz"
     command = [args.saelens_python, str(SAELENS_SCRIPT), "--docs", str(docs_path), "--arch", arch,
                "--out", str(out), "--tokens", str(args.tokens), "--d-sae", str(args.d_sae),
-               "--batch", str(args.batch), "--layer", args.site.split(".")[1]]  # fmt: skip
+               "--batch", str(args.batch), "--layer", args.site.split(".")[1],
+               "--store-batch", str(store_batch)]  # fmt: skip
     command += ["--autocast"] if autocast else []
     for option in options:
         command += ["--sae-option", option]
@@ -185,7 +194,8 @@ def forward_rates(tok, args) -> dict:
     for dtype in ("float32", "bfloat16"):
 
         def run(n, dtype=dtype):  # noqa: E306
-            return harvest_array(model, tok, args.train_corpus, [args.site], n_tokens=n, batch_size=32,
+            return harvest_array(model, tok, args.train_corpus, [args.site], n_tokens=n,
+                                 batch_size=args.forward_contexts,
                                  packing="concat", model_dtype=dtype, progress=False)[0]  # fmt: skip
 
         run(127 * 32)  # compile
@@ -220,8 +230,11 @@ def many_path(model, tok, args) -> dict:
 
 def _run(name: str, model, tok, arch: str, config: TrainConfig, args, docs_path):
     """(timing, trained SAE) of one path."""
-    if name in ("saelens", "saelens_bf16"):
-        return saelens_path(arch, args, docs_path, autocast=name == "saelens_bf16")
+    if name.startswith("saelens"):
+        store = 8 if name == "saelens_store8" else 32
+        return saelens_path(
+            arch, args, docs_path, autocast=name == "saelens_bf16", store_batch=store
+        )
     if name == "cache":
         return cache_path(model, tok, config, args)
     dtype = "bfloat16" if name == "stream_bf16" else "float32"
@@ -243,6 +256,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--saelens-python", default="/work/scratch/saelens/bin/python")
     parser.add_argument("--held-out", type=int, default=32, help="held-out contexts of 128")
     parser.add_argument("--forward-tokens", type=int, default=127 * 32 * 4)
+    parser.add_argument("--forward-contexts", type=int, default=8, help="contexts per LM forward")
     parser.add_argument("--many", action="store_true")
     parser.add_argument("--many-tokens", type=int, default=32_768, help="tokens of each --many run")
     add_cpu_matmul_option(parser)
@@ -287,9 +301,10 @@ def main() -> None:
             sae = sae[arch] if isinstance(sae, dict) else sae
             out[name] = {**timing, **quality(model, sae, held_out, args.site)}
             _save(report, args)  # partial results survive an interrupted run
-        if "saelens" in out:
-            for name in out:
-                out[name]["speedup_vs_saelens"] = out["saelens"]["total_s"] / out[name]["total_s"]
+        for base in ("saelens", "saelens_store8"):
+            if base in out:
+                for name in out:
+                    out[name][f"speedup_vs_{base}"] = out[base]["total_s"] / out[name]["total_s"]
     if args.many:
         report["many"] = many_path(model, tok, args)
     print(_save(report, args))

@@ -93,6 +93,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument(
+        "--store-batch", type=int, default=32,
+        help="contexts per LM forward (SAELens's store_batch_size_prompts; its default is 32)",
+    )  # fmt: skip
+    parser.add_argument(
         "--autocast", action="store_true",
         help="SAELens's mixed precision: bfloat16 autocast of the LM forward and of the SAE step",
     )  # fmt: skip
@@ -124,6 +128,7 @@ def main() -> None:
         context_size=args.context,
         training_tokens=args.tokens,
         train_batch_size_tokens=args.batch,
+        store_batch_size_prompts=args.store_batch,
         # SAELens's mixing buffer holds n_batches_in_buffer * context_size tokens and must hold a
         # training batch (its default, 20, holds 2560 tokens at context 128): two batches' worth.
         n_batches_in_buffer=max(20, -(-2 * args.batch // args.context)),
@@ -147,7 +152,7 @@ def main() -> None:
     np.savez(tmp, **weights(sae))
     os.replace(tmp, args.out)
     report = {"arch": args.arch, "total_s": total, "tokens_per_s": args.tokens / total,
-              "weights": str(args.out), "threads": args.threads,
+              "weights": str(args.out), "threads": args.threads, "store_batch": args.store_batch,
               "autocast": args.autocast, "sae_options": options,
               "sae_lens": _version()}  # fmt: skip
     print(json.dumps(report))

@@ -1,7 +1,9 @@
 """Streaming training on a tiny random model, against the cached path rebuilt in numpy."""
 
+import jax
 import numpy as np
 import pytest
+from penzai import pz
 
 from gemma_scope_pz.data.corpus import Corpus
 from gemma_scope_pz.data.packing import pack_contexts, real_token_mask
@@ -11,6 +13,7 @@ from gemma_scope_pz.scope.interventions import capture
 from gemma_scope_pz.train import buffer as buffer_lib
 from gemma_scope_pz.train.config import TrainConfig
 from gemma_scope_pz.train.sources import CallableSource
+from gemma_scope_pz.train.stream_data import forward_rows, refill_at
 from gemma_scope_pz.train.streaming import StreamConfig, train_streaming
 from gemma_scope_pz.train.trainer import train
 
@@ -100,13 +103,54 @@ def _cached_batches(model, docs, sites, n_steps):
     for r in range(STREAM.buffer_refills):
         refill(r)
     batches = []
+    last = -(-n_steps // STREAM.refill_every) - 1  # drain: no refill after this one
     for step in range(n_steps):
-        if step and step % STREAM.refill_every == 0:
-            refill(STREAM.buffer_refills - 1 + step // STREAM.refill_every)
+        r = STREAM.buffer_refills - 1 + step // STREAM.refill_every
+        if step and step % STREAM.refill_every == 0 and r <= last:
+            refill(r)
         slots = np.asarray(buffer_lib.draw_slots(valid, STREAM.seed, step, BATCH))
         assert valid[slots].all()
         batches.append({s: rows[s][slots].copy() for s in sites})
     return batches
+
+
+def test_refills_stop_once_they_cover_the_run_unless_drain_is_off():
+    # 12 steps of 2 per refill need refills 0..5: 0..2 fill the buffer, 3..5 come at steps 2, 4, 6
+    at = {s: refill_at(s, STREAM, STEPS) for s in range(STEPS)}
+    assert {s: r for s, r in at.items() if r is not None} == {2: 3, 4: 4, 6: 5}
+    endless = StreamConfig(**{**STREAM.__dict__, "drain": False})
+    at = {s: refill_at(s, endless, STEPS) for s in range(STEPS)}
+    assert {s: r for s, r in at.items() if r is not None} == {2: 3, 4: 4, 6: 5, 8: 6, 10: 7}
+    # a run shorter than the buffer never refills
+    assert all(refill_at(s, STREAM, 5) is None for s in range(5))
+
+
+def test_a_refill_forward_in_groups_gives_the_rows_of_one_forward(model):
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(3, 63, size=(7, CONTEXT_LEN)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(CONTEXT_LEN, dtype=np.int32), tokens.shape)
+    frozen = pz.freeze_params(model)
+    sites = (SAE_SITE, TC_OUT)
+
+    def rows(group):
+        return jax.jit(lambda m, t, p: forward_rows(m, t, p, sites, group))(
+            frozen, tokens, positions
+        )
+
+    whole = rows(None)
+    assert whole[SAE_SITE].shape == (7 * CONTEXT_LEN, 32)
+    for group in (1, 3, 7, 9):  # 3: two groups of 3 and a remainder of 1
+        grouped = rows(group)
+        for site in sites:
+            np.testing.assert_allclose(grouped[site], whole[site], rtol=1e-5, atol=1e-6)
+    assert StreamConfig(forward_contexts=3).forward_group(7) == 3
+    cpu = jax.default_backend() == "cpu"
+    assert StreamConfig().forward_group(130) == (8 if cpu else 130)
+    assert StreamConfig().forward_group(5) == 5
+    with pytest.raises(ValueError, match="stream.forward_contexts cannot split a refill on a mesh"):
+        StreamConfig(forward_contexts=3).forward_group(7, mesh=object())
+    with pytest.raises(ValueError, match="stream.forward_contexts must be >= 1, got 0"):
+        StreamConfig(forward_contexts=0)
 
 
 @pytest.fixture(scope="module")
@@ -196,9 +240,8 @@ def test_nan_activations_are_counted_and_never_trained_on(model):
     poisoned = Gemma3LM.from_params(model.config, params)
     docs = _docs(seed=3, letters=26)
     once = np.stack(list(pack_contexts(docs, Tok(), CONTEXT_LEN)))
-    n_contexts = (
-        STREAM.buffer_refills + (STEPS - 1) // STREAM.refill_every
-    ) * STREAM.contexts_per_refill
+    n_refills = max(STREAM.buffer_refills, -(-STEPS // STREAM.refill_every))  # drained
+    n_contexts = n_refills * STREAM.contexts_per_refill
     contexts = np.stack([once[i % len(once)] for i in range(n_contexts)])
     acts = np.asarray(capture(poisoned, contexts, SAE_SITE)[SAE_SITE])
     bad = real_token_mask(contexts, Tok.pad_id) & ~np.isfinite(acts).all(-1)

@@ -15,11 +15,13 @@ path runs). Only token ids go to the device and only metrics come back::
 Data order: refill ``r`` takes contexts ``[r * n, (r + 1) * n)`` of the packed corpus (``n =
 contexts_per_refill``; the corpus restarts when it runs out) into chunk ``r % buffer_refills``. Refills
 ``0 .. buffer_refills - 1`` fill the buffer before step 0; refill ``buffer_refills - 1 + s //
-refill_every`` happens at step ``s > 0`` divisible by ``refill_every``, before that step's draw.
-Step ``s`` trains on ``buffer.draw_slots(valid, stream.seed, s, batch_size)``. Everything is a
-function of the step, so a checkpoint (every dictionary's trainer state, the buffer and the counters;
-orbax) resumes to bit-identical weights. The normaliser and ``b_dec`` of each dictionary are estimated
-from the first ``norm_estimation_batches`` batches of this order, as the cached trainer does.
+refill_every`` happens at step ``s > 0`` divisible by ``refill_every``, before that step's draw,
+until the refills cover the run (``StreamConfig.drain``; ``stream_data.refill_at``). Step ``s``
+trains on ``buffer.draw_slots(valid, stream.seed, s, batch_size)``. Everything is a function of the
+step, so a checkpoint (every dictionary's trainer state, the buffer and the counters; orbax) resumes
+to bit-identical weights. The normaliser and ``b_dec`` of each dictionary are estimated from the
+first ``norm_estimation_batches`` batches of this order, as the cached trainer does (a refill that
+falls among them is run again by the loop: one refill's forward more).
 """
 
 from __future__ import annotations
@@ -111,14 +113,23 @@ def _make_program(configs: Mapping[str, TrainConfig], data_step, mesh=None):
 
 @functools.lru_cache(maxsize=8)
 def _programs(
-    configs: tuple, sites: tuple[str, ...], stream: StreamConfig, pad_id: int, batch: int, mesh
+    configs: tuple,
+    sites: tuple[str, ...],
+    stream: StreamConfig,
+    pad_id: int,
+    batch: int,
+    mesh,
+    group: int | None = None,
 ):
-    """The jitted refill (initial fill), refill-and-draw (set-up) and whole-step programs, kept
-    across calls with the same settings so a second run does not compile again. The whole-step
-    program takes the model flattened: ``(model_def, model_leaves, states, buffer, tokens, step,
-    refill)``."""
-    fill, data_step = stream_data.make_data_step(sites, stream, pad_id, batch)
+    """The jitted refill and draw (set-up: the forward is compiled once more, not twice) and the
+    whole-step program, kept across calls with the same settings so a second run does not compile
+    again. The whole-step program takes the model flattened: ``(model_def, model_leaves, states,
+    buffer, tokens, step, refill)``."""
+    fill, data_step = stream_data.make_data_step(sites, stream, pad_id, batch, group)
     program = _make_program(dict(configs), data_step, mesh)
+
+    def draw(valid, step):
+        return buffer_lib.draw_slots(valid, stream.seed, step, batch)
 
     def flat_program(model_def, model_leaves, *args):
         return program(jax.tree_util.tree_unflatten(model_def, model_leaves), *args)
@@ -126,7 +137,7 @@ def _programs(
     # The model travels as its leaves with a static tree structure: flattening a Penzai model
     # takes milliseconds of Python per call (~10 ms for the 270M here), as long as a GPU step.
     flat_program = jax.jit(flat_program, static_argnums=0, donate_argnums=(2, 3))
-    return jax.jit(fill), jax.jit(data_step), flat_program
+    return jax.jit(fill), jax.jit(draw), flat_program
 
 
 # --------------------------------------------------------------------------- set-up
@@ -145,21 +156,19 @@ def _initial_buffer(model, fill, contexts: ContextStream, widths, stream: Stream
     return buffer, n_bad
 
 
-def _initial_states(model, configs, data_step, buffer, contexts, stream, mesh):
+def _initial_states(model, configs, programs, buffer, contexts, stream, mesh, num_steps: int):
     """Fresh trainer states: normaliser and ``b_dec`` from the first batches of the stream (read
-    back to the host once, as :func:`~gemma_scope_pz.train.trainer.initial_state` expects)."""
+    back to the host once, as :func:`~gemma_scope_pz.train.trainer.initial_state` expects).
+    ``programs`` are the jitted ``(fill, draw)``."""
+    fill, draw = programs
     n_batches = max(c.sae.norm_estimation_batches for c in configs.values())
     host: list[dict[str, tuple]] = []
-    tokens = sharding.put_tokens(
-        np.zeros((contexts.n_contexts, stream.context_len), np.int32), mesh
-    )
     for step in range(n_batches):
-        r = stream_data.refill_at(step, stream)
+        r = stream_data.refill_at(step, stream, num_steps)
         if r is not None:
             tokens = sharding.put_tokens(contexts.tokens(r), mesh)
-        buffer, _, slots = data_step(
-            model, buffer, tokens, jnp.int32(step), jnp.bool_(r is not None)
-        )
+            buffer, _ = fill(model, buffer, tokens, jnp.int32(r % stream.buffer_refills))
+        slots = draw(buffer["valid"], jnp.int32(step))
         host.append(
             {n: jax.device_get(stream_data.batch_of(buffer, slots, c)) for n, c in configs.items()}
         )
@@ -247,9 +256,11 @@ def _start(model, configs, widths, stream, contexts, programs, manager, resume: 
     if restored is not None:
         states, buffer, n_bad = restored
     else:
-        fill, data_step = programs
-        buffer, n_bad = _initial_buffer(model, fill, contexts, widths, stream, mesh)
-        states = _initial_states(model, configs, data_step, buffer, contexts, stream, mesh)
+        buffer, n_bad = _initial_buffer(model, programs[0], contexts, widths, stream, mesh)
+        num_steps = next(iter(configs.values())).num_steps
+        states = _initial_states(
+            model, configs, programs, buffer, contexts, stream, mesh, num_steps
+        )
     if mesh is not None:
         states, buffer = sharding.place_stream(configs, states, buffer, mesh)
     return states, buffer, n_bad
@@ -303,7 +314,7 @@ def _loop(run: _Run, model, states, buffer, n_bad, start: int, stop: int):
                disable=not stream.progress_bar, desc="stream", leave=False)  # fmt: skip
     try:
         for step in range(start, stop):
-            refill = stream_data.refill_at(step, stream)
+            refill = stream_data.refill_at(step, stream, total)
             if refill is not None:  # tokenised on the host while the device runs earlier steps
                 tokens = sharding.put_tokens(run.contexts.tokens(refill), run.mesh)
             states, buffer, bad, metrics = run.program(
@@ -409,13 +420,14 @@ def train_streaming(
         model.config.vocab_size,
         packing_kind=stream.packing,
     )
-    fill, data_step, program = _programs(
+    fill, draw, program = _programs(
         tuple(configs.items()),
         tuple(widths),
         stream,
         contexts.ignored_ids,
         first.run.batch_size,
         mesh,
+        stream.forward_group(n_contexts, mesh),
     )
     # Cast once here, not in every refill's program (``stream.model_dtype``).
     frozen = model_in_dtype(pz.freeze_params(model), stream.model_dtype)
@@ -423,7 +435,7 @@ def train_streaming(
         frozen = sharding.on_mesh(frozen, mesh)
     manager = _manager(checkpoint_dir, first.run.keep_checkpoints) if checkpoint_dir else None
     states, buffer, n_bad = _start(
-        frozen, configs, widths, stream, contexts, (fill, data_step), manager, resume, mesh
+        frozen, configs, widths, stream, contexts, (fill, draw), manager, resume, mesh
     )
     start = int(jax.device_get(next(iter(states.values()))["step"]))
     stop = first.num_steps if stop_at is None else min(int(stop_at), first.num_steps)
