@@ -278,23 +278,19 @@ def forward_rows(model, tokens, positions, sites: tuple[str, ...], group: int | 
         return {s: acts[s].reshape(-1, acts[s].shape[-1]).astype(jnp.float32) for s in sites}
 
     n, length = tokens.shape
-    group = n if group is None else min(group, n)
+    if group is None or group >= n:
+        return forward(tokens, positions)
     whole = n // group * group
-    parts = []
-    if n // group > 1:
-        shape = (n // group, group, length)
-        mapped = jax.lax.map(
-            lambda tp: forward(*tp),
-            (tokens[:whole].reshape(shape), positions[:whole].reshape(shape)),
-        )
-        parts.append({s: a.reshape(-1, a.shape[-1]) for s, a in mapped.items()})
-    else:
-        whole = 0
-    if whole < n:
-        parts.append(forward(tokens[whole:], positions[whole:]))
-    if len(parts) == 1:
-        return parts[0]
-    return {s: jnp.concatenate([p[s] for p in parts]) for s in sites}
+    grouped = (
+        tokens[:whole].reshape(-1, group, length),
+        positions[:whole].reshape(-1, group, length),
+    )
+    mapped = jax.lax.map(lambda tp: forward(*tp), grouped)
+    rows = {s: a.reshape(-1, a.shape[-1]) for s, a in mapped.items()}
+    if whole == n:
+        return rows
+    rest = forward(tokens[whole:], positions[whole:])
+    return {s: jnp.concatenate([rows[s], rest[s]]) for s in sites}
 
 
 def batch_of(buffer, slots, config: TrainConfig):
