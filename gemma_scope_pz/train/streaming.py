@@ -156,11 +156,12 @@ def _initial_buffer(model, fill, contexts: ContextStream, widths, stream: Stream
     return buffer, n_bad
 
 
-def _initial_states(model, configs, programs, buffer, contexts, stream, mesh, num_steps: int):
+def _initial_states(model, configs, programs, buffer, contexts, stream, mesh):
     """Fresh trainer states: normaliser and ``b_dec`` from the first batches of the stream (read
     back to the host once, as :func:`~gemma_scope_pz.train.trainer.initial_state` expects).
     ``programs`` are the jitted ``(fill, draw)``."""
     fill, draw = programs
+    num_steps = next(iter(configs.values())).num_steps  # shared (stream_data.check_sites)
     n_batches = max(c.sae.norm_estimation_batches for c in configs.values())
     host: list[dict[str, tuple]] = []
     for step in range(n_batches):
@@ -257,10 +258,7 @@ def _start(model, configs, widths, stream, contexts, programs, manager, resume: 
         states, buffer, n_bad = restored
     else:
         buffer, n_bad = _initial_buffer(model, programs[0], contexts, widths, stream, mesh)
-        num_steps = next(iter(configs.values())).num_steps
-        states = _initial_states(
-            model, configs, programs, buffer, contexts, stream, mesh, num_steps
-        )
+        states = _initial_states(model, configs, programs, buffer, contexts, stream, mesh)
     if mesh is not None:
         states, buffer = sharding.place_stream(configs, states, buffer, mesh)
     return states, buffer, n_bad
