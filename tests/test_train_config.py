@@ -158,8 +158,8 @@ def test_old_flat_files_still_load_with_a_warning(tmp_path):
 def test_every_old_flat_name_has_one_home():
     # the 48 fields of the flat config + run.max_skipped_fraction + run.data_fingerprint
     # + loss.frequency_coeff, loss.max_firing_fraction + sae.sparse_jumprelu, sae.sparse_cap
-    # + loss.dead_preact_coeff
-    assert len(FLAT_NAMES) == 55
+    # + loss.dead_preact_coeff + sae.b_enc_init
+    assert len(FLAT_NAMES) == 56
     assert {f.key for f in config_fields()} == {f"{s}.{n}" for n, s in FLAT_NAMES.items()}
     assert all(f.help for f in config_fields())
 

@@ -25,6 +25,7 @@ def test_every_config_file_is_recorded():
 # config file trains.
 ADDED_FIELDS = {
     ("loss", "dead_preact_coeff"): lambda c: c.sae.activation != "jumprelu",  # JumpReLU only
+    ("sae", "b_enc_init"): lambda c: c.sae.b_enc_init == "zeros",  # the old initial b_enc
 }
 
 

@@ -53,8 +53,10 @@ def test_jumprelu_fvu_and_l0_fall_over_training(activations, real_model, real_to
     fvu_early, fvu_late = _mean(result.metrics, "fvu", early), _mean(result.metrics, "fvu", late)
     l0_early, l0_late = _mean(result.metrics, "l0", early), _mean(result.metrics, "l0", late)
     print(f"fvu {fvu_early:.3f} -> {fvu_late:.3f}; l0 {l0_early:.1f} -> {l0_late:.1f}")
-    assert fvu_late < 0.8 * fvu_early and fvu_late < 0.5
-    assert l0_late < 0.8 * l0_early
+    # With the centred initial b_enc (sae.b_enc_init) FVU starts low (0.18 at L0 ~100 here), so
+    # the run's gain shows as L0 falling ~24-fold while FVU still falls (0.157 at the end).
+    assert fvu_late < fvu_early and fvu_late < 0.5
+    assert l0_late < 0.5 * l0_early
     # The trained dictionary, on held-out rows and spliced into the model.
     sae = result.to_autoencoder()
     held_out = activations[7168:]

@@ -7,7 +7,8 @@ import pytest
 
 from gemma_scope_pz.train.config import TrainConfig, apply_overrides
 from gemma_scope_pz.train.normalize import fold_normaliser
-from gemma_scope_pz.train.trainer import train
+from gemma_scope_pz.train.sources import ArraySource
+from gemma_scope_pz.train.trainer import initial_state, train
 
 
 def _data(n=2048, d=16, n_feat=48, seed=0, offset=0.0, scale=1.0):
@@ -161,6 +162,26 @@ def test_fold_transcoder_with_skip_algebra():
     expected = norm.invert_out(_np_forward(p, norm.apply_in(x), "relu"))
     got = _np_forward(fold_normaliser(p, norm), x, "relu")
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("b_enc_init", ["centre", "zeros"])
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_initial_b_enc_centres_the_encoder_inputs(b_enc_init, transcoder):
+    # Inputs with a large common offset, as residual streams have; a transcoder's targets have
+    # another, so its encoder must be centred on its own inputs, not on b_dec.
+    x_in, x_out = _data(offset=3.0), _data(seed=1, offset=-5.0)
+    extra = dict(d_out=16) if transcoder else {}
+    cfg = _cfg(sae=dict(architecture="jumprelu", b_dec_init="mean", b_enc_init=b_enc_init, **extra))
+    source = ArraySource(x_in, x_out if transcoder else None, batch_size=64)
+    state, norm = initial_state(cfg, source)
+    p = {k: np.asarray(v) for k, v in state["params"].items()}
+    first = [source.batch_at(i) for i in range(cfg.sae.norm_estimation_batches)]
+    x = norm.apply_in(np.concatenate([b[0] if transcoder else b for b in first]))
+    y = norm.apply_out(np.concatenate([b[1] for b in first])) if transcoder else x
+    centred = x - x.mean(0) if b_enc_init == "centre" else x
+    np.testing.assert_allclose(x @ p["w_enc"] + p["b_enc"], centred @ p["w_enc"], atol=2e-4)
+    np.testing.assert_allclose(p["b_dec"], y.mean(0), atol=2e-5)
+    assert np.abs(x.mean(0)).max() > 1.0  # the offset survives normalisation: the test can fail
 
 
 def test_transcoder_with_skip_learns_linear_map():

@@ -29,7 +29,8 @@ class DictionaryConfig:
       d_in, d_sae, d_out: input width, number of latents, target width (``None``: ``d_in``).
       architecture, matryoshka_activation, matryoshka_prefixes, k, sparse_topk: the activation.
       sparse_jumprelu, sparse_cap: the sparse JumpReLU decode (an implementation choice).
-      jumprelu_init_threshold, affine_skip, unit_norm_decoder, decoder_init_norm, b_dec_init:
+      jumprelu_init_threshold, affine_skip, unit_norm_decoder, decoder_init_norm, b_dec_init,
+      b_enc_init:
         parameters and their initialisation.
       normalization, norm_estimation_batches: activation normalisation, folded into exports.
       site_in, site_out: model sites (``site_out`` different from ``site_in``: a transcoder).
@@ -83,6 +84,11 @@ class DictionaryConfig:
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = field(
         "geometric_median",
         "Initial b_dec: geometric_median or mean of the first batches, or zeros.",
+    )
+    b_enc_init: Literal["centre", "zeros"] = field(
+        "centre",
+        "Initial b_enc: centre (-c @ w_enc, with c the inputs' centre estimated as b_dec_init "
+        "says, so the encoder first sees centred inputs) or zeros (the default before issue 14).",
     )
     normalization: Literal["none", "unit_mean_sq_norm", "center_unit"] = field(
         "unit_mean_sq_norm", "none, unit_mean_sq_norm (x * s, E||x s||^2 = d) or center_unit."

@@ -422,15 +422,22 @@ def _sparse_topk_loss(params, x_in, x_out, dead, config):
 
 
 # --------------------------------------------------------------------------- init
-def init_params(config: TrainConfig, key: jax.Array, b_dec: jax.Array | None = None) -> Params:
+def init_params(
+    config: TrainConfig,
+    key: jax.Array,
+    b_dec: jax.Array | None = None,
+    in_centre: jax.Array | None = None,
+) -> Params:
     """Initial parameters.
 
     Decoder rows are random Gaussian directions scaled to norm 1 (``unit_norm_decoder``) or
     ``decoder_init_norm``. For autoencoders the encoder is the transpose of the *unit* decoder
     directions, so initial pre-activations are the projections ``x · d_j`` (about unit variance
     on normalised data, the scale of the default JumpReLU threshold); transcoders get
-    independent random unit encoder columns. ``b_enc`` and ``w_skip`` start at 0, thresholds at
-    ``jumprelu_init_threshold``, ``b_dec`` at the given estimate (zeros if ``None``).
+    independent random unit encoder columns. ``b_enc`` starts at ``-in_centre @ w_enc`` (so the
+    initial pre-activations are those of the centred inputs; 0 if ``None``), ``w_skip`` at 0,
+    thresholds at ``jumprelu_init_threshold``, ``b_dec`` at the given estimate (zeros if
+    ``None``).
     """
     d_in, d_sae, d_out = config.sae.d_in, config.sae.d_sae, config.sae.out_dim
     key_dec, key_enc = jax.random.split(key)
@@ -444,7 +451,9 @@ def init_params(config: TrainConfig, key: jax.Array, b_dec: jax.Array | None = N
         w_enc = directions.T
     params = {
         "w_enc": jnp.asarray(w_enc),
-        "b_enc": jnp.zeros((d_sae,), jnp.float32),
+        "b_enc": jnp.zeros((d_sae,), jnp.float32)
+        if in_centre is None
+        else -(jnp.asarray(in_centre, jnp.float32) @ w_enc),
         "w_dec": directions * row_norm,
         "b_dec": jnp.zeros((d_out,), jnp.float32) if b_dec is None else jnp.asarray(b_dec),
     }

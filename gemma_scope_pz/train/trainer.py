@@ -75,7 +75,8 @@ def _split_batch(
 
 # --------------------------------------------------------------------------- init / checkpoints
 def initial_state(config: TrainConfig, source) -> tuple[step_lib.State, Normaliser]:
-    """Estimates the normaliser and b_dec from the first batches; initialises parameters."""
+    """Estimates the normaliser, b_dec and the inputs' centre from the first batches;
+    initialises parameters."""
     batches = [
         _split_batch(source.batch_at(i), config, i)
         for i in range(config.sae.norm_estimation_batches)
@@ -86,18 +87,29 @@ def initial_state(config: TrainConfig, source) -> tuple[step_lib.State, Normalis
         norm = Normaliser.identity(config.sae.d_in, config.sae.out_dim)
     else:
         norm = Normaliser.estimate(config.sae.normalization, x_in, x_out)
-    targets = norm.apply_out(np.concatenate(x_out if x_out is not None else x_in)[:16384])
-    targets = targets[np.all(np.isfinite(targets), axis=1)]
-    if config.sae.b_dec_init == "geometric_median":
-        b_dec = geometric_median(targets)
-    elif config.sae.b_dec_init == "mean":
-        b_dec = targets.mean(0).astype(np.float32)
+    out_rows = x_out if x_out is not None else x_in
+    b_dec = _centre(norm.apply_out(np.concatenate(out_rows)[:16384]), config.sae.b_dec_init)
+    if config.sae.is_transcoder:
+        in_centre = _centre(norm.apply_in(np.concatenate(x_in)[:16384]), config.sae.b_dec_init)
     else:
-        b_dec = np.zeros(config.sae.out_dim, np.float32)
+        in_centre = b_dec
     if config.sae.affine_skip:
         b_dec = np.zeros(config.sae.out_dim, np.float32)  # the skip path models the mean itself
-    params = objectives.init_params(config, jax.random.PRNGKey(config.run.seed), b_dec)
+    if config.sae.b_enc_init == "zeros":
+        in_centre = None
+    key = jax.random.PRNGKey(config.run.seed)
+    params = objectives.init_params(config, key, b_dec, in_centre=in_centre)
     return step_lib.init_state(config, params, norm.to_arrays()), norm
+
+
+def _centre(rows: np.ndarray, how: str) -> np.ndarray:
+    """The centre of the finite ``rows`` that ``sae.b_dec_init`` names (zeros for "zeros")."""
+    rows = rows[np.all(np.isfinite(rows), axis=1)]
+    if how == "geometric_median":
+        return geometric_median(rows)
+    if how == "mean":
+        return rows.mean(0).astype(np.float32)
+    return np.zeros(rows.shape[1], np.float32)
 
 
 def _manager(config: TrainConfig) -> ocp.CheckpointManager:
