@@ -87,23 +87,22 @@ def initial_state(config: TrainConfig, source) -> tuple[step_lib.State, Normalis
         norm = Normaliser.identity(config.sae.d_in, config.sae.out_dim)
     else:
         norm = Normaliser.estimate(config.sae.normalization, x_in, x_out)
-    out_rows = x_out if x_out is not None else x_in
-    b_dec = _centre(norm.apply_out(np.concatenate(out_rows)[:16384]), config.sae.b_dec_init)
-    if config.sae.is_transcoder:
-        in_centre = _centre(norm.apply_in(np.concatenate(x_in)[:16384]), config.sae.b_dec_init)
-    else:
-        in_centre = b_dec
+    how = config.sae.b_dec_init
+    b_dec = _centre(norm.apply_out(np.concatenate(x_out if x_out is not None else x_in)), how)
+    in_centre = None  # b_enc_init "zeros"
+    if config.sae.b_enc_init == "centre":
+        in_centre = _centre(norm.apply_in(np.concatenate(x_in)), how) if x_out else b_dec
     if config.sae.affine_skip:
         b_dec = np.zeros(config.sae.out_dim, np.float32)  # the skip path models the mean itself
-    if config.sae.b_enc_init == "zeros":
-        in_centre = None
     key = jax.random.PRNGKey(config.run.seed)
     params = objectives.init_params(config, key, b_dec, in_centre=in_centre)
     return step_lib.init_state(config, params, norm.to_arrays()), norm
 
 
 def _centre(rows: np.ndarray, how: str) -> np.ndarray:
-    """The centre of the finite ``rows`` that ``sae.b_dec_init`` names (zeros for "zeros")."""
+    """The centre that ``sae.b_dec_init`` names (zeros for "zeros") of the first 16384 finite
+    ``rows``."""
+    rows = rows[:16384]
     rows = rows[np.all(np.isfinite(rows), axis=1)]
     if how == "geometric_median":
         return geometric_median(rows)
