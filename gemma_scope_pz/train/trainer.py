@@ -91,7 +91,7 @@ def initial_state(config: TrainConfig, source) -> tuple[step_lib.State, Normalis
     b_dec = _centre(norm.apply_out(np.concatenate(x_out if x_out is not None else x_in)), how)
     in_centre = None  # b_enc_init "zeros"
     if config.sae.b_enc_init == "centre":
-        in_centre = _centre(norm.apply_in(np.concatenate(x_in)), how) if x_out else b_dec
+        in_centre = b_dec if x_out is None else _centre(norm.apply_in(np.concatenate(x_in)), how)
     if config.sae.affine_skip:
         b_dec = np.zeros(config.sae.out_dim, np.float32)  # the skip path models the mean itself
     key = jax.random.PRNGKey(config.run.seed)
